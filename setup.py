@@ -1,0 +1,76 @@
+"""unigrpo: a kernel-accelerated UniGRPO trainer.
+
+Packages: `unigrpo` (the trainer library) and `unigrpo_kernels` (the fused ops, sources in kernels/).
+The kernels folder is installed under the namespaced name `unigrpo_kernels`: a bare top-level `kernels`
+module would be mistaken by transformers for the Hugging Face kernels-hub package.
+
+CUDA: when nvcc is found (and UNIGRPO_BUILD_CUDA is not "0"), CMakeLists.txt builds the CUDA sources of
+kernels/cuda into a shared library that unigrpo_kernels loads with ctypes. Without nvcc the install
+warns and goes on; the torch and Triton backends need no build.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+def _find_packages():
+    pkgs = find_packages(include=["unigrpo", "unigrpo.*"])
+    pkgs += ["unigrpo_kernels" + p[len("kernels"):] for p in find_packages(include=["kernels", "kernels.*"])]
+    return pkgs
+
+
+class BuildWithCuda(build_py):
+    """build_py that also builds the optional CUDA library with CMake when nvcc exists."""
+
+    def run(self):
+        super().run()
+        if os.environ.get("UNIGRPO_BUILD_CUDA", "1") == "0":
+            return
+        if not os.path.isdir(os.path.join("kernels", "cuda")):
+            return
+        nvcc = shutil.which("nvcc") or (
+            os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
+        if not nvcc or not os.path.exists(nvcc) or shutil.which("cmake") is None:
+            warnings.warn("nvcc or cmake not found: skipping the CUDA backend of unigrpo_kernels")
+            return
+        build_dir = os.path.join("build", "cuda")
+        out_dir = os.path.abspath(os.path.join(self.build_lib, "unigrpo_kernels", "cuda"))
+        try:
+            subprocess.check_call(["cmake", "-S", ".", "-B", build_dir, f"-DUNIGRPO_CUDA_OUT={out_dir}",
+                                   f"-DCMAKE_CUDA_COMPILER={nvcc}"])
+            subprocess.check_call(["cmake", "--build", build_dir, "-j"])
+        except subprocess.CalledProcessError as err:  # the CUDA backend is optional
+            warnings.warn(f"building the CUDA backend failed ({err}); the torch/triton backends still work")
+
+
+setup(
+    name="unigrpo",
+    version="0.1.0",
+    description="Kernel-accelerated UniGRPO: joint GRPO on reasoning tokens and FlowGRPO on denoising steps",
+    python_requires=">=3.10",
+    packages=_find_packages(),
+    package_dir={"unigrpo_kernels": "kernels"},
+    package_data={"unigrpo": ["configs/*.yaml", "assets/*"]},
+    install_requires=[
+        # torch is required but not pinned here: on CPU machines install it first with
+        # `pip install torch==2.13.0` (a bare requirement would pull a multi-GB CUDA build).
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "pillow",
+        "tqdm",
+        "transformers>=4.40",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "gpu": ["flash-attn", "nvidia-ml-py"],
+    },
+    entry_points={"console_scripts": ["unigrpo=unigrpo.cli:main"]},
+    cmdclass={"build_py": BuildWithCuda},
+)

@@ -1,0 +1,5 @@
+import sys
+
+from unigrpo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""Building a model bundle (model, tokenizer, image codec) from a preset or from a checkpoint directory."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from unigrpo.checkpoint import load_checkpoint, load_state_strict
+from unigrpo.model.codec import build_codec
+from unigrpo.model.config import ModelConfig, preset
+from unigrpo.model.tokenizer import build_tokenizer
+from unigrpo.model.unified import UnifiedModel
+
+
+@dataclass
+class Bundle:
+    model: UnifiedModel
+    tokenizer: object
+    codec: object
+    tokenizer_spec: dict
+
+    def checkpoint_config(self) -> dict:
+        """What a checkpoint's config.json records so the bundle can be rebuilt."""
+        return {"model": asdict(self.model.cfg), "tokenizer": dict(self.tokenizer_spec)}
+
+
+def build_bundle(model_cfg: ModelConfig, tokenizer_spec: dict | None = None) -> Bundle:
+    """A freshly initialised model with its tokenizer and codec. tokenizer_spec: {"kind": "byte"} (default
+    for the pixel codec) or {"kind": "hf", "path": DIR}."""
+    spec = dict(tokenizer_spec or {"kind": "byte"})
+    tok = build_tokenizer(**spec)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}")
+    return Bundle(UnifiedModel(model_cfg), tok, build_codec(model_cfg), spec)
+
+
+def build_from_preset(name: str, **overrides) -> Bundle:
+    return build_bundle(preset(name, **overrides))
+
+
+def load_bundle(path: str, device: str | torch.device = "cpu") -> Bundle:
+    """Rebuild the model recorded in a checkpoint directory and load its weights (strictly: a missing,
+    unexpected or wrongly shaped tensor is an error naming it)."""
+    ckpt = load_checkpoint(path)
+    model_dict = ckpt.config.get("model")
+    if not isinstance(model_dict, dict):
+        raise ValueError(f"checkpoint {path}: config.json has no 'model' mapping (keys: {sorted(ckpt.config)})")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(model_dict) - known)
+    if unknown:
+        raise ValueError(f"checkpoint {path}: unknown model config keys {unknown}; expected a subset of "
+                         f"{sorted(known)}")
+    bundle = build_bundle(ModelConfig(**model_dict), ckpt.config.get("tokenizer"))
+    load_state_strict(bundle.model, ckpt.model_state)
+    bundle.model.to(device)
+    return bundle

@@ -1,0 +1,165 @@
+"""Supervised pre-training of the base model on the shapes world (`unigrpo pretrain`).
+
+Per example: a train prompt, a layout plan (with probability `flaw_prob` a flawed one, so the reasoning has
+room to improve under RL), and the render of that plan. Losses:
+- text: next-token cross-entropy on the reasoning tokens (plan + EOS) given the prompt;
+- image: flow-matching MSE ||v_θ(x_σ, σ) − (ε − x0)||² with σ ~ logit-normal(0, 1) (ALGORITHM.md §2),
+  on `blocks_per_sample` noise blocks per example (independent σ, one packed forward);
+- with probability `p_uncond` an example's text is replaced by the empty context (no text loss), so
+  classifier-free guidance is available at evaluation.
+Writes a base checkpoint (safetensors + JSON config, atomically) and evaluates it on held-out prompts.
+
+Legend: B examples, S packed tokens, W noise blocks per example.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from unigrpo.checkpoint import save_checkpoint
+from unigrpo.config import config_to_dict
+from unigrpo.model import PackedLayout, Segment, preset
+from unigrpo.model.build import build_bundle
+from unigrpo.world import make_prompts, pretrain_example
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "tiny"
+    """model preset"""
+    out: str = "runs/tiny/base"
+    """checkpoint directory to write"""
+    steps: int = 1500
+    """optimizer steps"""
+    batch: int = 64
+    """examples per step"""
+    blocks_per_sample: int = 2
+    """noise blocks (independent σ) per example in the packed forward"""
+    lr: float = 2e-3
+    """peak AdamW learning rate"""
+    warmup: int = 100
+    """linear warm-up steps, then cosine decay to 10%"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """gradient-norm clip"""
+    flaw_prob: float = 0.3
+    """fraction of flawed plans in the data"""
+    p_uncond: float = 0.1
+    """probability of dropping the text condition (enables CFG)"""
+    image_weight: float = 1.0
+    """weight of the flow-matching loss against the text loss"""
+    seed: int = 0
+    """seed of data, initialisation and noise"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+    log_every: int = 50
+    """steps between log lines"""
+    eval_samples: int = 256
+    """held-out samples evaluated at the end (0 = skip)"""
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "blocks_per_sample"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"pretrain.lr must be > 0, got {self.lr}")
+        for name in ("flaw_prob", "p_uncond"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"pretrain.{name} must be in [0, 1], got {getattr(self, name)}")
+        preset(self.model)  # unknown preset names fail here, before any work
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def make_batch(bundle, prompts, rng: np.random.Generator, cfg: PretrainConfig, gen: torch.Generator):
+    """One packed training batch: (layout, text ids [B, S], targets [B, S] (-100 = no loss), x_σ, σ, target v)."""
+    tok, mcfg = bundle.tokenizer, bundle.model.cfg
+    rows, ids, tgts, images = [], [], [], []
+    empty = tok.encode_prompt("") + tok.encode_reasoning("")
+    for p in prompts:
+        plan, image = pretrain_example(p, rng, cfg.flaw_prob, canvas=mcfg.image_size)
+        if rng.random() < cfg.p_uncond:
+            seq, n_prompt = empty, len(empty)
+        else:
+            pr = tok.encode_prompt(p.text)
+            seq, n_prompt = pr + tok.encode_reasoning(plan), len(pr)
+        seq = seq[:mcfg.max_text_len]
+        target = [-100] * len(seq)
+        for i in range(n_prompt - 1, len(seq) - 1):  # position i predicts token i + 1 (a reasoning token)
+            target[i] = seq[i + 1]
+        rows.append([[Segment("text", len(seq))] + [Segment("noise", mcfg.image_tokens)] * cfg.blocks_per_sample])
+        ids.append(seq)
+        tgts.append(target)
+        images.append(image)
+    layout = PackedLayout.build(rows)
+    B, S = layout.shape
+    ids_BS = torch.full((B, S), tok.pad_id, dtype=torch.long)
+    tgt_BS = torch.full((B, S), -100, dtype=torch.long)
+    for i, (s, t) in enumerate(zip(ids, tgts)):
+        ids_BS[i, :len(s)] = torch.tensor(s)
+        tgt_BS[i, :len(t)] = torch.tensor(t)
+    x0 = bundle.codec.encode(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    x0 = x0.repeat_interleave(cfg.blocks_per_sample, dim=0)  # block order: row-major, blocks of a row adjacent
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))
+    eps = torch.randn(x0.shape, generator=gen)
+    s = sigma[:, None, None, None]
+    return layout, ids_BS, tgt_BS, (1 - s) * x0 + s * eps, sigma, eps - x0
+
+
+def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    bundle = build_bundle(preset(cfg.model))
+    model = bundle.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    pool = make_prompts("train", 8192, seed=cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    log_path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "pretrain_log.jsonl")
+    log = open(log_path, "w")
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        batch = [pool[i] for i in rng.integers(0, len(pool), cfg.batch)]
+        layout, ids, tgt, x_sigma, sigma, v_target = make_batch(bundle, batch, rng, cfg, gen)
+        hidden, v = model.forward_packed(layout, ids, x_sigma, sigma)
+        sel = tgt >= 0
+        text_loss = F.cross_entropy(model.logits(hidden[sel]).float(), tgt[sel])
+        image_loss = F.mse_loss(v.float(), v_target)
+        loss = text_loss + cfg.image_weight * image_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            rec = {"step": step, "text_ce": text_loss.item(), "flow_mse": image_loss.item(),
+                   "grad_norm": gnorm.item(), "lr": lr_at(step, cfg), "time_s": round(time.time() - t0, 1)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(ce=f"{rec['text_ce']:.3f}", mse=f"{rec['flow_mse']:.3f}")
+    log.close()
+    train_time = time.time() - t0
+    config = bundle.checkpoint_config()
+    config["pretrain"] = config_to_dict(cfg)
+    save_checkpoint(cfg.out, model_state=model.state_dict(), config=config,
+                    meta={"kind": "base", "steps": cfg.steps, "train_time_s": round(train_time, 1)})
+    return {"checkpoint": cfg.out, "train_time_s": train_time, "log": log_path}

@@ -1,0 +1,140 @@
+"""Sampling from the unified model: prompt → reasoning tokens (KV-cached decoding) → image (denoising over
+the cached context, which it never changes).
+
+Batches are left-padded so every row decodes into the same cache column; each row keeps its own RoPE
+positions. A row that has emitted EOS keeps stepping with its new tokens marked invalid (never attended to,
+never counted). A row that reaches `max_new_tokens` without EOS is cut there: its image follows the
+truncated reasoning, exactly as the training packer sees it.
+
+Legend: B rows, P prompt tokens (padded), T reasoning tokens (padded), C/h/w latent dims.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from unigrpo.model.unified import KVCache, UnifiedModel
+from unigrpo_kernels import sigma_schedule
+
+
+@dataclass
+class Reasoning:
+    """The text half of a batch of rollouts."""
+
+    prompt_ids: list[list[int]]  # per row, unpadded
+    tokens_BT: torch.Tensor  # long, reasoning tokens (pad where mask is False)
+    logp_BT: torch.Tensor  # float32, log-prob of each token under the sampling policy (0 where masked)
+    mask_BT: torch.Tensor  # bool, real (sampled) tokens
+    texts: list[str]  # decoded reasoning, specials dropped
+    cache: KVCache  # prompt + reasoning context, ready for denoising
+
+    def reasoning_ids(self, i: int) -> list[int]:
+        return self.tokens_BT[i][self.mask_BT[i]].tolist()
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> list[list[int]]:
+    """Token ids of each prompt; a prompt that leaves no room for reasoning is an error naming it."""
+    out = []
+    for p in prompts:
+        ids = tokenizer.encode_prompt(p)
+        if len(ids) >= max_len:
+            raise ValueError(f"prompt {p[:60]!r} is {len(ids)} tokens; the model's context holds "
+                             f"max_text_len={max_len} text tokens including the reasoning")
+        out.append(ids)
+    return out
+
+
+def _prefill(model: UnifiedModel, tokenizer, ids: list[list[int]], capacity_extra: int):
+    B, P = len(ids), max(len(x) for x in ids)
+    dev = model.embed.weight.device
+    tok = torch.full((B, P), tokenizer.pad_id, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    for i, x in enumerate(ids):
+        tok[i, P - len(x):] = torch.tensor(x)
+        valid[i, P - len(x):] = True
+    cache = model.new_cache(B, P + capacity_extra)
+    hidden = model.append_text(cache, tok.to(dev), valid.to(dev))
+    return cache, hidden[:, -1]
+
+
+@torch.no_grad()
+def generate_reasoning(model: UnifiedModel, tokenizer, prompts: list[str], *, temperature: float = 1.0,
+                       max_new_tokens: int | None = None, generator: torch.Generator | None = None,
+                       extra_capacity: int = 0) -> Reasoning:
+    """Sample reasoning for each prompt until EOS (temperature 0 = greedy). `extra_capacity` reserves cache
+    columns for image blocks appended later."""
+    cfg = model.cfg
+    ids = encode_prompts(tokenizer, prompts, cfg.max_text_len)
+    longest = max(len(x) for x in ids)
+    room = cfg.max_text_len - longest
+    T = room if max_new_tokens is None else min(max_new_tokens, room)
+    cache, last = _prefill(model, tokenizer, ids, T + extra_capacity)
+    B, dev = len(prompts), last.device
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    tokens, logps, masks = [], [], []
+    for _ in range(T):
+        logp_all = torch.log_softmax(model.logits(last).float() / max(temperature, 1e-8), dim=-1)
+        if temperature > 0:
+            nxt = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)
+        else:
+            nxt = logp_all.argmax(-1)
+        active = ~done
+        nxt = torch.where(active, nxt, torch.full_like(nxt, tokenizer.pad_id))
+        tokens.append(nxt)
+        logps.append(torch.where(active, logp_all.gather(1, nxt[:, None]).squeeze(1), 0.0))
+        masks.append(active)
+        last = model.append_text(cache, nxt[:, None], active[:, None])[:, 0]
+        done = done | (nxt == tokenizer.eos_id)
+        if bool(done.all()):
+            break
+    if tokens:
+        tokens_BT, logp_BT, mask_BT = (torch.stack(x, 1) for x in (tokens, logps, masks))
+    else:
+        tokens_BT = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        logp_BT, mask_BT = tokens_BT.float(), tokens_BT.bool()
+    texts = [tokenizer.decode(tokens_BT[i][mask_BT[i]].tolist()) for i in range(B)]
+    return Reasoning(ids, tokens_BT, logp_BT, mask_BT, texts, cache)
+
+
+@torch.no_grad()
+def unconditional_cache(model: UnifiedModel, tokenizer, batch: int) -> KVCache:
+    """The context classifier-free guidance contrasts with: an empty prompt and empty reasoning."""
+    ids = tokenizer.encode_prompt("") + tokenizer.encode_reasoning("")
+    cache, _ = _prefill(model, tokenizer, [ids] * batch, 0)
+    return cache
+
+
+@torch.no_grad()
+def denoise(model: UnifiedModel, cache: KVCache, *, num_steps: int, shift: float = 3.0,
+            cfg_scale: float = 1.0, uncond_cache: KVCache | None = None, generator=None,
+            noise_BChw: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic (ODE, Euler) denoising from pure noise to a clean latent, float32 [B, C, h, w].
+    With cfg_scale ≠ 1, v = v_u + w·(v_c − v_u) with the unconditional cache (two evaluations per step)."""
+    cfg = model.cfg
+    B = cache.valid.shape[0]
+    dev, dtype = model.embed.weight.device, model.embed.weight.dtype
+    shape = (B, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    x = torch.randn(shape, generator=generator, device=dev) if noise_BChw is None else noise_BChw.float()
+    if cfg_scale != 1.0 and uncond_cache is None:
+        raise ValueError("cfg_scale != 1 needs an uncond_cache (see unconditional_cache)")
+    sigmas = sigma_schedule(num_steps, shift).tolist()
+    for k in range(num_steps):
+        s = torch.full((B,), sigmas[k], device=dev, dtype=torch.float32)
+        v = model.image_velocity(cache, x.to(dtype), s).float()
+        if cfg_scale != 1.0:
+            vu = model.image_velocity(uncond_cache, x.to(dtype), s).float()
+            v = vu + cfg_scale * (v - vu)
+        x = x - (sigmas[k] - sigmas[k + 1]) * v
+    return x
+
+
+@torch.no_grad()
+def sample(model: UnifiedModel, tokenizer, codec, prompts: list[str], *, temperature: float = 1.0,
+           num_steps: int = 50, shift: float = 3.0, cfg_scale: float = 1.0, generator=None):
+    """Prompts → (reasoning texts, images [B, 3, H, W] in [-1, 1]) on the evaluation (ODE) path."""
+    reasoning = generate_reasoning(model, tokenizer, prompts, temperature=temperature, generator=generator)
+    uncond = unconditional_cache(model, tokenizer, len(prompts)) if cfg_scale != 1.0 else None
+    latents = denoise(model, reasoning.cache, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
+                      uncond_cache=uncond, generator=generator)
+    return reasoning.texts, codec.decode(latents)

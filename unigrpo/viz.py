@@ -1,0 +1,37 @@
+"""Pictures people would rather look at than read: image grids with captions (PIL only)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def save_image_grid(images_BHW3: np.ndarray, captions: list[str], path: str, *, ncol: int = 8,
+                    tile: int = 128, ok: list[bool] | None = None) -> str:
+    """uint8 images [B, H, W, 3] → one PNG: tiles upscaled (nearest) to `tile` px, a caption strip under
+    each, and a green/red frame when `ok` is given. Written atomically; returns the path."""
+    B = len(images_BHW3)
+    ncol = max(1, min(ncol, B))
+    nrow = (B + ncol - 1) // ncol
+    cap_h, pad = 26, 4
+    cell_w, cell_h = tile + 2 * pad, tile + cap_h + 2 * pad
+    grid = Image.new("RGB", (ncol * cell_w, nrow * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        x0, y0 = c * cell_w, r * cell_h
+        if ok is not None:
+            draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + tile + 2 * pad - 1],
+                           fill=(40, 170, 60) if ok[i] else (200, 40, 40))
+        im = Image.fromarray(images_BHW3[i]).resize((tile, tile), Image.NEAREST)
+        grid.paste(im, (x0 + pad, y0 + pad))
+        text = captions[i] if i < len(captions) else ""
+        chars = max(8, tile // 6)
+        lines = [text[:chars], text[chars:2 * chars]]
+        draw.text((x0 + pad, y0 + tile + 2 * pad), "\n".join(lines), fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    grid.save(tmp)
+    os.replace(tmp, path)
+    return path
