@@ -27,7 +27,7 @@ from torch import nn
 
 from unigrpo.model.attention import attend
 from unigrpo.model.config import ModelConfig
-from unigrpo.model.layout import PackedLayout
+from unigrpo.model.layout import PAD, PackedLayout
 
 TEXT_EXPERT, IMAGE_EXPERT = 0, 1
 
@@ -230,21 +230,29 @@ class UnifiedModel(nn.Module):
 
     # ------------------------------------------------------------------ core
     def _layers(self, x_BSH, image_BS, cos, sin, *, mask=None, block_mask=None, cache: KVCache | None = None,
-                append: bool = False, backend: str = "sdpa"):
+                append: bool = False, backend: str = "sdpa", pad_BS=None):
         """Run every decoder layer. Text and image tokens go through their own expert; one attention over
-        the sequence (plus the cache's columns when given). Returns hidden [B, S, H] (before final norms)."""
+        the sequence (plus the cache's columns when given). Padding tokens (pad_BS True) skip both experts
+        (zero q/k/v, hidden left as is): in a packed batch they are a quarter of the tokens.
+        Returns hidden [B, S, H] (before final norms)."""
         cfg = self.cfg
         B, S, H = x_BSH.shape
         x = x_BSH.reshape(B * S, H)
         flat_img = image_BS.reshape(-1)
-        routes = [(e, torch.nonzero(flat_img == bool(e)).squeeze(1)) for e in (TEXT_EXPERT, IMAGE_EXPERT)]
-        routes = [(e, idx) for e, idx in routes if idx.numel() > 0]
+        keep = None if pad_BS is None else ~pad_BS.reshape(-1)
+        routes = []
+        for e in (TEXT_EXPERT, IMAGE_EXPERT):
+            sel = flat_img if e == IMAGE_EXPERT else ~flat_img
+            idx = torch.nonzero(sel if keep is None else sel & keep).squeeze(1)
+            if idx.numel() > 0:
+                routes.append((e, idx))
+        new_qkv = x.new_empty if keep is None or bool(keep.all()) else x.new_zeros
         hd = cfg.head_dim
         cos_f, sin_f = cos.reshape(B * S, hd), sin.reshape(B * S, hd)
         for li, layer in enumerate(self.layers):
-            q = x.new_empty(B * S, cfg.heads, hd)
-            k = x.new_empty(B * S, cfg.kv_heads, hd)
-            v = x.new_empty(B * S, cfg.kv_heads, hd)
+            q = new_qkv(B * S, cfg.heads, hd)
+            k = new_qkv(B * S, cfg.kv_heads, hd)
+            v = new_qkv(B * S, cfg.kv_heads, hd)
             for e, idx in routes:
                 qe, ke, ve = layer.experts[e].qkv(x[idx], cfg.heads, cfg.kv_heads)
                 q[idx] = apply_rope(qe, cos_f[idx], sin_f[idx])
@@ -264,7 +272,7 @@ class UnifiedModel(nn.Module):
                     v = torch.cat([cache.v[li][:, :, :L], v], dim=2)
             attn = attend(q, k, v, mask=mask, block_mask=block_mask, backend=backend)
             attn = attn.transpose(1, 2).reshape(B * S, cfg.heads * hd)
-            out = torch.empty_like(x)
+            out = torch.empty_like(x) if new_qkv is x.new_empty else x.clone()
             for e, idx in routes:
                 ex = layer.experts[e]
                 h = x[idx] + ex.o_proj(attn[idx])
@@ -296,19 +304,16 @@ class UnifiedModel(nn.Module):
         x = self.embed(ids)
         image_BS = layout.is_image_BS
         if M:
-            n_tok = self.cfg.image_tokens if latents_MChw.shape[-1] == self.cfg.latent_size else None
             img = self.embed_images(latents_MChw, sigma_M)
             x = x.clone()
             for m, (b, start, n) in enumerate(layout.block_starts):
                 if n != img.shape[1]:
-                    raise ValueError(f"image block {m} has {n} tokens in the layout but its latent gives "
-                                     f"{img.shape[1]} (expected {n_tok or img.shape[1]})")
+                    raise ValueError(f"image block {m} has {n} tokens in the layout but its latent "
+                                     f"{tuple(latents_MChw.shape[1:])} gives {img.shape[1]}")
                 x[b, start:start + n] = img[m]
         cos, sin = rope_cos_sin(layout.pos_BS, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        if backend == "flex":
-            hidden = self._layers(x, image_BS, cos, sin, block_mask=layout.block_mask(), backend=backend)
-        else:
-            hidden = self._layers(x, image_BS, cos, sin, mask=layout.dense_mask(), backend=backend)
+        masks = {"block_mask": layout.block_mask()} if backend == "flex" else {"mask": layout.dense_mask()}
+        hidden = self._layers(x, image_BS, cos, sin, backend=backend, pad_BS=layout.kind_BS == PAD, **masks)
         velocity = None
         if M:
             img_hidden = torch.stack([hidden[b, s:s + n] for b, s, n in layout.block_starts])

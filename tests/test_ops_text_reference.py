@@ -1,0 +1,234 @@
+"""Tests of the reference text ops (unigrpo_kernels.reference.text) against ALGORITHM.md §6. Expected values
+are written out here (loops over tokens, explicit softmax) independently of the library code.
+
+Shape legend: T tokens, H hidden, V vocabulary, B sequences, L padded length.
+
+Tolerances (float64 unless stated):
+| check                                   | atol / rtol       | why                                              |
+|-----------------------------------------|-------------------|--------------------------------------------------|
+| log-probs / entropy vs explicit softmax | 1e-12 / 1e-12     | O(10) logits, different op order: ~1e-15         |
+| loss value vs per-token loops           | 1e-12 / 1e-10     | different summation order of O(1) terms          |
+| on-policy gradient, analytic            | 1e-15 / 1e-12     | one division per token                           |
+| bf16 inputs vs their fp32 cast          | exact             | the op casts up first, so the math is identical  |
+| gradcheck (finite differences)          | torch defaults    | atol 1e-5, rtol 1e-3, central differences, 1e-6  |
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import unigrpo_kernels as K
+
+F64 = torch.float64
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
+
+
+# ---------------------------------------------------------------------------------- token_logprobs
+
+def _lm(T=7, H=5, V=11, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, dtype=dtype, generator=g)
+    weight = torch.randn(V, H, dtype=dtype, generator=g)
+    targets = torch.randint(0, V, (T,), generator=g)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7, 2.0])
+def test_token_logprobs_and_entropy_match_explicit_softmax(tau):
+    hidden, weight, targets = _lm()
+    logp, ent = K.token_logprobs(hidden, weight, targets, temperature=tau, return_entropy=True)
+    assert logp.shape == ent.shape == (7,) and logp.dtype == F64
+    for t in range(7):
+        z = [sum(hidden[t, j].item() * weight[v, j].item() for j in range(5)) / tau for v in range(11)]
+        zmax = max(z)
+        p = [math.exp(zi - zmax) for zi in z]
+        norm = sum(p)
+        p = [pi / norm for pi in p]
+        assert logp[t].item() == pytest.approx(math.log(p[targets[t]]), abs=1e-12, rel=1e-12)
+        assert ent[t].item() == pytest.approx(-sum(pi * math.log(pi) for pi in p), abs=1e-12, rel=1e-12)
+    torch.testing.assert_close(K.token_logprobs(hidden, weight, targets, temperature=tau), logp, atol=0, rtol=0)
+
+
+def test_token_logprobs_dtypes():
+    hidden, weight, targets = _lm(dtype=torch.float32)
+    out_bf16 = K.token_logprobs(hidden.bfloat16(), weight.bfloat16(), targets)
+    assert out_bf16.dtype == torch.float32
+    torch.testing.assert_close(out_bf16, K.token_logprobs(hidden.bfloat16().float(), weight.bfloat16().float(),
+                                                          targets), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("tau", [1.0, 0.6])
+def test_token_logprobs_gradcheck(entropy, tau):
+    hidden, weight, targets = _lm(T=5, H=3, V=7, seed=1)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    fn = lambda h, w: K.token_logprobs(h, w, targets, temperature=tau, return_entropy=entropy)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+def test_token_logprobs_validation():
+    hidden, weight, targets = _lm()
+    with pytest.raises(ValueError, match=r"weight_VH .*H=5"):
+        K.token_logprobs(hidden, weight[:, :4], targets)
+    with pytest.raises(ValueError, match="targets_T"):
+        K.token_logprobs(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match="temperature=0"):
+        K.token_logprobs(hidden, weight, targets, temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------- text_grpo_loss
+
+def _reference_text_loss(logp, old, adv, mask, eps_lo, eps_hi, aggregation, ref=None, kl_coef=0.0,
+                         max_len=None):
+    """§6 written out with Python loops over real tokens."""
+    B, L = logp.shape
+    pol, kl, n_tok, n_seq = [], [], 0, 0
+    for i in range(B):
+        terms, kls = [], []
+        for t in range(L):
+            if not mask[i, t]:
+                continue
+            rho = torch.exp(logp[i, t] - old[i, t])
+            terms.append(-min(rho * adv[i], rho.clamp(1 - eps_lo, 1 + eps_hi) * adv[i]))
+            if ref is not None:
+                d = ref[i, t] - logp[i, t]
+                kls.append(torch.exp(d) - d - 1)
+        pol.append(terms)
+        kl.append(kls)
+        n_tok += len(terms)
+        n_seq += len(terms) > 0
+
+    def agg(rows):
+        if aggregation == "sequence":
+            return sum(sum(r) / len(r) for r in rows if r) / max(n_seq, 1)
+        if aggregation == "token":
+            return sum(sum(r) for r in rows if r) / max(n_tok, 1)
+        return sum(sum(r) for r in rows if r) / (B * (max_len or L))
+
+    loss = agg(pol)
+    return loss + kl_coef * agg(kl) if ref is not None else loss
+
+
+def _text_batch(B=5, L=6, seed=0, kink_free=True):
+    """Log-probs with log-ratios either well inside (|.| <= 0.1) or well outside (|.| >= 0.4) the default
+    clip range [log 0.8, log 1.2] = [−0.22, 0.18]; row 3 fully masked; ragged lengths."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, L, dtype=F64, generator=g) * 3
+    inside = (torch.rand(B, L, dtype=F64, generator=g) - 0.5) * 0.2
+    outside = torch.sign(torch.randn(B, L, dtype=F64, generator=g)) * (0.4 + 0.2 * torch.rand(B, L, dtype=F64,
+                                                                                                generator=g))
+    pick = torch.rand(B, L, generator=g) < 0.5
+    logp = old + torch.where(pick, outside, inside)
+    ref = logp + 0.3 * torch.randn(B, L, dtype=F64, generator=g)
+    lengths = torch.tensor([L, 2, L - 1, 0, 1][:B])
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    adv = torch.tensor([1.2, -0.7, 0.4, 0.9, -1.5][:B], dtype=F64)
+    return logp, old, ref, adv, mask
+
+
+AGGS = ["sequence", "token", "constant"]
+
+
+@pytest.mark.parametrize("aggregation", AGGS)
+@pytest.mark.parametrize("with_kl", [False, True])
+def test_text_loss_value_and_finite_difference_gradient(aggregation, with_kl):
+    logp, old, ref, adv, mask = _text_batch()
+    max_len = 9 if aggregation == "constant" else None
+    kw = dict(old_logp_BL=old, adv_B=adv, mask_BL=mask, aggregation=aggregation, max_len=max_len,
+              ref_logp_BL=ref if with_kl else None, kl_coef=0.5 if with_kl else 0.0)
+    loss, m = K.text_grpo_loss(logp_BL=logp, **kw)
+    expected = _reference_text_loss(logp, old, adv, mask, 0.2, 0.2, aggregation, ref if with_kl else None,
+                                    0.5 if with_kl else 0.0, max_len)
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-10)
+    assert loss.dim() == 0 and loss.dtype == F64
+    if with_kl:
+        torch.testing.assert_close(m["text/policy_loss"] + 0.5 * m["text/kl"], loss, atol=1e-14, rtol=0)
+        assert m["text/kl"].item() > 0
+    # 1e-6 finite-difference steps move a log-ratio by 1e-6; every token is >= 0.08 from a kink.
+    x = logp.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda lp: K.text_grpo_loss(logp_BL=lp, **kw)[0], (x,))
+
+
+def test_asymmetric_clip_and_gating():
+    # one sequence per (log-ratio, A) case; eps_lo = 0.1, eps_hi = 0.3: log 1.22 is inside for hi = 0.3
+    cases = [(0.2, 1.0, False), (0.4, 1.0, True), (0.4, -1.0, False), (-0.05, -1.0, False),
+             (-0.2, -1.0, True), (-0.2, 1.0, False), (0.0, 1.0, False)]
+    lr = torch.tensor([[c[0]] for c in cases], dtype=F64)
+    adv = torch.tensor([c[1] for c in cases], dtype=F64)
+    zero_expected = torch.tensor([c[2] for c in cases])
+    old = torch.full_like(lr, -1.0)
+    logp = (old + lr).requires_grad_(True)
+    loss, m = K.text_grpo_loss(logp_BL=logp, old_logp_BL=old, adv_B=adv, mask_BL=torch.ones_like(lr, dtype=torch.bool),
+                               eps_lo=0.1, eps_hi=0.3)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert bool((grad[zero_expected] == 0).all())
+    assert bool((grad[~zero_expected] != 0).all())
+    # unclipped tokens: d/dlogp of −ρA/(#seq) = −ρA/7
+    torch.testing.assert_close(grad[~zero_expected, 0], -(lr.exp()[:, 0] * adv)[~zero_expected] / 7,
+                               atol=1e-15, rtol=1e-12)
+    assert m["text/clip_frac"].item() == pytest.approx(2 / 7)
+
+
+@SETTINGS
+@given(B=st.integers(1, 6), L=st.integers(1, 12), aggregation=st.sampled_from(AGGS), seed=st.integers(0, 2 ** 16))
+def test_on_policy_ratio_is_exactly_one(B, L, aggregation, seed):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, L, dtype=F64, generator=g) * 5
+    mask = torch.rand(B, L, generator=g) < 0.7
+    adv = torch.randn(B, dtype=F64, generator=g)
+    logp = old.clone().requires_grad_(True)
+    loss, m = K.text_grpo_loss(logp_BL=logp, old_logp_BL=old, adv_B=adv, mask_BL=mask, aggregation=aggregation,
+                               ref_logp_BL=old, kl_coef=0.1)
+    if mask.any():
+        assert m["text/ratio_mean"].item() == 1.0 and m["text/ratio_max"].item() == 1.0
+        assert m["text/ratio_min"].item() == 1.0
+    assert m["text/clip_frac"].item() == 0.0 and m["text/kl"].item() == 0.0
+    (grad,) = torch.autograd.grad(loss, logp)
+    n_B = mask.sum(1).to(F64)
+    denom = {"sequence": n_B.clamp(min=1)[:, None] * max(int((n_B > 0).sum()), 1),
+             "token": max(int(mask.sum()), 1), "constant": B * L}[aggregation]
+    expected = torch.where(mask, -adv[:, None] / denom, torch.zeros((), dtype=F64))
+    torch.testing.assert_close(grad, expected, atol=1e-15, rtol=1e-12)
+
+
+@pytest.mark.parametrize("aggregation", AGGS)
+def test_padding_never_counts(aggregation):
+    logp, old, ref, adv, mask = _text_batch(seed=3)
+    kw = dict(adv_B=adv, mask_BL=mask, aggregation=aggregation, kl_coef=0.2)
+    base, m_base = K.text_grpo_loss(logp_BL=logp, old_logp_BL=old, ref_logp_BL=ref, **kw)
+    garbage = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e4, -1e4], dtype=F64)
+    idx = torch.arange(mask.numel()).reshape(mask.shape)
+    bad = lambda t, shift: torch.where(mask, t, garbage[(idx + shift) % 5])             # noqa: E731
+    x = bad(logp, 0).requires_grad_(True)
+    loss, m = K.text_grpo_loss(logp_BL=x, old_logp_BL=bad(old, 1), ref_logp_BL=bad(ref, 2), **kw)
+    assert loss.item() == base.item()
+    for name in m_base:
+        assert m[name].item() == m_base[name].item(), name
+    (grad,) = torch.autograd.grad(loss, x)
+    assert bool(torch.isfinite(grad).all()) and bool((grad[~mask] == 0).all())
+
+
+def test_empty_mask_gives_zero_loss():
+    z = torch.zeros(2, 3, dtype=F64, requires_grad=True)
+    for aggregation in AGGS:
+        loss, _ = K.text_grpo_loss(logp_BL=z, old_logp_BL=z.detach(), adv_B=torch.ones(2, dtype=F64),
+                                   mask_BL=torch.zeros(2, 3, dtype=torch.bool), aggregation=aggregation)
+        assert loss.item() == 0.0
+
+
+def test_text_loss_validation():
+    z = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="'mean'"):
+        K.text_grpo_loss(logp_BL=z, old_logp_BL=z, adv_B=torch.zeros(2), mask_BL=m, aggregation="mean")
+    with pytest.raises(ValueError, match=r"old_logp_BL .*\[2, 4\]"):
+        K.text_grpo_loss(logp_BL=z, old_logp_BL=torch.zeros(2, 4), adv_B=torch.zeros(2), mask_BL=m)
+    with pytest.raises(ValueError, match=r"adv_B .*\[3\]"):
+        K.text_grpo_loss(logp_BL=z, old_logp_BL=z, adv_B=torch.zeros(3), mask_BL=m)
+    with pytest.raises(ValueError, match="ref_logp_BL"):
+        K.text_grpo_loss(logp_BL=z, old_logp_BL=z, adv_B=torch.zeros(2), mask_BL=m, kl_coef=0.1)
+    with pytest.raises(ValueError, match="max_len=2"):
+        K.text_grpo_loss(logp_BL=z, old_logp_BL=z, adv_B=torch.zeros(2), mask_BL=m, aggregation="constant",
+                         max_len=2)
