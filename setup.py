@@ -64,6 +64,7 @@ setup(
         "pyyaml",
         "safetensors",
         "pillow",
+        "matplotlib",
         "tqdm",
         "transformers>=4.40",
     ],

@@ -18,8 +18,8 @@ ATOL64 = 1e-10
 
 
 def small_cfg(**kw):
-    base = dict(hidden=32, heads=4, kv_heads=2, intermediate=64, layers=2, latent_size=4, max_latent_size=8,
-                max_text_len=64)
+    base = dict(hidden=32, heads=4, kv_heads=2, intermediate=64, layers=2, latent_channels=12, latent_size=4,
+                max_latent_size=8, max_text_len=64)
     base.update(kw)
     return preset("tiny", **base)
 
@@ -249,7 +249,7 @@ def test_unknown_preset_names_it():
         preset("huge")
 
 
-@pytest.mark.parametrize("field,value,pattern", [("heads", 5, "divisible"), ("kv_heads", 3, "divisible"),
+@pytest.mark.parametrize("field,value,pattern", [("heads", 5, "divisible"), ("kv_heads", 4, "divisible"),
                                                   ("layers", 0, "layers"), ("codec", "jpeg", "codec")])
 def test_bad_model_config_names_the_field(field, value, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from unigrpo.world.layout import center_px
 from unigrpo.world import (CANVAS, CATEGORIES, CELL, COLORS, GAP, OBJ, SHAPES, PlacedObject, all_prompt_texts,
                            all_prompts, corrupt_layout, grid_range, layout_checks, make_prompts, parse_plan,
                            plan_text, pretrain_example, render, render_batch, sample_layout, to_uint8, verify)
@@ -111,7 +112,7 @@ def test_render_draws_each_object_inside_its_box_in_its_colour(seed):
     assert img.shape == (CANVAS, CANVAS, 3) and img.dtype == np.uint8
     covered = np.zeros((CANVAS, CANVAS), bool)
     for o in lay:
-        top, left = o.y * CELL - OBJ // 2, o.x * CELL - OBJ // 2
+        top, left = center_px(o.y) - OBJ // 2, center_px(o.x) - OBJ // 2
         box = img[top:top + OBJ, left:left + OBJ]
         lit = box.any(-1)
         assert (box[lit] == COLORS[o.color]).all()
@@ -122,9 +123,9 @@ def test_render_draws_each_object_inside_its_box_in_its_colour(seed):
 
 def test_shape_fill_ratios():
     for shape, lo, hi in [("square", 1.0, 1.0), ("circle", 0.7, 0.9), ("triangle", 0.45, 0.7)]:
-        img = render((PlacedObject(shape, "red", 4, 4),))
+        img = render((PlacedObject(shape, "red", 2, 2),))
         assert lo <= img.any(-1).sum() / OBJ ** 2 <= hi
-    widths = render((PlacedObject("triangle", "red", 4, 4),)).any(-1).sum(1)
+    widths = render((PlacedObject("triangle", "red", 2, 2),)).any(-1).sum(1)
     widths = widths[widths > 0]
     assert (np.diff(widths) >= 0).all() and widths[0] < widths[-1] == OBJ  # upward: widens to a full base
 
@@ -140,7 +141,7 @@ def test_render_batch_range_and_round_trip():
 
 def test_render_clips_out_of_canvas_objects():
     img = render((PlacedObject("square", "blue", 0, 0), PlacedObject("circle", "red", 99, 3)))
-    assert img[:OBJ // 2, :OBJ // 2].any() and not img[OBJ:].any()
+    assert img[:OBJ // 2, :OBJ // 2].any() and not img[CELL:].any()
 
 
 # --- plans ---------------------------------------------------------------------------------------------
@@ -211,51 +212,53 @@ def test_wrong_colour():
 
 
 def test_wrong_count_and_extra_objects():
-    circles = [("circle", "red", 1, 1), ("circle", "green", 4, 1), ("circle", "blue", 7, 1), ("circle", "red", 1, 5)]
+    circles = [("circle", "red", 0, 0), ("circle", "green", 2, 0), ("circle", "blue", 0, 2), ("circle", "red", 2, 2)]
     assert score(circles[:3], "three circles")[:2] == (1.0, 1.0)
     for wrong in (circles[:2], circles[:4], circles[:1]):
         ta, ge, checks = score(wrong, "three circles")
         assert ge == 0 and ta == pytest.approx(2 / 3) and not checks["exactly 3 circles"]
-    ta, ge, checks = score(circles[:3] + [("square", "red", 6, 6)], "three circles")
+    ta, ge, checks = score(circles[:3] + [("square", "red", 3, 3)], "three circles")
     assert ge == 0 and checks["exactly 3 circles"] and not checks["only circles"]
 
 
 def test_wrong_position_swapped():
-    left_right = [("circle", "red", 2, 4), ("triangle", "blue", 6, 4)]
+    left_right = [("circle", "red", 0, 1), ("triangle", "blue", 3, 1)]
     assert score(left_right, "a circle left of a triangle")[:2] == (1.0, 1.0)
     assert score(left_right, "a triangle right of a circle")[:2] == (1.0, 1.0)
     for text in ("a triangle left of a circle", "a circle right of a triangle", "a circle above a triangle"):
         ta, ge, _ = score(left_right, text)
         assert ge == 0 and ta == pytest.approx(2 / 3)
-    up_down = [("square", "green", 4, 1), ("circle", "yellow", 4, 6)]
+    up_down = [("square", "green", 1, 0), ("circle", "yellow", 1, 3)]
     assert score(up_down, "a square above a circle")[:2] == (1.0, 1.0)
     assert score(up_down, "a square below a circle")[1] == 0
 
 
 def test_position_needs_a_clear_direction():
     # mostly vertical offset: neither left of nor right of
-    diagonal = [("circle", "red", 3, 1), ("triangle", "blue", 4, 7)]
+    diagonal = [("circle", "red", 1, 0), ("triangle", "blue", 2, 3)]
     assert score(diagonal, "a circle left of a triangle")[1] == 0
     assert score(diagonal, "a circle above a triangle")[1] == 1
 
 
 def test_wrong_shape():
-    assert score([("square", "red", 4, 4)], "a circle")[:2] == (0.0, 0.0)
-    assert score([("triangle", "red", 4, 4)], "a triangle")[:2] == (1.0, 1.0)
-    ta, ge, _ = score([("circle", "red", 2, 2), ("circle", "red", 6, 6)], "a circle and a square")
+    assert score([("square", "red", 2, 2)], "a circle")[:2] == (0.0, 0.0)
+    assert score([("triangle", "red", 2, 2)], "a triangle")[:2] == (1.0, 1.0)
+    ta, ge, _ = score([("circle", "red", 0, 0), ("circle", "red", 3, 3)], "a circle and a square")
     assert (ta, ge) == (0.5, 0.0)
 
 
 def test_attribute_binding_swap():
-    good = [("circle", "red", 2, 2), ("square", "blue", 6, 6)]
+    good = [("circle", "red", 0, 0), ("square", "blue", 3, 3)]
     assert score(good, "a red circle and a blue square")[:2] == (1.0, 1.0)
-    swapped = [("circle", "blue", 2, 2), ("square", "red", 6, 6)]
+    swapped = [("circle", "blue", 0, 0), ("square", "red", 3, 3)]
     assert score(swapped, "a red circle and a blue square")[:2] == (0.0, 0.0)
 
 
 def test_touching_objects_do_not_count():
     # two same-colour squares side by side merge into one blob that is no square
-    assert score([("square", "red", 2, 4), ("square", "red", 4, 4)], "a square")[1] == 0
+    img = np.zeros((1, CANVAS, CANVAS, 3), np.uint8)
+    img[0, 8:8 + OBJ, 8:8 + 2 * OBJ] = COLORS["red"]
+    assert verify(img, [prompt("a square")]).geneval.item() == 0
 
 
 def test_wrong_size_is_no_object_and_specks_are_ignored():
@@ -264,9 +267,9 @@ def test_wrong_size_is_no_object_and_specks_are_ignored():
     img[0, 4:24, 4:24] = COLORS["red"]  # a square 2.5x too large
     img[1, 4:7, 4:7] = COLORS["red"]    # a square 0.4x the size
     img[2] = render((PlacedObject("square", "red", 3, 3),))
-    img[2, 28:30, 28:30] = COLORS["blue"]  # a 2x2 speck is noise, not an extra object
-    img[3] = render((PlacedObject("circle", "red", 2, 2), PlacedObject("circle", "red", 6, 6)))
-    img[3, 28:30, 2:4] = COLORS["green"]
+    img[2, 1:3, 28:30] = COLORS["blue"]  # a 2x2 speck is noise, not an extra object
+    img[3] = render((PlacedObject("circle", "red", 1, 1), PlacedObject("circle", "red", 3, 2)))
+    img[3, 0, 28:30] = COLORS["green"]
     assert verify(img, ps).geneval.tolist() == [0.0, 0.0, 1.0, 1.0]
 
 

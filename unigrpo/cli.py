@@ -1,6 +1,7 @@
 """The `unigrpo` command.
 
-    unigrpo demo     [key=value ...]                 the README's main job on the embedded default (tiny)
+    unigrpo demo     [key=value ...]                 the README's main job: pre-train (if needed) + UniGRPO on tiny
+    unigrpo train    [--config FILE] [key=value ...] UniGRPO training (bundled configs: tiny, paper)
     unigrpo pretrain [--config FILE] [key=value ...] supervised pre-training of a base checkpoint
     unigrpo eval     [--config FILE] [key=value ...] held-out scores per category with 95% intervals + grid
     unigrpo sample   --checkpoint DIR --prompt TEXT [--out PNG]
@@ -31,6 +32,7 @@ def resolve_config_path(name: str | None) -> str | None:
 
 
 def cmd_pretrain(args) -> int:
+    """Supervised pre-training of a base checkpoint (bundled config: tiny_pretrain)."""
     from unigrpo.pretrain import PretrainConfig, run_pretrain
 
     cfg = load_config(PretrainConfig, resolve_config_path(args.config), args.overrides)
@@ -57,6 +59,7 @@ def _eval(cfg, title: str) -> int:
 
 
 def cmd_eval(args) -> int:
+    """Held-out scores per category with 95% intervals and an image grid."""
     from unigrpo.evaluate import EvalConfig
 
     cfg = load_config(EvalConfig, resolve_config_path(args.config), args.overrides)
@@ -85,24 +88,37 @@ def cmd_sample(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Pre-train the tiny base if there is none, then evaluate it. (Extended by the RL loop.)"""
-    from unigrpo.evaluate import EvalConfig
+    """The main job: pre-train the tiny base if there is none, then UniGRPO on it; prints held-out scores
+    before and after with 95% intervals. Overrides apply to the training config (configs/tiny.yaml)."""
     from unigrpo.pretrain import PretrainConfig, run_pretrain
+    from unigrpo.train import run
+    from unigrpo.trainer import TrainConfig
 
-    cfg = load_config(PretrainConfig, resolve_config_path("tiny_pretrain"), args.overrides)
-    if not os.path.exists(os.path.join(cfg.out, "model.safetensors")):
-        print(f"no base checkpoint at {cfg.out}: pre-training one ({cfg.steps} steps)")
-        run_pretrain(cfg)
+    cfg = load_config(TrainConfig, resolve_config_path("tiny"), args.overrides)
+    pcfg = load_config(PretrainConfig, resolve_config_path("tiny_pretrain"), [f"out={cfg.base}", "eval_samples=0"])
+    if not os.path.exists(os.path.join(cfg.base, "model.safetensors")):
+        print(f"no base checkpoint at {cfg.base}: pre-training one ({pcfg.steps} steps)")
+        run_pretrain(pcfg)
     else:
-        print(f"using the base checkpoint at {cfg.out}")
-    return _eval(EvalConfig(checkpoint=cfg.out, samples=max(256, cfg.eval_samples)), "base model, held-out")
+        print(f"using the base checkpoint at {cfg.base}")
+    run(cfg)
+    return 0
+
+
+def cmd_train(args) -> int:
+    """UniGRPO training from a config (bundled: tiny, paper)."""
+    from unigrpo.train import run
+    from unigrpo.trainer import TrainConfig
+
+    run(load_config(TrainConfig, resolve_config_path(args.config or "tiny"), args.overrides))
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="unigrpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("pretrain", cmd_pretrain), ("eval", cmd_eval), ("demo", cmd_demo)):
-        p = sub.add_parser(name, help=fn.__doc__)
+    for name, fn in (("pretrain", cmd_pretrain), ("eval", cmd_eval), ("train", cmd_train), ("demo", cmd_demo)):
+        p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0].replace("%", "%%"))
         if name != "demo":
             p.add_argument("--config", default=None, help="YAML file or bundled config name")
         p.add_argument("overrides", nargs="*", help="key=value overrides")

@@ -37,15 +37,15 @@ class PretrainConfig:
     """model preset"""
     out: str = "runs/tiny/base"
     """checkpoint directory to write"""
-    steps: int = 1500
+    steps: int = 700
     """optimizer steps"""
-    batch: int = 64
+    batch: int = 32
     """examples per step"""
-    blocks_per_sample: int = 2
+    blocks_per_sample: int = 4
     """noise blocks (independent σ) per example in the packed forward"""
     lr: float = 2e-3
     """peak AdamW learning rate"""
-    warmup: int = 100
+    warmup: int = 50
     """linear warm-up steps, then cosine decay to 10%"""
     weight_decay: float = 0.01
     """AdamW weight decay"""

@@ -1,7 +1,7 @@
 """Image codecs: images [B, 3, H, W] in [-1, 1] ↔ latents [B, C, h, w] (the space the flow works in).
 
-- "pixel" (the `tiny` preset): space-to-depth by 2, so a 32×32 RGB canvas is a 12×16×16 latent. Exact and
-  free; the 2×2 patchify of the model then gives 64 tokens of 48 values.
+- "pixel" (the `tiny` preset): space-to-depth by image_size / latent_size (4 for tiny), so a 32×32 RGB canvas
+  is a 48×8×8 latent. Exact and free; the 2×2 patchify of the model then gives 16 tokens of 192 values.
 - "flux-vae" (`small`, `bagel-7b`): a FLUX-style VAE (8× down, 16 channels) loaded from a local checkpoint;
   that loader belongs to BAGEL checkpoint support and is not built yet, so asking for it is a clear error.
 """

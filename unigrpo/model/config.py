@@ -2,7 +2,8 @@
 
 Presets:
 - `tiny`: CPU demo on the shapes world. Pixel-space images (the "latent" is the 32×32 RGB canvas
-  space-to-depth'ed by 2: 12 channels × 16×16), byte-level tokenizer, no files needed.
+  space-to-depth'ed by 4: 48 channels × 8×8), so a 2×2 patch is an 8×8-px cell — exactly one object of the
+  shapes world — and an image is 16 tokens of 192 values; byte-level tokenizer, no files needed.
 - `small`: one GPU; a FLUX-style latent (16 channels, 8× down) at 256 px.
 - `bagel-7b`: the shape of BAGEL-7B-MoT's language model (Qwen2-7B decoder, duplicated into two experts):
   hidden 3584, 28 layers, 28 heads, 4 KV heads, intermediate 18944, vocab 152064, rope θ 1e6, q/k/v bias,
@@ -24,15 +25,15 @@ class ModelConfig:
     """preset name this config derives from (informational)"""
     vocab_size: int = 264
     """text vocabulary size (embedding rows)"""
-    hidden: int = 128
+    hidden: int = 192
     """model width"""
     layers: int = 4
     """decoder layers (each holds a text expert and an image expert)"""
-    heads: int = 4
+    heads: int = 6
     """query heads"""
     kv_heads: int = 2
     """key/value heads (GQA); must divide `heads`"""
-    intermediate: int = 384
+    intermediate: int = 512
     """SwiGLU inner width"""
     rope_theta: float = 10000.0
     """RoPE base"""
@@ -44,9 +45,9 @@ class ModelConfig:
     """lm_head shares the embedding matrix"""
     max_text_len: int = 160
     """longest text (prompt + reasoning) in tokens"""
-    latent_channels: int = 12
+    latent_channels: int = 48
     """channels of the image latent"""
-    latent_size: int = 16
+    latent_size: int = 8
     """height = width of the image latent"""
     patch: int = 2
     """latent patch size: tokens carry latent_channels·patch² values"""

@@ -1,9 +1,10 @@
 """Layouts: where each object of a scene sits, sampled to satisfy a prompt or corrupted to fail it.
 
 Decisions:
-- Object centres live on a grid of CELL px (centre pixel coordinate = grid * CELL), so a short text plan
-  states a layout exactly. An object's box is obj x obj px; a centre is valid when its box is inside the
-  canvas.
+- Object centres sit in the middle of grid cells of CELL px (centre pixel = grid·CELL + CELL/2), so a short
+  text plan states a layout exactly. With CELL = 8 and 6-px objects every object lies inside one 8×8 cell,
+  which is exactly one image token of the tiny model (see docs/LOG.md: with objects spread over 2×2 tokens
+  the tiny model never learned to draw them coherently). A centre is valid when its box is inside the canvas.
 - Objects never touch: centres are at least `min_sep` cells apart in x or y (Chebyshev distance), which
   keeps boxes at least GAP px apart.
 - A position relation is sampled with a clear margin: at least min_sep cells along its axis and no more
@@ -23,8 +24,8 @@ from unigrpo.world.checks import Found, along_across, check_objects
 from unigrpo.world.prompts import COLORS, SHAPES, Prompt
 
 CANVAS = 32  # canvas side, px
-OBJ = 8      # object bounding-box side, px
-CELL = 4     # grid cell, px
+OBJ = 6      # object bounding-box side, px
+CELL = 8     # grid cell, px (object centres at cell middles)
 GAP = 2      # minimum empty px between two object boxes
 
 _COLOR_NAMES = tuple(COLORS)
@@ -33,7 +34,7 @@ _MAX_TRIES = 1000
 
 @dataclass(frozen=True)
 class PlacedObject:
-    """An object of a layout; x, y are the grid cell of its centre (pixel centre = grid * CELL)."""
+    """An object of a layout; x, y are the grid cell of its centre (pixel centre = center_px(grid))."""
     shape: str
     color: str
     x: int
@@ -43,9 +44,15 @@ class PlacedObject:
 Layout = tuple[PlacedObject, ...]
 
 
+def center_px(g: int) -> int:
+    """Pixel coordinate of the centre of grid cell g."""
+    return g * CELL + CELL // 2
+
+
 def grid_range(canvas: int = CANVAS, obj: int = OBJ) -> tuple[int, int]:
-    """Inclusive (lo, hi) of valid centre grid coordinates on either axis."""
-    lo, hi = math.ceil(obj / 2 / CELL), (canvas - obj // 2) // CELL
+    """Inclusive (lo, hi) of valid centre grid coordinates on either axis (the object's box inside the canvas)."""
+    lo = math.ceil((obj // 2 - CELL // 2) / CELL)
+    hi = (canvas - (obj - obj // 2) - CELL // 2) // CELL
     if lo > hi:
         raise ValueError(f"an object of {obj} px does not fit a {canvas} px canvas")
     return lo, hi
@@ -63,7 +70,7 @@ def relation_margin(obj: int = OBJ) -> float:
 
 def layout_checks(prompt: Prompt, layout: Layout, obj: int = OBJ) -> dict[str, bool]:
     """The prompt's checks applied to a layout directly (what a perfect render would score)."""
-    found = [Found(o.shape, o.color, o.x * CELL, o.y * CELL) for o in layout]
+    found = [Found(o.shape, o.color, center_px(o.x), center_px(o.y)) for o in layout]
     return check_objects(prompt, found, relation_margin(obj))
 
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from unigrpo.world.layout import CANVAS, CELL, OBJ, Layout
+from unigrpo.world.layout import CANVAS, OBJ, Layout, center_px
 from unigrpo.world.prompts import COLORS
 
 
@@ -39,7 +39,7 @@ def render(layout: Layout, canvas: int = CANVAS, obj: int = OBJ) -> np.ndarray:
     """uint8 [canvas, canvas, 3]."""
     img = np.zeros((canvas, canvas, 3), np.uint8)
     for o in layout:
-        top, left = o.y * CELL - obj // 2, o.x * CELL - obj // 2
+        top, left = center_px(o.y) - obj // 2, center_px(o.x) - obj // 2
         y0, y1 = max(top, 0), min(top + obj, canvas)
         x0, x1 = max(left, 0), min(left + obj, canvas)
         if y0 >= y1 or x0 >= x1:

@@ -1,0 +1,114 @@
+"""The UniGRPO loop end to end on a very small model: rollout windows, on-policy ratios, a short finite run
+that resumes to a bit-identical next step, and config errors raised before any work starts."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from unigrpo.checkpoint import load_checkpoint, save_checkpoint
+from unigrpo.config import load_config
+from unigrpo.model import preset
+from unigrpo.model.build import build_bundle
+from unigrpo.rollout.rollout import RolloutConfig, rollout
+from unigrpo.trainer import LossConfig, OptimConfig, TrainConfig, Trainer
+from unigrpo_kernels import gaussian_logprob, sigma_schedule, step_coeffs
+
+
+def tiny_base(path, seed=0):
+    torch.manual_seed(seed)
+    b = build_bundle(preset("tiny", hidden=32, heads=2, kv_heads=1, intermediate=64, layers=1, max_text_len=48))
+    torch.nn.init.normal_(b.model.image_out.weight, std=0.05)  # a base that already draws something
+    save_checkpoint(str(path), model_state=b.model.state_dict(), config=b.checkpoint_config())
+    return b
+
+
+def small_cfg(tmp_path, **kw):
+    base = dict(base=str(tmp_path / "base"), out=str(tmp_path / "run"), iterations=3, prompts_per_iter=2,
+                rollout=RolloutConfig(group_size=3, steps=5, window_size=2, window_hi=4, max_new_tokens=12),
+                optim=OptimConfig(minibatch=4, lr_text=1e-3, lr_image=1e-3), skip_zero_std=False, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_rollout_window_and_logprobs(tmp_path):
+    b = tiny_base(tmp_path / "base")
+    cfg = RolloutConfig(group_size=3, steps=6, window_size=2, window_hi=5, max_new_tokens=8, eta=0.7)
+    gen = torch.Generator().manual_seed(0)
+    traj = rollout(b.model, b.tokenizer, ["a circle", "two squares"], cfg, generator=gen,
+                   window_rng=np.random.default_rng(0))
+    k0 = traj.window_k0
+    assert torch.equal(k0[:3], k0[:1].expand(3)) and torch.equal(k0[3:], k0[3:4].expand(3))  # one window a group
+    assert bool(((k0 >= 0) & (k0 <= 5 - 2)).all())
+    sig = sigma_schedule(6, 3.0)
+    with torch.no_grad():
+        for r in range(6):
+            for j in range(2):
+                k = int(k0[r]) + j
+                c = step_coeffs(sig, k, 0.7)
+                cache = b.model.new_cache(1, 64)
+                ids = traj.reasoning.prompt_ids[r] + traj.reasoning.reasoning_ids(r)
+                b.model.append_text(cache, torch.tensor([ids]))
+                x = traj.x_RW[r, j][None]
+                v = b.model.image_velocity(cache, x, torch.tensor([c.sigma], dtype=torch.float32)).float()
+                mu = c.a * x + c.b * v
+                # x' = μ + s·ξ with the stored noise, and the stored log-prob is that Gaussian's (fp32 model)
+                torch.testing.assert_close(traj.x_next_RW[r, j][None], mu + c.std * traj.noise_RW[r, j][None],
+                                           atol=1e-4, rtol=1e-4)
+                lp = gaussian_logprob(traj.x_next_RW[r, j][None], mu, c.std)
+                torch.testing.assert_close(traj.logp_RW[r, j], lp[0], atol=1e-4, rtol=1e-4)
+    # windows are a function of the seed
+    traj2 = rollout(b.model, b.tokenizer, ["a circle", "two squares"], cfg, generator=torch.Generator().manual_seed(0),
+                    window_rng=np.random.default_rng(0))
+    assert torch.equal(traj2.window_k0, k0) and torch.equal(traj2.latents, traj.latents)
+
+
+def test_on_policy_ratios_are_exactly_one(tmp_path):
+    tiny_base(tmp_path / "base")
+    cfg = small_cfg(tmp_path, iterations=1, optim=OptimConfig(epochs=1, minibatch=64))  # one mini-batch: on-policy
+    m = Trainer(cfg, progress=False).iteration()
+    assert m["text/ratio_min"] == 1.0 and m["text/ratio_max"] == 1.0
+    assert m["flow/log_ratio_abs_max"] == 0.0  # log r̂ = 0 exactly: Δμ = b·(v − v_old) with v == v_old
+    assert m["flow/ratio_mean"] == 1.0
+    assert m["mismatch/text_logp_max"] < 1e-4 and m["mismatch/flow_logp_max"] < 1e-3
+
+
+def test_short_run_is_finite_and_resumes_bit_identically(tmp_path):
+    tiny_base(tmp_path / "base")
+    cfg = small_cfg(tmp_path, iterations=4, checkpoint_every=3)
+    straight = Trainer(cfg, progress=False)
+    hist = straight.train()
+    assert len(hist) == 4
+    for m in hist:
+        assert all(np.isfinite(v) for k, v in m.items() if isinstance(v, float) and k != "text/entropy")
+    assert os.path.exists(tmp_path / "run" / "metrics.jsonl")
+    final = {k: v.clone() for k, v in straight.policy.state_dict().items()}
+
+    cfg3 = small_cfg(tmp_path, iterations=3, out=str(tmp_path / "run2"))
+    Trainer(cfg3, progress=False).train()
+    resumed = Trainer(small_cfg(tmp_path, iterations=4, out=str(tmp_path / "run2")), progress=False)
+    assert resumed.step == 3
+    resumed.train()
+    for k, v in resumed.policy.state_dict().items():
+        assert torch.equal(v, final[k]), f"{k} differs after resume"
+    # the trained policy moved away from the base
+    base = load_checkpoint(str(tmp_path / "base")).model_state
+    assert any(not torch.equal(base[k], final[k]) for k in base)
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("rollout.group_size=1", "group_size must be >= 2"),
+    ("rollout.window_hi=30", "window"),
+    ("rollout.window_lo=4", "window"),
+    ("loss.reg=l1", "regulariser"),
+    ("optim.lr_image=0", "lr_image must be > 0"),
+    ("optim.lr_text=-1e-6", "lr_text must be > 0"),
+])
+def test_bad_config_values_stop_before_work(override, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(TrainConfig, None, [override])
+
+
+def test_missing_base_checkpoint_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        Trainer(small_cfg(tmp_path, base=str(tmp_path / "nowhere")), progress=False)

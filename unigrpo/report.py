@@ -1,0 +1,76 @@
+"""End-of-run artefacts: the reward curve (PNG) and report.md (scores before/after with 95% intervals, the
+time split, where everything is)."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_reward_curve(history: list[dict], path: str, evals: list[tuple[int, float]] | None = None) -> str:
+    """Training reward per iteration (and a moving average), plus held-out GenEval-style points if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([m["step"] for m in history])
+    reward = np.array([m["reward/mean"] for m in history])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, reward, color="0.7", lw=1, label="train reward (batch mean)")
+    if len(reward) >= 5:
+        k = max(2, len(reward) // 10)
+        ma = np.convolve(reward, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], ma, color="C0", lw=2, label=f"moving average ({k})")
+    if evals:
+        xs, ys = zip(*evals)
+        ax.plot(xs, ys, "o-", color="C3", label="held-out GenEval-style")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(out_dir: str, *, before: dict | None, after: dict | None, history: list[dict],
+                 config: dict, extra: str = "") -> str:
+    """report.md in out_dir; `before`/`after` are evaluate.summarize() dicts."""
+    from unigrpo.evaluate import format_table
+
+    lines = ["# UniGRPO run report", ""]
+    if before and after:
+        b, a = before["overall"], after["overall"]
+        lines += [f"GenEval-style {b['geneval']:.3f} → {a['geneval']:.3f} ({a['geneval'] - b['geneval']:+.3f}); "
+                  f"TA-style {b['ta']:.3f} → {a['ta']:.3f} ({a['ta'] - b['ta']:+.3f}), held-out, 95% intervals below.",
+                  ""]
+    for title, summ in (("Before (base)", before), ("After (UniGRPO)", after)):
+        if summ:
+            lines += [f"## {title}", "", "```", format_table(summ), "```", ""]
+    if history:
+        keys = ("time/rollout_text", "time/rollout_image", "time/reward", "time/train")
+        tot = {k: sum(m.get(k, 0.0) for m in history) for k in keys}
+        all_t = sum(tot.values()) or 1.0
+        lines += ["## Time split", "", "| part | seconds | share |", "|---|---|---|"]
+        lines += [f"| {k.split('/')[1]} | {v:.0f} | {v / all_t:.0%} |" for k, v in tot.items()]
+        lines += ["", f"{len(history)} iterations, {np.mean([m['samples_per_s'] for m in history]):.1f} samples/s", ""]
+        lines += ["![reward curve](reward_curve.png)", ""]
+    if extra:
+        lines += [extra, ""]
+    lines += ["## Config", "", "```json", json.dumps(config, indent=1), "```", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return path

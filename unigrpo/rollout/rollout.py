@@ -1,0 +1,152 @@
+"""Training rollouts (ALGORITHM.md §4): G reasoning samples per prompt, then a hybrid denoising with one SDE
+window of W consecutive steps per prompt group (all other steps ODE), no CFG by default.
+
+The window start k0 is drawn once per group from {r0, …, r1 − W} with a numpy Generator owned by the trainer
+(so it is a function of the run's seed and the step, and resumes exactly). Every row steps through the same
+k at the same time; rows inside their window take the SDE step (η), the rest the ODE step — one batched
+`sde_step` with per-row coefficients does both (an ODE row has η = 0, so s = 0 and x' = a·x + b·v = x − h·v).
+
+Stored per trajectory and window step j (§4): x_j and x'_j (fp32), the step index, log p_old(x'_j | x_j)
+and the noise ξ_j (μ_old = x'_j − s_j·ξ_j).
+
+Legend: R = B·G trajectories (rows), W window steps, C/h/w latent dims, T reasoning tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from unigrpo.rollout.generate import Reasoning, generate_reasoning, unconditional_cache
+from unigrpo_kernels import sde_step, sigma_schedule, step_coeffs_batch
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    """G: samples per prompt"""
+    temperature: float = 1.0
+    """reasoning sampling temperature τ"""
+    max_new_tokens: int = 0
+    """reasoning length cap (0 = the model's context limit)"""
+    steps: int = 25
+    """N: denoising steps of a training rollout"""
+    shift: float = 3.0
+    """timestep shift s"""
+    window_size: int = 3
+    """W: SDE steps per trajectory"""
+    window_lo: int = 0
+    """r0: first step a window may start at"""
+    window_hi: int = 5
+    """r1: windows lie inside [r0, r1]"""
+    eta: float = 0.8
+    """η: SDE noise level"""
+    sde_kind: str = "sde"
+    """"sde" (Flow-GRPO) or "cps" (coefficient-preserving)"""
+    cfg_scale: float = 1.0
+    """CFG in training rollouts (1 = none, the paper's choice; > 1 is an ablation: 2 evaluations per step)"""
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"rollout.group_size must be >= 2 (advantages compare samples of a group), "
+                             f"got {self.group_size}")
+        if self.steps < 1:
+            raise ValueError(f"rollout.steps must be >= 1, got {self.steps}")
+        if self.window_size < 1:
+            raise ValueError(f"rollout.window_size must be >= 1, got {self.window_size}")
+        if not 0 <= self.window_lo <= self.window_hi - self.window_size or self.window_hi > self.steps:
+            raise ValueError(f"rollout window [window_lo={self.window_lo}, window_hi={self.window_hi}] must hold "
+                             f"window_size={self.window_size} steps inside the {self.steps} denoising steps "
+                             f"(0 <= lo <= hi - size, hi <= steps)")
+        if not self.eta > 0:
+            raise ValueError(f"rollout.eta must be > 0 for SDE steps, got {self.eta}")
+        if self.sde_kind not in ("sde", "cps"):
+            raise ValueError(f"rollout.sde_kind must be 'sde' or 'cps', got {self.sde_kind!r}")
+        if self.sde_kind == "cps" and self.eta > 1:
+            raise ValueError(f"rollout.eta must be <= 1 with sde_kind 'cps', got {self.eta}")
+        if self.sde_kind == "cps" and self.window_hi >= self.steps:
+            raise ValueError(f"with sde_kind 'cps' the window must end before the last step (its std is 0 "
+                             f"there): window_hi={self.window_hi} must be < steps={self.steps}")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0 (log-probs of greedy decoding are undefined), "
+                             f"got {self.temperature}")
+        if self.max_new_tokens < 0 or self.cfg_scale < 0:
+            raise ValueError("rollout.max_new_tokens and rollout.cfg_scale must be >= 0")
+
+
+@dataclass
+class Trajectories:
+    """R = B·G rollouts; rows of one prompt are adjacent (group g = rows g·G … g·G + G − 1)."""
+
+    prompt_texts: list[str]
+    reasoning: Reasoning  # tokens_BT, logp_BT, mask_BT, prompt_ids (cache dropped after the rollout)
+    window_k0: torch.Tensor  # long [R]: first SDE step of each row (shared within a group)
+    x_RW: torch.Tensor  # fp32 [R, W, C, h, w]: window inputs x_j
+    x_next_RW: torch.Tensor  # fp32 [R, W, C, h, w]: window outputs x'_j
+    noise_RW: torch.Tensor  # fp32 [R, W, C, h, w]: ξ_j
+    logp_RW: torch.Tensor  # fp32 [R, W]: log p_old(x'_j | x_j), mean over D
+    latents: torch.Tensor  # fp32 [R, C, h, w]: final clean latents
+    group_size: int
+    timing: dict  # seconds: "rollout_text", "rollout_image"
+
+    @property
+    def window_steps(self) -> torch.Tensor:
+        """long [R, W]: the step index k of each window step"""
+        W = self.x_RW.shape[1]
+        return self.window_k0[:, None] + torch.arange(W, device=self.window_k0.device)[None, :]
+
+
+def draw_windows(rng: np.random.Generator, groups: int, cfg: RolloutConfig) -> np.ndarray:
+    """k0 per group, uniform over {r0, …, r1 − W}."""
+    return rng.integers(cfg.window_lo, cfg.window_hi - cfg.window_size + 1, size=groups)
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, generator: torch.Generator,
+            window_rng: np.random.Generator) -> Trajectories:
+    """Roll out len(prompt_texts) prompts × G samples. Returns the trajectories (images not yet decoded)."""
+    G, W, N = cfg.group_size, cfg.window_size, cfg.steps
+    texts = [p for p in prompt_texts for _ in range(G)]
+    R = len(texts)
+    t0 = time.perf_counter()
+    reasoning = generate_reasoning(model, tokenizer, texts, temperature=cfg.temperature,
+                                   max_new_tokens=cfg.max_new_tokens or None, generator=generator)
+    cache = reasoning.cache
+    t1 = time.perf_counter()
+    uncond = unconditional_cache(model, tokenizer, R) if cfg.cfg_scale != 1.0 else None
+    mcfg = model.cfg
+    dev, dtype = model.embed.weight.device, model.embed.weight.dtype
+    k0 = torch.from_numpy(draw_windows(window_rng, len(prompt_texts), cfg)).repeat_interleave(G).to(dev)
+    shape = (R, mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size)
+    sigmas = sigma_schedule(N, cfg.shift).to(dev)
+    x = torch.randn(shape, generator=generator, device=dev)
+    store = {name: torch.zeros((R, W) + shape[1:], device=dev) for name in ("x", "x_next", "noise")}
+    logp_RW = torch.zeros(R, W, device=dev)
+    rows = torch.arange(R, device=dev)
+    for k in range(N):
+        sig = torch.full((R,), float(sigmas[k]), device=dev)
+        v = model.image_velocity(cache, x.to(dtype), sig).float()
+        if uncond is not None:
+            vu = model.image_velocity(uncond, x.to(dtype), sig).float()
+            v = vu + cfg.cfg_scale * (v - vu)
+        in_window = (k >= k0) & (k < k0 + W)
+        eta_R = torch.where(in_window, torch.tensor(cfg.eta, dtype=torch.float64, device=dev),
+                            torch.tensor(0.0, dtype=torch.float64, device=dev))
+        co = step_coeffs_batch(sigmas, torch.full((R,), k, device=dev), eta_R, cfg.sde_kind)
+        noise = torch.randn(shape, generator=generator, device=dev)
+        x_next, logp = sde_step(x, v, a_B=co["a"].float(), b_B=co["b"].float(), std_B=co["std"].float(),
+                                noise_BD=noise)
+        x_next = x_next.view(shape)
+        if bool(in_window.any()):
+            r = rows[in_window]
+            j = (k - k0)[in_window]
+            store["x"][r, j] = x[r]
+            store["x_next"][r, j] = x_next[r]
+            store["noise"][r, j] = noise[r]
+            logp_RW[r, j] = logp[r].float()
+        x = x_next
+    reasoning.cache = None  # the KV cache is large; training recomputes everything it needs
+    timing = {"rollout_text": t1 - t0, "rollout_image": time.perf_counter() - t1}
+    return Trajectories(texts, reasoning, k0, store["x"], store["x_next"], store["noise"], logp_RW, x, G, timing)

@@ -1,0 +1,474 @@
+"""The UniGRPO trainer (ALGORITHM.md §5–§9): rollout → reward → group advantages → old/reference recompute →
+K PPO epochs of the unified objective in mini-batches → AdamW with the two expert groups.
+
+One packed training forward per trajectory serves both parts: [prompt + reasoning] (causal) followed by the W
+noisy window latents, each its own block that sees the text and itself (PackedLayout). It yields the
+reasoning-token log-probs (token_logprobs on the text hidden states) and the W velocities at once; the frozen
+reference runs the same packed forward without gradients for v_ref.
+
+Decisions:
+- Old log-probs are recomputed with a no-grad forward of this same code path (`recompute_old`, default on),
+  so rollout-vs-training mismatch never enters a ratio; the largest mismatch seen is logged
+  ("mismatch/text_logp_max", "mismatch/flow_logp_max"). Then ξ = (x' − μ_old)/s with μ_old from the recomputed
+  v_old. With recompute off, v_old = (x' − s·ξ − a·x)/b from the rollout's own noise (exact algebra).
+- L = L_text + λ·L_flow + β·L_mse (§9). flow_grpo_loss carries β·reg itself, so it is called with β/λ and
+  scaled by λ (λ = 0 drops the flow part and its regulariser).
+- Ablations: `train_text = false` (FlowGRPO only: no L_text, text expert frozen); `train_image = false`
+  (TextGRPO only: λ = 0, image expert frozen).
+- Zero-std groups carry no signal (§5) and are dropped before training (`skip_zero_std`).
+- Resumable: a checkpoint holds the policy weights, the optimizer, every RNG state and the step; resuming
+  continues exactly (tests/test_trainer.py checks a bit-identical next step on CPU).
+
+Legend: R trajectories, W window steps, T reasoning tokens, M = R·W image blocks, D latent elements.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from unigrpo.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from unigrpo.config import config_to_dict
+from unigrpo.model import PackedLayout, Segment
+from unigrpo.model.build import load_bundle
+from unigrpo.rewards.advantages import group_advantages, group_has_signal
+from unigrpo.rewards.verifier import REWARD_KINDS, ShapesVerifierReward, score
+from unigrpo.rollout.rollout import RolloutConfig, Trajectories, rollout
+from unigrpo.world import CATEGORIES, make_prompts
+from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, resolve_backend, sigma_schedule, step_coeffs_batch,
+                             text_grpo_loss, token_logprobs)
+
+AGGREGATIONS = ("sequence", "token", "constant")
+REGS = ("mse", "latent_kl", "none")
+
+
+@dataclass
+class LossConfig:
+    eps_lo: float = 0.2
+    """text clip range below 1"""
+    eps_hi: float = 0.2
+    """text clip range above 1"""
+    aggregation: str = "sequence"
+    """text loss normaliser: "sequence", "token" or "constant" (§6)"""
+    kl_coef: float = 0.0
+    """weight of the k3 text KL to the reference (paper: 0)"""
+    flow_clip: float = 1e-6
+    """ε_f: flow ratio clip range"""
+    beta: float = 1.5e-5
+    """β: weight of the velocity regulariser"""
+    reg: str = "mse"
+    """regulariser: "mse" (velocity MSE), "latent_kl" or "none" (§8)"""
+    ratio_norm: bool = True
+    """RatioNorm on the flow ratio (§7)"""
+    grad_reweight: bool = False
+    """w_j = 1/h_j on flow steps (GRPO-Guard)"""
+    flow_weight: float = 1.0
+    """λ: weight of L_flow"""
+    train_text: bool = True
+    """train the text expert with L_text (false = FlowGRPO only)"""
+    train_image: bool = True
+    """train the image expert with L_flow (false = TextGRPO only)"""
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.reg not in REGS:
+            raise ValueError(f"loss.reg {self.reg!r} is not a known regulariser; expected one of {REGS}")
+        for name in ("eps_lo", "eps_hi", "flow_clip", "beta", "kl_coef", "flow_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.train_text or (self.train_image and self.flow_weight > 0)):
+            raise ValueError("nothing would be trained: need loss.train_text, or loss.train_image with "
+                             f"loss.flow_weight > 0 (got train_text={self.train_text}, "
+                             f"train_image={self.train_image}, flow_weight={self.flow_weight})")
+
+
+@dataclass
+class OptimConfig:
+    lr_text: float = 1e-6
+    """AdamW lr of the text expert + embeddings + lm_head"""
+    lr_image: float = 3e-5
+    """AdamW lr of the image expert + in/out projections + time embedding"""
+    beta1: float = 0.9
+    """AdamW β1"""
+    beta2: float = 0.999
+    """AdamW β2"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """global gradient-norm clip"""
+    epochs: int = 2
+    """K: PPO epochs over each batch"""
+    minibatch: int = 16
+    """trajectories per mini-batch"""
+
+    def __post_init__(self):
+        for name in ("lr_text", "lr_image"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
+        if self.epochs < 1 or self.minibatch < 1:
+            raise ValueError(f"optim.epochs and optim.minibatch must be >= 1, got {self.epochs}, {self.minibatch}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    base: str = "runs/tiny/base"
+    """base checkpoint directory: the initial policy and the frozen reference"""
+    out: str = "runs/tiny/unigrpo"
+    """run directory (checkpoint, metrics.jsonl, evals, report.md)"""
+    iterations: int = 60
+    """training iterations (rollout + update)"""
+    prompts_per_iter: int = 8
+    """B: prompts per iteration (each rolled out G times)"""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: str = "ta"
+    """reward: the verifier's "ta" (fraction of checks) or "geneval" (all correct)"""
+    adv_scope: str = "group"
+    """advantage std over the "group" or the whole "batch" (§5)"""
+    skip_zero_std: bool = True
+    """drop groups whose rewards are all equal before training"""
+    recompute_old: bool = True
+    """recompute old log-probs with the training code path"""
+    backend: str = "auto"
+    """kernel backend for the ops: "auto", "torch", "triton", "cuda\""""
+    seed: int = 0
+    """seed of prompts, windows and sampling"""
+    threads: int = 0
+    """torch CPU threads (0 = default)"""
+    checkpoint_every: int = 20
+    """iterations between checkpoints (and one at the end)"""
+    eval_every: int = 0
+    """iterations between held-out evaluations (0 = only before/after in the demo)"""
+    eval_samples: int = 256
+    """held-out samples per evaluation"""
+    eval_steps: int = 50
+    """ODE steps of evaluation sampling"""
+    eval_cfg_scale: float = 1.0
+    """CFG scale of evaluation sampling"""
+    resume: bool = True
+    """continue from <out>/checkpoint when it exists"""
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.prompts_per_iter < 1:
+            raise ValueError(f"iterations must be >= 0 and prompts_per_iter >= 1, got {self.iterations}, "
+                             f"{self.prompts_per_iter}")
+        if self.reward not in REWARD_KINDS:
+            raise ValueError(f"reward {self.reward!r} unknown; expected one of {REWARD_KINDS}")
+        if self.adv_scope not in ("group", "batch"):
+            raise ValueError(f"adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
+        if self.checkpoint_every < 1 or self.eval_every < 0 or self.eval_samples < 1:
+            raise ValueError("checkpoint_every must be >= 1, eval_every >= 0 and eval_samples >= 1")
+
+
+# ---------------------------------------------------------------------------------------------- packing
+@dataclass
+class PackedBatch:
+    layout: PackedLayout
+    ids_BS: torch.Tensor  # long [R, S]
+    text_pos: torch.Tensor  # long [n]: flat index (row·S + position) of the hidden state predicting each token
+    text_tgt: torch.Tensor  # long [n]: the reasoning token predicted there
+    text_slot: torch.Tensor  # long [n]: flat index (row·T + t) into [R, T] reasoning-token tensors
+    latents_M: torch.Tensor  # fp32 [M, C, h, w]: x_j of every (row, window step), row-major
+    sigma_M: torch.Tensor  # fp32 [M]
+
+
+def pack(traj: Trajectories, rows: list[int], sigmas: torch.Tensor, image_tokens: int, pad_id: int) -> PackedBatch:
+    """The packed training batch of the given trajectory rows (§9)."""
+    rs = traj.reasoning
+    W = traj.x_RW.shape[1]
+    T = rs.tokens_BT.shape[1]
+    seqs, segs, pos, tgt, slot = [], [], [], [], []
+    for i, r in enumerate(rows):
+        p_ids = rs.prompt_ids[r]
+        n = int(rs.mask_BT[r].sum())
+        o_ids = rs.tokens_BT[r, :n].tolist()
+        seqs.append(p_ids + o_ids)
+        segs.append([[Segment("text", len(p_ids) + n)] + [Segment("noise", image_tokens)] * W])
+        base = len(p_ids) - 1
+        pos.append(torch.arange(base, base + n))
+        tgt.append(torch.tensor(o_ids, dtype=torch.long))
+        slot.append(torch.arange(n) + i * T)
+    layout = PackedLayout.build(segs)
+    R, S = layout.shape
+    ids = torch.full((R, S), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    text_pos = torch.cat([p + i * S for i, p in enumerate(pos)])
+    idx = torch.tensor(rows)
+    lat = traj.x_RW[idx].flatten(0, 1)
+    sig = sigmas[traj.window_steps[idx].flatten()].float()
+    return PackedBatch(layout, ids, text_pos, torch.cat(tgt), torch.cat(slot), lat, sig)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.backend = resolve_backend(cfg.backend)
+        if not os.path.exists(os.path.join(cfg.base, "model.safetensors")):
+            raise FileNotFoundError(f"base checkpoint {cfg.base!r} not found (expected model.safetensors and "
+                                    "config.json there); run `unigrpo pretrain` or `unigrpo demo` first")
+        torch.manual_seed(cfg.seed)
+        self.bundle = load_bundle(cfg.base)
+        self.policy = self.bundle.model
+        self.policy.train()
+        need_ref = cfg.loss.reg != "none" or cfg.loss.kl_coef > 0
+        self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False) if need_ref else None
+        groups = self.policy.parameter_groups()
+        for p in groups["text"]:
+            p.requires_grad_(cfg.loss.train_text)
+        for p in groups["image"]:
+            p.requires_grad_(cfg.loss.train_image)
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(
+            [{"params": groups["text"], "lr": o.lr_text, "name": "text"},
+             {"params": groups["image"], "lr": o.lr_image, "name": "image"}],
+            betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        self.groups = groups
+        self.reward_fn = ShapesVerifierReward(cfg.reward)
+        self.pool = make_prompts("train", 4096, seed=cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.sigmas = sigma_schedule(cfg.rollout.steps, cfg.rollout.shift)
+        self.step = 0
+        os.makedirs(cfg.out, exist_ok=True)
+        self.ckpt_dir = os.path.join(cfg.out, "checkpoint")
+        if cfg.resume and os.path.exists(os.path.join(self.ckpt_dir, "model.safetensors")):
+            self.load(self.ckpt_dir)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | None = None):
+        state = {"optimizer": self.opt.state_dict(), "rng": get_rng_state(), "gen": self.gen.get_state(),
+                 "np_rng": self.rng.bit_generator.state, "step": self.step}
+        config = self.bundle.checkpoint_config()
+        config["train"] = config_to_dict(self.cfg)
+        save_checkpoint(path or self.ckpt_dir, model_state=self.policy.state_dict(), config=config,
+                        trainer_state=state, meta={"kind": "unigrpo", "step": self.step})
+
+    def load(self, path: str):
+        from unigrpo.checkpoint import load_state_strict
+
+        ck = load_checkpoint(path)
+        if ck.trainer_state is None:
+            raise ValueError(f"checkpoint {path} has no trainer state (trainer.pt); cannot resume from it")
+        load_state_strict(self.policy, ck.model_state)
+        st = ck.trainer_state
+        self.opt.load_state_dict(st["optimizer"])
+        set_rng_state(st["rng"])
+        self.gen.set_state(st["gen"])
+        self.rng.bit_generator.state = st["np_rng"]
+        self.step = int(st["step"])
+
+    # ------------------------------------------------------------------ forward pieces
+    def _forward(self, model, batch: PackedBatch, with_entropy: bool = False):
+        """Packed forward → (text log-probs [n] (+ entropy [n]), velocities [M, C, h, w])."""
+        hidden, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M)
+        h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
+        out = token_logprobs(h_sel, model.lm_head.weight, batch.text_tgt, temperature=self.cfg.rollout.temperature,
+                             return_entropy=with_entropy)
+        return out, v
+
+    def _scatter(self, values_n, batch: PackedBatch, R: int, T: int):
+        out = torch.zeros(R * T, dtype=values_n.dtype)
+        out[batch.text_slot] = values_n
+        return out.view(R, T)
+
+    # ------------------------------------------------------------------ one iteration
+    def iteration(self) -> dict:
+        cfg, rc = self.cfg, self.cfg.rollout
+        t_start = time.perf_counter()
+        step_rng = np.random.default_rng([cfg.seed, self.step])  # prompts and windows: f(seed, step) only (§4)
+        picks = step_rng.integers(0, len(self.pool), cfg.prompts_per_iter)
+        prompts = [self.pool[i] for i in picks]
+        self.policy.eval()
+        traj = rollout(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc, generator=self.gen,
+                       window_rng=step_rng)
+        self.policy.train()
+        t_reward = time.perf_counter()
+        images = self.bundle.codec.decode(traj.latents)
+        group_prompts = [p for p in prompts for _ in range(rc.group_size)]
+        rewards = score(self.reward_fn, images, group_prompts)
+        adv = group_advantages(rewards, rc.group_size, scope=cfg.adv_scope).float()
+        keep = group_has_signal(rewards, rc.group_size) if cfg.skip_zero_std else torch.ones_like(rewards, dtype=torch.bool)
+        rows = torch.nonzero(keep).flatten().tolist()
+        t_train = time.perf_counter()
+        metrics = {"step": self.step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                   "reward/groups_with_signal": len(rows) / rc.group_size / cfg.prompts_per_iter,
+                   "reasoning/length": traj.reasoning.mask_BT.sum(1).float().mean().item()}
+        for c in CATEGORIES:
+            sel = [i for i, p in enumerate(group_prompts) if p.category == c]
+            if sel:
+                metrics[f"reward/{c}"] = rewards[sel].mean().item()
+        if rows:
+            metrics.update(self._update(traj, rows, adv))
+        self.step += 1
+        t_end = time.perf_counter()
+        n = len(group_prompts)
+        metrics.update({"time/rollout_text": traj.timing["rollout_text"],
+                        "time/rollout_image": traj.timing["rollout_image"],
+                        "time/reward": t_train - t_reward, "time/train": t_end - t_train,
+                        "time/iteration": t_end - t_start, "samples_per_s": n / (t_end - t_start)})
+        return metrics
+
+    def _update(self, traj: Trajectories, rows: list[int], adv_R: torch.Tensor) -> dict:
+        cfg, lc, oc, rc = self.cfg, self.cfg.loss, self.cfg.optim, self.cfg.rollout
+        R, T = traj.reasoning.tokens_BT.shape
+        W = traj.x_RW.shape[1]
+        tok = self.bundle.tokenizer
+        n_img = self.policy.cfg.image_tokens
+        co = step_coeffs_batch(self.sigmas, traj.window_steps.flatten(), rc.eta, rc.sde_kind)
+        a_RW, b_RW, s_RW, h_RW = (co[k].float().view(R, W) for k in ("a", "b", "std", "h"))
+        mask_RT = traj.reasoning.mask_BT
+        D = traj.x_RW[0, 0].numel()
+        # old (and reference) quantities with the training code path, no grad
+        old_logp = traj.reasoning.logp_BT.clone()
+        v_old = torch.zeros_like(traj.x_RW)
+        ref_logp = torch.zeros(R, T) if lc.kl_coef > 0 else None
+        entropy = torch.zeros(R, T)
+        v_ref_t = torch.zeros_like(traj.x_RW)
+        mism_text, mism_flow = 0.0, 0.0
+        with torch.no_grad():
+            for mb in _chunks(rows, oc.minibatch):
+                batch = pack(traj, mb, self.sigmas, n_img, tok.pad_id)
+                idx = torch.tensor(mb)
+                if cfg.recompute_old:
+                    (lp, ent), v = self._forward(self.policy, batch, with_entropy=True)
+                    lp_RT = self._scatter(lp, batch, len(mb), T)
+                    mism_text = max(mism_text, (lp_RT - traj.reasoning.logp_BT[idx]).abs()[mask_RT[idx]].max().item()
+                                    if mask_RT[idx].any() else 0.0)
+                    old_logp[idx] = lp_RT
+                    entropy[idx] = self._scatter(ent, batch, len(mb), T)
+                    v_old[idx] = v.float().view(len(mb), W, *v.shape[1:])
+                if self.ref is not None:
+                    (lp_ref, _), v_r = self._forward(self.ref, batch, with_entropy=True)
+                    v_ref_t[idx] = v_r.float().view(len(mb), W, *v_r.shape[1:])
+                    if ref_logp is not None:
+                        ref_logp[idx] = self._scatter(lp_ref, batch, len(mb), T)
+            if not cfg.recompute_old:  # v_old from the rollout's own step: μ_old = x' − s·ξ = a·x + b·v_old
+                bc = lambda t: t.view(R, W, *([1] * (traj.x_RW.dim() - 2)))  # noqa: E731
+                v_old = (traj.x_next_RW - bc(s_RW) * traj.noise_RW - bc(a_RW) * traj.x_RW) / bc(b_RW)
+            bc = lambda t: t.view(R, W, *([1] * (traj.x_RW.dim() - 2)))  # noqa: E731
+            mu_old = bc(a_RW) * traj.x_RW + bc(b_RW) * v_old
+            xi = (traj.x_next_RW - mu_old) / bc(s_RW)
+            if cfg.recompute_old:
+                lp_flow = gaussian_logprob(traj.x_next_RW.flatten(0, 1), mu_old.flatten(0, 1), s_RW.flatten())
+                sel = torch.tensor(rows)
+                mism_flow = (lp_flow.view(R, W) - traj.logp_RW)[sel].abs().max().item()
+        v_ref_all = v_ref_t if self.ref is not None else v_old
+        # K PPO epochs over mini-batches
+        lam = lc.flow_weight if lc.train_image else 0.0
+        # "constant" divides by G·L_max with L_max the configured reasoning cap, not this batch's longest
+        max_len = (rc.max_new_tokens or self.policy.cfg.max_text_len) if lc.aggregation == "constant" else None
+        sums: dict[str, float] = {}
+        count = 0
+        gnorms = {"text": 0.0, "image": 0.0}
+        for _ in range(oc.epochs):
+            order = [rows[i] for i in self.rng.permutation(len(rows))]
+            for mb in _chunks(order, oc.minibatch):
+                batch = pack(traj, mb, self.sigmas, n_img, tok.pad_id)
+                idx = torch.tensor(mb)
+                lp, v = self._forward(self.policy, batch)
+                lp_RT = self._scatter(lp, batch, len(mb), T)
+                loss = torch.zeros(())
+                m: dict[str, torch.Tensor] = {}
+                if lc.train_text:
+                    l_text, mt = text_grpo_loss(logp_BL=lp_RT, old_logp_BL=old_logp[idx], adv_B=adv_R[idx],
+                                                mask_BL=mask_RT[idx], eps_lo=lc.eps_lo, eps_hi=lc.eps_hi,
+                                                aggregation=lc.aggregation,
+                                                ref_logp_BL=None if ref_logp is None else ref_logp[idx],
+                                                kl_coef=lc.kl_coef, max_len=max_len)
+                    loss = loss + l_text
+                    m.update(mt)
+                    with torch.no_grad():
+                        d = (old_logp[idx] - lp_RT)[mask_RT[idx]]
+                        m["text/approx_kl"] = (torch.exp(d) - d - 1).mean() if d.numel() else torch.zeros(())
+                if lam > 0:
+                    l_flow, mf = flow_grpo_loss(
+                        v_BD=v.float().view(len(mb) * W, D), xi_BD=xi[idx].view(-1, D),
+                        v_old_BD=v_old[idx].view(-1, D), v_ref_BD=v_ref_all[idx].view(-1, D),
+                        adv_B=adv_R[idx].repeat_interleave(W), b_B=b_RW[idx].flatten(), std_B=s_RW[idx].flatten(),
+                        h_B=h_RW[idx].flatten(), clip_eps=lc.flow_clip, beta=lc.beta / lam, reg=lc.reg,
+                        ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight)
+                    loss = loss + lam * l_flow
+                    m.update(mf)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for name, params in self.groups.items():
+                    g = [p.grad for p in params if p.grad is not None]
+                    gnorms[name] = max(gnorms[name], torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(x) for x in g])).item() if g else 0.0)
+                total_norm = torch.nn.utils.clip_grad_norm_([p for ps in self.groups.values() for p in ps],
+                                                            oc.grad_clip)
+                if torch.isfinite(total_norm):
+                    self.opt.step()
+                else:
+                    sums["skipped_steps"] = sums.get("skipped_steps", 0.0) + 1
+                m["loss"] = loss.detach()
+                for k, val in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(val)
+                count += 1
+        out = {k: val / count for k, val in sums.items() if k != "skipped_steps"}
+        out["skipped_steps"] = sums.get("skipped_steps", 0.0)
+        out["grad_norm/text"], out["grad_norm/image"] = gnorms["text"], gnorms["image"]
+        out["mismatch/text_logp_max"], out["mismatch/flow_logp_max"] = mism_text, mism_flow
+        sel = torch.tensor(rows)
+        out["text/entropy"] = (entropy[sel][mask_RT[sel]].mean().item() if cfg.recompute_old and mask_RT[sel].any()
+                               else float("nan"))
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, on_eval=None) -> list[dict]:
+        cfg = self.cfg
+        log_path = os.path.join(cfg.out, "metrics.jsonl")
+        history = []
+        writer = _tensorboard(cfg.out)
+        bar = tqdm(total=cfg.iterations, initial=self.step, desc="unigrpo", disable=not self.progress)
+        with open(log_path, "a") as log:
+            while self.step < cfg.iterations:
+                m = self.iteration()
+                if not all(math.isfinite(v) for k, v in m.items() if isinstance(v, float) and k != "text/entropy"):
+                    bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
+                    raise FloatingPointError(f"non-finite metrics at step {m['step']}: {bad}")
+                history.append(m)
+                log.write(json.dumps(m) + "\n")
+                log.flush()
+                if writer is not None:
+                    for k, v in m.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, m["step"])
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward/mean']:.3f}", s_per_it=f"{m['time/iteration']:.1f}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.iterations:
+                    self.save()
+                if on_eval is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    on_eval(self)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return history
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(os.path.join(out, "tb"))
