@@ -19,6 +19,7 @@ import time
 from unigrpo.config import config_to_dict, load_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
 
 
 def resolve_config_path(name: str | None) -> str | None:
@@ -88,19 +89,27 @@ def cmd_sample(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job: pre-train the tiny base if there is none, then UniGRPO on it; prints held-out scores
-    before and after with 95% intervals. Overrides apply to the training config (configs/tiny.yaml)."""
+    """The main job: UniGRPO on the tiny preset from a base checkpoint, held-out scores before and after with
+    95% intervals. The base: <base> if it exists, else the one shipped in unigrpo/assets/tiny_base (made by
+    `unigrpo pretrain --config tiny_pretrain`, recorded in its config.json), else pre-trained now.
+    Overrides apply to the training config (configs/tiny.yaml)."""
+    import shutil
+
     from unigrpo.pretrain import PretrainConfig, run_pretrain
     from unigrpo.train import run
     from unigrpo.trainer import TrainConfig
 
     cfg = load_config(TrainConfig, resolve_config_path("tiny"), args.overrides)
     pcfg = load_config(PretrainConfig, resolve_config_path("tiny_pretrain"), [f"out={cfg.base}", "eval_samples=0"])
-    if not os.path.exists(os.path.join(cfg.base, "model.safetensors")):
-        print(f"no base checkpoint at {cfg.base}: pre-training one ({pcfg.steps} steps)")
-        run_pretrain(pcfg)
-    else:
+    if os.path.exists(os.path.join(cfg.base, "model.safetensors")) and not args.pretrain:
         print(f"using the base checkpoint at {cfg.base}")
+    elif os.path.exists(os.path.join(SHIPPED_BASE, "model.safetensors")) and not args.pretrain:
+        print(f"copying the shipped base checkpoint ({SHIPPED_BASE}) to {cfg.base}")
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.base)), exist_ok=True)
+        shutil.copytree(SHIPPED_BASE, cfg.base, dirs_exist_ok=True)
+    else:
+        print(f"pre-training a base checkpoint at {cfg.base} ({pcfg.steps} steps)")
+        run_pretrain(pcfg)
     run(cfg)
     return 0
 
@@ -121,6 +130,9 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0].replace("%", "%%"))
         if name != "demo":
             p.add_argument("--config", default=None, help="YAML file or bundled config name")
+        else:
+            p.add_argument("--pretrain", action="store_true",
+                           help="pre-train the base now even when one exists or is shipped")
         p.add_argument("overrides", nargs="*", help="key=value overrides")
         p.set_defaults(fn=fn)
     p = sub.add_parser("sample", help="prompt → reasoning + PNG")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from unigrpo.rollout.generate import sample
 from unigrpo.viz import save_image_grid
-from unigrpo.world import CATEGORIES, make_prompts, verify
+from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify
 from unigrpo.world.render import to_uint8
 
 
@@ -100,6 +100,8 @@ def format_table(summary: dict, title: str = "") -> str:
     for name, s in summary.items():
         rows.append(f"{name:<14} {s['n']:>4}  {s['ta']:.3f} [{s['ta_ci'][0]:.3f}, {s['ta_ci'][1]:.3f}]"
                     f"  {s['geneval']:.3f} [{s['geneval_ci'][0]:.3f}, {s['geneval_ci'][1]:.3f}]")
+    if "plan_valid" in summary.get("overall", {}):
+        rows.append(f"reasoning that parses as a layout plan: {summary['overall']['plan_valid']:.1%}")
     return "\n".join(rows)
 
 
@@ -125,8 +127,10 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     model.train(was_training)
     cats = [p.category for p in prompts]
     ta_a, ge_a = np.concatenate(ta), np.concatenate(ge)
-    return EvalResult(cats, ta_a, ge_a, [p.text for p in prompts], texts, np.concatenate(imgs),
-                      summarize(cats, ta_a, ge_a))
+    summary = summarize(cats, ta_a, ge_a)
+    # a reward-hacking indicator: reasoning that no longer parses as a layout plan
+    summary["overall"]["plan_valid"] = float(np.mean([parse_plan(t) is not None for t in texts]))
+    return EvalResult(cats, ta_a, ge_a, [p.text for p in prompts], texts, np.concatenate(imgs), summary)
 
 
 def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:
