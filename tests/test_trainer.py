@@ -11,7 +11,7 @@ from unigrpo.config import load_config
 from unigrpo.model import preset
 from unigrpo.model.build import build_bundle
 from unigrpo.rollout.rollout import RolloutConfig, rollout
-from unigrpo.trainer import LossConfig, OptimConfig, TrainConfig, Trainer
+from unigrpo.trainer import OptimConfig, TrainConfig, Trainer
 from unigrpo_kernels import gaussian_logprob, sigma_schedule, step_coeffs
 
 
@@ -112,3 +112,13 @@ def test_bad_config_values_stop_before_work(override, pattern):
 def test_missing_base_checkpoint_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         Trainer(small_cfg(tmp_path, base=str(tmp_path / "nowhere")), progress=False)
+
+
+def test_without_recompute_old_the_rollout_noise_gives_v_old(tmp_path):
+    """recompute_old=false: v_old = (x' − s·ξ − a·x)/b from the rollout; on-policy the flow log-ratio is then
+    only the cached-vs-packed float32 mismatch (far below the 1e-6 clip's scale of meaningful updates)."""
+    tiny_base(tmp_path / "base")
+    cfg = small_cfg(tmp_path, iterations=1, recompute_old=False, optim=OptimConfig(epochs=1, minibatch=64))
+    m = Trainer(cfg, progress=False).iteration()
+    assert m["text/ratio_max"] < 1 + 1e-4 and m["text/ratio_min"] > 1 - 1e-4
+    assert 0 <= m["flow/log_ratio_abs_max"] < 1e-5

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from unigrpo.config import config_to_dict, load_config
+from unigrpo.config import load_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")

@@ -357,10 +357,9 @@ class Trainer:
                     v_ref_t[idx] = v_r.float().view(len(mb), W, *v_r.shape[1:])
                     if ref_logp is not None:
                         ref_logp[idx] = self._scatter(lp_ref, batch, len(mb), T)
+            bc = lambda t: t.view(R, W, *([1] * (traj.x_RW.dim() - 2)))  # noqa: E731  [R, W] → broadcast
             if not cfg.recompute_old:  # v_old from the rollout's own step: μ_old = x' − s·ξ = a·x + b·v_old
-                bc = lambda t: t.view(R, W, *([1] * (traj.x_RW.dim() - 2)))  # noqa: E731
                 v_old = (traj.x_next_RW - bc(s_RW) * traj.noise_RW - bc(a_RW) * traj.x_RW) / bc(b_RW)
-            bc = lambda t: t.view(R, W, *([1] * (traj.x_RW.dim() - 2)))  # noqa: E731
             mu_old = bc(a_RW) * traj.x_RW + bc(b_RW) * v_old
             xi = (traj.x_next_RW - mu_old) / bc(s_RW)
             if cfg.recompute_old:
