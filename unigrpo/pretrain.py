@@ -29,6 +29,7 @@ from unigrpo.config import config_to_dict
 from unigrpo.model import PackedLayout, Segment, preset
 from unigrpo.model.build import build_bundle
 from unigrpo.world import make_prompts, pretrain_example
+from unigrpo.world.render import to_float
 
 
 @dataclass
@@ -112,7 +113,7 @@ def make_batch(bundle, prompts, rng: np.random.Generator, cfg: PretrainConfig, g
     for i, (s, t) in enumerate(zip(ids, tgts)):
         ids_BS[i, :len(s)] = torch.tensor(s)
         tgt_BS[i, :len(t)] = torch.tensor(t)
-    x0 = bundle.codec.encode(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    x0 = bundle.codec.encode(to_float(np.stack(images)))
     x0 = x0.repeat_interleave(cfg.blocks_per_sample, dim=0)  # block order: row-major, blocks of a row adjacent
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))
     eps = torch.randn(x0.shape, generator=gen)
