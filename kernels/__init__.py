@@ -1,13 +1,16 @@
 """unigrpo_kernels: the ops of UniGRPO (ALGORITHM.md) — sde_step, flow_grpo_loss, token_logprobs,
-text_grpo_loss — with a PyTorch reference backend (kernels/reference) and, later, Triton and CUDA backends.
+text_grpo_loss — each with a `backend` argument: "torch" (the reference math in kernels/reference, the spec in
+code), "triton" (kernels/triton), "cuda" (kernels/cuda, flow ops) or "auto" (the fastest available; logged).
 
 Installed under the namespaced import name `unigrpo_kernels` (never a bare `kernels`, which transformers
-would take for the Hugging Face kernels-hub package). The names re-exported here are the reference ops;
-`resolve_backend` (dispatch.py) is the one place a backend is chosen.
+would take for the Hugging Face kernels-hub package). The dispatching ops are re-exported here; the
+reference functions stay importable from `unigrpo_kernels.reference`; `resolve_backend` (dispatch.py) is the
+one place a backend is chosen.
 """
 from .dispatch import available_backends, resolve_backend
-from .reference import (StepCoeffs, flow_grpo_loss, flow_log_ratio, gaussian_logprob, ode_step, sde_step,
-                        sigma_schedule, step_coeffs, step_coeffs_batch, text_grpo_loss, token_logprobs)
+from .flow import flow_grpo_loss, sde_step
+from .reference import (StepCoeffs, flow_log_ratio, gaussian_logprob, ode_step, sigma_schedule, step_coeffs,
+                        step_coeffs_batch, text_grpo_loss, token_logprobs)
 
 __all__ = [
     "sigma_schedule", "StepCoeffs", "step_coeffs", "step_coeffs_batch", "sde_step", "ode_step",

@@ -1,58 +1,105 @@
 """Backend selection for the unigrpo_kernels ops: one explicit function, decided by the caller, logged once.
 
-Backends: "torch" (the reference math in kernels/reference, any device) is available now; "triton" and
-"cuda" are known names whose availability probes are added with their kernels (register them in
-`_PROBES`). "auto" picks the first available backend in `_AUTO_ORDER` (fastest first), so today it
-resolves to "torch". No import-time magic: callers pass the name (from their config or an environment
-variable they read) and get a plain string back; tests force each backend by name.
+Backends: "torch" (the reference math in kernels/reference, any device), "triton" (kernels/triton: CUDA
+devices, or CPU tensors when TRITON_INTERPRET=1 is set — the interpreter, for tests only) and "cuda"
+(kernels/cuda, a ctypes-loaded library built by CMake: CUDA devices only). Each op declares the backends it
+implements (`OP_BACKENDS`); "auto" picks the first available of them in `_AUTO_ORDER` (fastest first), and
+never picks the Triton interpreter (so on CPU "auto" is always "torch"). An explicit name that the op lacks,
+or that is unavailable on the device, is an error naming both. No import-time magic: callers pass the name
+(from their config) and get a plain string back; tests force each backend by name.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from typing import Callable
 
 import torch
 
-__all__ = ["resolve_backend", "available_backends", "KNOWN_BACKENDS"]
+__all__ = ["resolve_backend", "available_backends", "KNOWN_BACKENDS", "OP_BACKENDS", "triton_interpreted"]
 
 logger = logging.getLogger(__name__)
 
 KNOWN_BACKENDS = ("torch", "triton", "cuda")
 _AUTO_ORDER = ("cuda", "triton", "torch")
-# name -> probe(device) -> bool. Only backends whose code exists are registered.
-_PROBES: dict[str, Callable[[torch.device | None], bool]] = {"torch": lambda device: True}
-_logged: set[tuple[str, str, str]] = set()
+# op name -> the backends that implement it
+OP_BACKENDS: dict[str, tuple[str, ...]] = {
+    "sde_step": ("torch", "triton", "cuda"),
+    "flow_grpo_loss": ("torch", "triton", "cuda"),
+    "token_logprobs": ("torch", "triton"),
+    "text_grpo_loss": ("torch", "triton"),
+}
+_logged: set[tuple] = set()
 
 
 def _as_device(device) -> torch.device | None:
     return None if device is None else torch.device(device)
 
 
-def available_backends(device=None) -> list[str]:
-    """The backends usable on `device` (None = no device constraint), in auto-preference order."""
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_ok(dev: torch.device | None) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if dev is None:
+        return torch.cuda.is_available() or triton_interpreted()
+    if dev.type == "cuda":
+        return not triton_interpreted()
+    return dev.type == "cpu" and triton_interpreted()
+
+
+def _cuda_ok(dev: torch.device | None) -> bool:
+    if not torch.cuda.is_available() or (dev is not None and dev.type != "cuda"):
+        return False
+    from .cuda_lib import cuda_library_available
+
+    return cuda_library_available()
+
+
+# name -> probe(device) -> bool
+_PROBES: dict[str, Callable[[torch.device | None], bool]] = {
+    "torch": lambda dev: True, "triton": _triton_ok, "cuda": _cuda_ok}
+
+
+def available_backends(device=None, op: str | None = None) -> list[str]:
+    """The backends usable on `device` (None = no device constraint) for `op` (None = any op), in
+    auto-preference order."""
     dev = _as_device(device)
-    return [name for name in _AUTO_ORDER if name in _PROBES and _PROBES[name](dev)]
+    implemented = OP_BACKENDS[op] if op is not None else KNOWN_BACKENDS
+    return [name for name in _AUTO_ORDER if name in implemented and _PROBES[name](dev)]
 
 
-def resolve_backend(name: str = "auto", device=None) -> str:
-    """Resolve a backend request ("auto" | "torch" | "triton" | "cuda") for `device` to a concrete
-    available backend name. Raises ValueError for an unknown name or an unavailable backend."""
+def resolve_backend(name: str = "auto", device=None, op: str | None = None) -> str:
+    """Resolve a backend request ("auto" | "torch" | "triton" | "cuda") for `op` on `device` to a concrete
+    available backend name. Raises ValueError for an unknown name, a backend the op does not implement, or
+    one unavailable on the device."""
     if not isinstance(name, str):
         raise ValueError(f"backend name must be a string, got {name!r}")
+    if op is not None and op not in OP_BACKENDS:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OP_BACKENDS)}")
     req = name.strip().lower()
     if req != "auto" and req not in KNOWN_BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; expected 'auto' or one of {', '.join(KNOWN_BACKENDS)}")
+    if op is not None and req != "auto" and req not in OP_BACKENDS[op]:
+        raise ValueError(f"op {op} has no {req!r} backend; it has {', '.join(OP_BACKENDS[op])}")
     dev = _as_device(device)
-    avail = available_backends(dev)
+    avail = available_backends(dev, op)
     if req == "auto":
-        chosen = avail[0]
+        native = [b for b in avail if not (b == "triton" and (dev is None or dev.type != "cuda"))]
+        chosen = native[0] if native else "torch"
     elif req in avail:
         chosen = req
     else:
-        raise ValueError(f"kernel backend {req!r} is not available on device {dev}; "
-                         f"available: {', '.join(avail)}")
-    key = (req, str(dev), chosen)
+        hint = (" (Triton runs on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 before importing "
+                "triton)" if req == "triton" and (dev is None or dev.type == "cpu") else "")
+        raise ValueError(f"kernel backend {req!r} is not available on device {dev}"
+                         f"{' for ' + op if op else ''}; available: {', '.join(avail)}{hint}")
+    key = (req, str(dev), op, chosen)
     if key not in _logged:
         _logged.add(key)
-        logger.info("unigrpo_kernels: backend %r on device %s -> %s", req, dev, chosen)
+        logger.info("unigrpo_kernels: %s backend %r on device %s -> %s", op or "ops", req, dev, chosen)
     return chosen

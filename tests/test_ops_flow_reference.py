@@ -432,7 +432,18 @@ def test_resolve_backend(caplog, monkeypatch):
         assert K.resolve_backend("torch") == "torch"
         assert K.resolve_backend("auto", "cpu") == "torch"
     assert sum("'auto'" in r.getMessage() and "-> torch" in r.getMessage() for r in caplog.records) == 1
-    with pytest.raises(ValueError, match=r"'triton'.*available: torch"):
-        K.resolve_backend("triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"'cuda' is not available on device cpu"):
+            K.resolve_backend("cuda", "cpu", op="sde_step")
+        # the interpreter is usable when asked for by name, never picked by "auto"
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match=r"'triton'.*available: torch.*TRITON_INTERPRET=1"):
+            K.resolve_backend("triton", "cpu")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert K.resolve_backend("auto", "cpu", op="flow_grpo_loss") == "torch"
+    with pytest.raises(ValueError, match="op token_logprobs has no 'cuda' backend; it has torch, triton"):
+        K.resolve_backend("cuda", op="token_logprobs")
+    with pytest.raises(ValueError, match="unknown op 'flow'"):
+        K.resolve_backend("auto", op="flow")
     with pytest.raises(ValueError, match="'jax'"):
         K.resolve_backend("jax")

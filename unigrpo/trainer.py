@@ -44,6 +44,7 @@ from unigrpo.rollout.rollout import RolloutConfig, Trajectories, rollout
 from unigrpo.world import CATEGORIES, make_prompts
 from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, resolve_backend, sigma_schedule, step_coeffs_batch,
                              text_grpo_loss, token_logprobs)
+from unigrpo_kernels.dispatch import OP_BACKENDS
 
 AGGREGATIONS = ("sequence", "token", "constant")
 REGS = ("mse", "latent_kl", "none")
@@ -140,8 +141,10 @@ class TrainConfig:
     """drop groups whose rewards are all equal before training"""
     recompute_old: bool = True
     """recompute old log-probs with the training code path"""
-    backend: str = "auto"
-    """kernel backend for the ops: "auto", "torch", "triton", "cuda\""""
+    flow_backend: str = "auto"
+    """kernel backend of sde_step and flow_grpo_loss: "auto", "torch", "triton" or "cuda\""""
+    text_backend: str = "auto"
+    """kernel backend of token_logprobs and text_grpo_loss: "auto", "torch" or "triton\""""
     seed: int = 0
     """seed of prompts, windows and sampling"""
     threads: int = 0
@@ -167,6 +170,10 @@ class TrainConfig:
             raise ValueError(f"reward {self.reward!r} unknown; expected one of {REWARD_KINDS}")
         if self.adv_scope not in ("group", "batch"):
             raise ValueError(f"adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
+        for name, op in (("flow_backend", "flow_grpo_loss"), ("text_backend", "token_logprobs")):
+            allowed = ("auto",) + OP_BACKENDS[op]
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not a backend of {op}; expected one of {allowed}")
         if self.checkpoint_every < 1 or self.eval_every < 0 or self.eval_samples < 1:
             raise ValueError("checkpoint_every must be >= 1, eval_every >= 0 and eval_samples >= 1")
 
@@ -217,13 +224,15 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.backend = resolve_backend(cfg.backend)
         if not os.path.exists(os.path.join(cfg.base, "model.safetensors")):
             raise FileNotFoundError(f"base checkpoint {cfg.base!r} not found (expected model.safetensors and "
                                     "config.json there); run `unigrpo pretrain` or `unigrpo demo` first")
         torch.manual_seed(cfg.seed)
         self.bundle = load_bundle(cfg.base)
         self.policy = self.bundle.model
+        dev = self.policy.embed.weight.device
+        self.flow_backend = resolve_backend(cfg.flow_backend, dev, op="flow_grpo_loss")
+        self.text_backend = resolve_backend(cfg.text_backend, dev, op="token_logprobs")
         self.policy.train()
         need_ref = cfg.loss.reg != "none" or cfg.loss.kl_coef > 0
         self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False) if need_ref else None
@@ -295,7 +304,7 @@ class Trainer:
         prompts = [self.pool[i] for i in picks]
         self.policy.eval()
         traj = rollout(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc, generator=self.gen,
-                       window_rng=step_rng)
+                       window_rng=step_rng, backend=self.flow_backend)
         self.policy.train()
         t_reward = time.perf_counter()
         images = self.bundle.codec.decode(traj.latents)
@@ -400,7 +409,7 @@ class Trainer:
                         v_old_BD=v_old[idx].view(-1, D), v_ref_BD=v_ref_all[idx].view(-1, D),
                         adv_B=adv_R[idx].repeat_interleave(W), b_B=b_RW[idx].flatten(), std_B=s_RW[idx].flatten(),
                         h_B=h_RW[idx].flatten(), clip_eps=lc.flow_clip, beta=lc.beta / lam, reg=lc.reg,
-                        ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight)
+                        ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight, backend=self.flow_backend)
                     loss = loss + lam * l_flow
                     m.update(mf)
                 self.opt.zero_grad(set_to_none=True)

@@ -26,6 +26,9 @@ Decisions:
   (rather than raising, which would need a host sync in the rollout loop).
 - Log-probs are the MEAN over D of the per-element Gaussian log-density (Flow-GRPO's choice, §3).
 - Loss rows are (trajectory, window step) pairs, so the 1/(G·W) of §7/§8 is the mean over rows.
+- The loss splits into the only per-element work, `flow_row_sums` ([B, D] streams → [B, 3] sums), and per-row
+  scalar math, `flow_loss_from_sums`. Fused backends replace the first and reuse the second, so the formulas
+  of §7/§8 live here once and the kernels are tested on exactly the part they compute.
   Δμ = b·(v − v_old) (§7: μ_θ and μ_old share x). log r̂ = mean_D(ξ·Δμ) (RatioNorm); the plain ratio is
   log r = log r̂ / s − bias with bias = mean_D(Δμ²)/(2s²), which follows from §3 with x' = μ_old + s·ξ:
   −(sξ − Δμ)²/(2s²) + ξ²/2 = ξ·Δμ/s − Δμ²/(2s²).
@@ -45,7 +48,8 @@ from .common import check_choice, clip_active, clipped_surrogate, compute_dtype,
 
 __all__ = [
     "sigma_schedule", "StepCoeffs", "step_coeffs", "step_coeffs_batch", "step_mean", "sde_step", "ode_step",
-    "gaussian_logprob", "flow_log_ratio", "velocity_mse", "flow_grpo_loss",
+    "gaussian_logprob", "logprob_from_sq_mean", "flow_log_ratio", "velocity_mse", "flow_grpo_loss", "ROW_SUMS",
+    "flow_row_sums", "flow_loss_from_sums", "check_flow_loss_args", "check_sde_step_args",
 ]
 
 _KINDS = ("sde", "cps")
@@ -178,8 +182,13 @@ def gaussian_logprob(x_next: Tensor, mean: Tensor, std) -> Tensor:
     xn_BD = x_next.reshape(B, -1).to(dt)
     mu_BD = mean.reshape(B, -1).to(dt)
     std_B = per_row(std, B, "std", dt, x_next.device)
-    sq_B = ((xn_BD - mu_BD) ** 2).mean(dim=1)
-    logp_B = -sq_B / (2.0 * std_B * std_B) - torch.log(std_B) - _HALF_LOG_2PI
+    return logprob_from_sq_mean(((xn_BD - mu_BD) ** 2).mean(dim=1), std_B)
+
+
+def logprob_from_sq_mean(sq_mean_B: Tensor, std_B: Tensor) -> Tensor:
+    """mean_D Gaussian log-density from mean_D (x' − μ)² (§3): −sq/(2s²) − log s − ½·log 2π. [B] → [B];
+    NaN where std == 0 (the log-prob of an ODE row is undefined)."""
+    logp_B = -sq_mean_B / (2.0 * std_B * std_B) - torch.log(std_B) - _HALF_LOG_2PI
     return torch.where(std_B > 0, logp_B, torch.full_like(logp_B, float("nan")))
 
 
@@ -190,9 +199,7 @@ def sde_step(x_BD: Tensor, v_BD: Tensor, *, a_B, b_B, std_B, noise_BD: Tensor, r
     or [B]. Returns (x_next [B, ...], logp_B [B]) or, with return_mean, (x_next, logp_B, mean [B, ...]), in
     float32 (float64 if any input is float64). logp_B is NaN on rows with std == 0.
     """
-    if not isinstance(x_BD, Tensor) or x_BD.dim() < 1:
-        raise ValueError("x_BD must be a tensor [B, ...]")
-    _same_shape("x_BD", x_BD, v_BD=v_BD, noise_BD=noise_BD)
+    check_sde_step_args(x_BD, v_BD, noise_BD)
     B = x_BD.shape[0]
     dt = compute_dtype(x_BD, v_BD, noise_BD, a_B, b_B, std_B)
     dev = x_BD.device
@@ -211,6 +218,13 @@ def sde_step(x_BD: Tensor, v_BD: Tensor, *, a_B, b_B, std_B, noise_BD: Tensor, r
     return x_next, logp_B
 
 
+def check_sde_step_args(x_BD: Tensor, v_BD: Tensor, noise_BD: Tensor) -> None:
+    """The shape checks of sde_step, shared by every backend."""
+    if not isinstance(x_BD, Tensor) or x_BD.dim() < 1:
+        raise ValueError("x_BD must be a tensor [B, ...]")
+    _same_shape("x_BD", x_BD, v_BD=v_BD, noise_BD=noise_BD)
+
+
 def ode_step(x: Tensor, v: Tensor, h) -> Tensor:
     """Euler step x − h·v (§2). x, v: [B, ...] of one shape; h: number or [B]. float32 (float64) result."""
     if not isinstance(x, Tensor) or x.dim() < 1:
@@ -225,29 +239,28 @@ def ode_step(x: Tensor, v: Tensor, h) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ flow loss
 
-def _log_ratio_hat(xi_BD: Tensor, dmu_BD: Tensor) -> Tensor:
-    """RatioNorm log r̂ = mean_D(ξ·Δμ) (§7). Returns [B]."""
-    return (xi_BD * dmu_BD).mean(dim=1)
+ROW_SUMS = ("xi_dv_old", "dv_old_sq", "dv_ref_sq")
+"""Columns of the per-row sums of the flow loss, [B, 3]: Σ_d ξ·(v − v_old), Σ_d (v − v_old)², Σ_d (v − v_ref)²."""
 
 
-def _drift_bias(dmu_BD: Tensor, std_B: Tensor) -> Tensor:
-    """bias = mean_D(Δμ²)/(2s²) (§7, per sample). Returns [B]."""
-    return (dmu_BD * dmu_BD).mean(dim=1) / (2.0 * std_B * std_B)
+def flow_row_sums(v: Tensor, xi: Tensor, v_old: Tensor, v_ref: Tensor) -> Tensor:
+    """The only per-element work of the flow loss (§7, §8): [B, D] tensors in one dtype → sums [B, 3] with the
+    columns of ROW_SUMS. Fused backends replace exactly this function (one read of each stream); everything
+    after it is per-row scalar math (`flow_loss_from_sums`)."""
+    d_old = v - v_old
+    d_ref = v - v_ref
+    return torch.stack([(xi * d_old).sum(dim=1), (d_old * d_old).sum(dim=1), (d_ref * d_ref).sum(dim=1)], dim=1)
 
 
-def _flow_log_ratio(v: Tensor, xi: Tensor, v_old: Tensor, b: Tensor, std: Tensor, ratio_norm: bool):
-    """(log ratio [B], Δμ [B, D]) on prepared [B, D] / [B] tensors. log r = log r̂ / s − bias."""
-    dmu = b[:, None] * (v - v_old)                                       # Δμ = b·(v_θ − v_old)
-    log_r_hat = _log_ratio_hat(xi, dmu)
+def _log_ratio_from_sums(sums_B3: Tensor, D: int, b: Tensor, std: Tensor, ratio_norm: bool):
+    """(log ratio [B], bias [B]). Δμ = b·(v_θ − v_old) (§7: μ_θ and μ_old share x), so
+    log r̂ = mean_D(ξ·Δμ) = b·Σξ(v − v_old)/D (RatioNorm) and bias = mean_D(Δμ²)/(2s²) = b²·Σ(v − v_old)²/(2s²D);
+    the plain ratio is log r = log r̂/s − bias."""
+    log_r_hat = b * sums_B3[:, 0] / D
+    bias = b * b * sums_B3[:, 1] / (2.0 * std * std * D)
     if ratio_norm:
-        return log_r_hat, dmu
-    return log_r_hat / std - _drift_bias(dmu, std), dmu
-
-
-def _velocity_mse(v: Tensor, v_ref: Tensor) -> Tensor:
-    """mean_D (v − v_ref)² per row (§8). Returns [B]."""
-    d = v - v_ref
-    return (d * d).mean(dim=1)
+        return log_r_hat, bias
+    return log_r_hat / std - bias, bias
 
 
 def _prepare(B: int, dt, **tensors) -> dict[str, Tensor]:
@@ -266,7 +279,8 @@ def flow_log_ratio(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, b_B, std_B,
     t = _prepare(B, dt, v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD)
     b = per_row(b_B, B, "b_B", dt, dev)
     std = per_row(std_B, B, "std_B", dt, dev)
-    return _flow_log_ratio(t["v_BD"], t["xi_BD"], t["v_old_BD"], b, std, ratio_norm)[0]
+    sums = flow_row_sums(t["v_BD"], t["xi_BD"], t["v_old_BD"], t["v_old_BD"])
+    return _log_ratio_from_sums(sums, t["v_BD"].shape[1], b, std, ratio_norm)[0]
 
 
 def velocity_mse(v_BD: Tensor, v_ref_BD: Tensor) -> Tensor:
@@ -276,7 +290,59 @@ def velocity_mse(v_BD: Tensor, v_ref_BD: Tensor) -> Tensor:
     _same_shape("v_BD", v_BD, v_ref_BD=v_ref_BD)
     B = v_BD.shape[0]
     dt = compute_dtype(v_BD, v_ref_BD)
-    return _velocity_mse(v_BD.reshape(B, -1).to(dt), v_ref_BD.reshape(B, -1).to(dt))
+    d = v_BD.reshape(B, -1).to(dt) - v_ref_BD.reshape(B, -1).to(dt)
+    return (d * d).mean(dim=1)
+
+
+def check_flow_loss_args(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor, clip_eps: float,
+                         beta: float, reg: str) -> None:
+    """The argument checks of flow_grpo_loss, shared by every backend (ValueError naming the bad value)."""
+    check_choice("reg", reg, _REGS)
+    if not (clip_eps >= 0 and math.isfinite(clip_eps)):
+        raise ValueError(f"clip_eps={clip_eps!r} must be finite and >= 0")
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ValueError(f"beta={beta!r} must be finite and >= 0")
+    if not isinstance(v_BD, Tensor) or v_BD.dim() < 1:
+        raise ValueError("v_BD must be a tensor [B, ...]")
+    _same_shape("v_BD", v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD)
+    if v_BD.shape[0] == 0:
+        raise ValueError("flow_grpo_loss needs at least one row, got B=0")
+
+
+def flow_loss_from_sums(sums_B3: Tensor, D: int, *, adv_B: Tensor, b_B: Tensor, std_B: Tensor, h_B: Tensor,
+                        clip_eps: float, beta: float, reg: str, ratio_norm: bool,
+                        grad_reweight: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """The per-row scalar math of the flow loss (§7, §8) from the row sums (ROW_SUMS) of `flow_row_sums` or a
+    fused backend. sums_B3 [B, 3] (grad flows back through it); adv/b/std/h [B] in the sums' dtype; D the
+    latent elements per row. Returns (0-dim loss, detached metrics "flow/...")."""
+    log_ratio, bias = _log_ratio_from_sums(sums_B3, D, b_B, std_B, ratio_norm)
+    ratio = torch.exp(log_ratio)
+    w = 1.0 / h_B if grad_reweight else torch.ones_like(h_B)
+    policy_loss = -(clipped_surrogate(ratio, adv_B, clip_eps, clip_eps) * w).mean()
+
+    mse_B = sums_B3[:, 2] / D
+    if reg == "mse":
+        reg_B = mse_B
+    elif reg == "latent_kl":
+        reg_B = b_B * b_B / (2.0 * std_B * std_B) * mse_B
+    else:
+        reg_B = torch.zeros_like(mse_B)
+    reg_mean = reg_B.mean()
+    loss = policy_loss + beta * reg_mean
+
+    with torch.no_grad():
+        metrics = {
+            "flow/policy_loss": policy_loss.detach(),
+            "flow/reg": reg_mean.detach(),
+            "flow/ratio_mean": ratio.mean(),
+            "flow/ratio_max": ratio.max(),
+            "flow/ratio_min": ratio.min(),
+            "flow/clip_frac": clip_active(ratio, adv_B, clip_eps, clip_eps).to(sums_B3.dtype).mean(),
+            "flow/log_ratio_abs_max": log_ratio.abs().max(),
+            "flow/drift_bias_mean": bias.mean(),
+            "flow/velocity_mse": mse_B.mean(),
+        }
+    return loss, {k: m.detach() for k, m in metrics.items()}
 
 
 def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor, adv_B, b_B, std_B, h_B,
@@ -291,51 +357,14 @@ def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: T
     b²/(2s²)·mean_D (v − v_ref)² ("latent_kl"), or 0 ("none"). Returns a 0-dim loss in float32 (float64 if
     any input is) and detached metrics "flow/...".
     """
-    check_choice("reg", reg, _REGS)
-    if not (clip_eps >= 0 and math.isfinite(clip_eps)):
-        raise ValueError(f"clip_eps={clip_eps!r} must be finite and >= 0")
-    if not (beta >= 0 and math.isfinite(beta)):
-        raise ValueError(f"beta={beta!r} must be finite and >= 0")
-    if not isinstance(v_BD, Tensor) or v_BD.dim() < 1:
-        raise ValueError("v_BD must be a tensor [B, ...]")
-    _same_shape("v_BD", v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD)
+    check_flow_loss_args(v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, clip_eps=clip_eps,
+                         beta=beta, reg=reg)
     B, dev = v_BD.shape[0], v_BD.device
-    if B == 0:
-        raise ValueError("flow_grpo_loss needs at least one row, got B=0")
     dt = compute_dtype(v_BD, xi_BD, v_old_BD, v_ref_BD, adv_B, b_B, std_B, h_B)
     v = _flat(v_BD, B, "v_BD").to(dt)
     t = _prepare(B, dt, xi_BD=xi_BD.detach(), v_old_BD=v_old_BD.detach(), v_ref_BD=v_ref_BD.detach())
-    xi, v_old, v_ref = t["xi_BD"], t["v_old_BD"], t["v_ref_BD"]
-    adv = per_row(adv_B, B, "adv_B", dt, dev)
-    b = per_row(b_B, B, "b_B", dt, dev)
-    std = per_row(std_B, B, "std_B", dt, dev)
-    h = per_row(h_B, B, "h_B", dt, dev)
-
-    log_ratio, dmu = _flow_log_ratio(v, xi, v_old, b, std, ratio_norm)
-    ratio = torch.exp(log_ratio)
-    w = 1.0 / h if grad_reweight else torch.ones_like(h)
-    policy_loss = -(clipped_surrogate(ratio, adv, clip_eps, clip_eps) * w).mean()
-
-    mse_B = _velocity_mse(v, v_ref)
-    if reg == "mse":
-        reg_B = mse_B
-    elif reg == "latent_kl":
-        reg_B = b * b / (2.0 * std * std) * mse_B
-    else:
-        reg_B = torch.zeros_like(mse_B)
-    reg_mean = reg_B.mean()
-    loss = policy_loss + beta * reg_mean
-
-    with torch.no_grad():
-        metrics = {
-            "flow/policy_loss": policy_loss.detach(),
-            "flow/reg": reg_mean.detach(),
-            "flow/ratio_mean": ratio.mean(),
-            "flow/ratio_max": ratio.max(),
-            "flow/ratio_min": ratio.min(),
-            "flow/clip_frac": clip_active(ratio, adv, clip_eps, clip_eps).to(dt).mean(),
-            "flow/log_ratio_abs_max": log_ratio.abs().max(),
-            "flow/drift_bias_mean": _drift_bias(dmu, std).mean(),
-            "flow/velocity_mse": mse_B.mean(),
-        }
-    return loss, {k: m.detach() for k, m in metrics.items()}
+    rows = {name: per_row(val, B, name, dt, dev) for name, val in
+            (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B))}
+    sums = flow_row_sums(v, t["xi_BD"], t["v_old_BD"], t["v_ref_BD"])
+    return flow_loss_from_sums(sums, v.shape[1], **rows, clip_eps=clip_eps, beta=beta, reg=reg,
+                               ratio_norm=ratio_norm, grad_reweight=grad_reweight)

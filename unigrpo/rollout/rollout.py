@@ -105,8 +105,9 @@ def draw_windows(rng: np.random.Generator, groups: int, cfg: RolloutConfig) -> n
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, generator: torch.Generator,
-            window_rng: np.random.Generator) -> Trajectories:
-    """Roll out len(prompt_texts) prompts × G samples. Returns the trajectories (images not yet decoded)."""
+            window_rng: np.random.Generator, backend: str = "auto") -> Trajectories:
+    """Roll out len(prompt_texts) prompts × G samples. Returns the trajectories (images not yet decoded).
+    backend: the kernel backend of sde_step ("auto", "torch", "triton", "cuda")."""
     G, W, N = cfg.group_size, cfg.window_size, cfg.steps
     texts = [p for p in prompt_texts for _ in range(G)]
     R = len(texts)
@@ -137,7 +138,7 @@ def rollout(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, ge
         co = step_coeffs_batch(sigmas, torch.full((R,), k, device=dev), eta_R, cfg.sde_kind)
         noise = torch.randn(shape, generator=generator, device=dev)
         x_next, logp = sde_step(x, v, a_B=co["a"].float(), b_B=co["b"].float(), std_B=co["std"].float(),
-                                noise_BD=noise)
+                                noise_BD=noise, backend=backend)
         x_next = x_next.view(shape)
         if bool(in_window.any()):
             r = rows[in_window]

@@ -1,0 +1,165 @@
+"""The public flow ops with backend dispatch: `sde_step` and `flow_grpo_loss` (ALGORITHM.md §3, §7, §8).
+
+backend="torch" runs the reference (kernels/reference/flow.py) unchanged. "triton" (kernels/triton/flow.py)
+and "cuda" (kernels/cuda_lib.py) run fused kernels behind `torch.library.custom_op`s, so the ops trace
+under torch.compile and autograd reaches the kernels' own backward:
+
+    unigrpo_kernels::sde_step_fwd   x, v, ξ, a, b, s → x', Σ_d (x' − μ)², μ (or an empty tensor)
+    unigrpo_kernels::flow_sums      v, ξ, v_old, v_ref → [B, 3] row sums (reference `flow_row_sums`)
+    unigrpo_kernels::flow_sums_bwd  upstream grad of the sums → dL/dv, one pass
+
+Decisions:
+- The fused backends replace only the per-element work. The per-row scalar math (log-probs from the sums,
+  ratios, clipping, regulariser, metrics) is the reference's own `logprob_from_sq_mean` and
+  `flow_loss_from_sums`, run by torch on [B]-sized tensors, so each formula exists once.
+- The fused backends compute in float32 and refuse float64 inputs (ask for backend="torch" there).
+  v, v_old and v_ref are read in one dtype (bf16 / fp16 / fp32): when they differ all three are read as
+  fp32. ξ and the latents are fp32 (§3).
+- The backward reads v_old only without RatioNorm (the drift term; with RatioNorm the sums' second column
+  feeds only a detached metric, so its gradient is exactly 0) and v_ref only when β > 0 and reg != "none".
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from .dispatch import resolve_backend
+from .reference import flow as ref
+from .reference.common import per_row
+
+__all__ = ["sde_step", "flow_grpo_loss"]
+
+logger = logging.getLogger(__name__)
+_V_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from .triton import flow as mod
+    elif backend == "cuda":
+        from . import cuda_lib as mod
+    else:
+        raise ValueError(f"no fused flow kernels for backend {backend!r}; expected 'triton' or 'cuda'")
+    return mod
+
+
+# ----------------------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("unigrpo_kernels::sde_step_fwd", mutates_args=())
+def _sde_step_op(x: Tensor, v: Tensor, xi: Tensor, a: Tensor, b: Tensor, s: Tensor, want_mean: bool,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    x_next, sq, mean = _impl(backend).sde_step_fwd(x, v, xi, a, b, s, want_mean)
+    return x_next, sq, mean if mean is not None else x.new_empty(0)
+
+
+@_sde_step_op.register_fake
+def _(x, v, xi, a, b, s, want_mean, backend):
+    return torch.empty_like(x), x.new_empty(x.shape[0]), torch.empty_like(x) if want_mean else x.new_empty(0)
+
+
+@torch.library.custom_op("unigrpo_kernels::flow_sums", mutates_args=())
+def _flow_sums_op(v: Tensor, xi: Tensor, v_old: Tensor, v_ref: Tensor, use_old: bool, use_ref: bool,
+                  backend: str) -> Tensor:
+    return _impl(backend).flow_sums_fwd(v, xi, v_old, v_ref)
+
+
+@_flow_sums_op.register_fake
+def _(v, xi, v_old, v_ref, use_old, use_ref, backend):
+    return v.new_empty(v.shape[0], 3, dtype=torch.float32)
+
+
+@torch.library.custom_op("unigrpo_kernels::flow_sums_bwd", mutates_args=())
+def _flow_sums_bwd_op(g: Tensor, v: Tensor, xi: Tensor, v_old: Tensor, v_ref: Tensor, use_old: bool,
+                      use_ref: bool, backend: str) -> Tensor:
+    return _impl(backend).flow_sums_bwd(g, v, xi, v_old, v_ref, use_old, use_ref)
+
+
+@_flow_sums_bwd_op.register_fake
+def _(g, v, xi, v_old, v_ref, use_old, use_ref, backend):
+    return torch.empty_like(v)
+
+
+def _flow_sums_setup(ctx, inputs, output):
+    v, xi, v_old, v_ref, use_old, use_ref, backend = inputs
+    ctx.save_for_backward(v, xi, v_old, v_ref)
+    ctx.flags = (use_old, use_ref, backend)
+
+
+def _flow_sums_backward(ctx, g):
+    v, xi, v_old, v_ref = ctx.saved_tensors
+    use_old, use_ref, backend = ctx.flags
+    dv = _flow_sums_bwd_op(g.float().contiguous(), v, xi, v_old, v_ref, use_old, use_ref, backend)
+    return dv, None, None, None, None, None, None
+
+
+_flow_sums_op.register_autograd(_flow_sums_backward, setup_context=_flow_sums_setup)
+
+
+# ------------------------------------------------------------------------------------------ public ops
+
+def _device(t):
+    return t.device if isinstance(t, Tensor) else None
+
+
+def _refuse_float64(backend: str, **tensors) -> None:
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.dtype == torch.float64:
+            raise ValueError(f"backend {backend!r} computes in float32 but {name} is float64; "
+                             "use backend='torch' for float64")
+
+
+def sde_step(x_BD: Tensor, v_BD: Tensor, *, a_B, b_B, std_B, noise_BD: Tensor, return_mean: bool = False,
+             backend: str = "auto"):
+    """One stochastic step x' = a·x + b·v + s·ξ and its mean-over-D log-prob (§3); see
+    kernels/reference/flow.py `sde_step` for the contract (shapes [B, ...], per-row a/b/std, float32 outputs,
+    NaN log-prob where std == 0). backend: "auto" | "torch" | "triton" | "cuda"."""
+    be = resolve_backend(backend, _device(x_BD), op="sde_step")
+    if be == "torch":
+        return ref.sde_step(x_BD, v_BD, a_B=a_B, b_B=b_B, std_B=std_B, noise_BD=noise_BD, return_mean=return_mean)
+    ref.check_sde_step_args(x_BD, v_BD, noise_BD)
+    _refuse_float64(be, x_BD=x_BD, v_BD=v_BD, noise_BD=noise_BD, a_B=a_B, b_B=b_B, std_B=std_B)
+    B, dev = x_BD.shape[0], x_BD.device
+    x = x_BD.reshape(B, -1).float().contiguous()
+    v = v_BD.reshape(B, -1)
+    v = (v if v.dtype in _V_DTYPES else v.float()).contiguous()
+    xi = noise_BD.reshape(B, -1).float().contiguous()
+    a, b, s = (per_row(val, B, name, torch.float32, dev).contiguous()
+               for name, val in (("a_B", a_B), ("b_B", b_B), ("std_B", std_B)))
+    x_next, sq_B, mean = _sde_step_op(x, v, xi, a, b, s, bool(return_mean), be)
+    logp_B = ref.logprob_from_sq_mean(sq_B / x.shape[1], s)
+    x_next = x_next.view(x_BD.shape)
+    if return_mean:
+        return x_next, logp_B, mean.view(x_BD.shape)
+    return x_next, logp_B
+
+
+def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor, adv_B, b_B, std_B, h_B,
+                   clip_eps: float = 1e-6, beta: float = 1.5e-5, reg: str = "mse", ratio_norm: bool = True,
+                   grad_reweight: bool = False, backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
+    """FlowGRPO loss with RatioNorm and the velocity regulariser (§7, §8), differentiable in v_BD; see
+    kernels/reference/flow.py `flow_grpo_loss` for the contract. backend: "auto" | "torch" | "triton" | "cuda".
+    Returns (0-dim float32 loss, detached metrics "flow/...")."""
+    be = resolve_backend(backend, _device(v_BD), op="flow_grpo_loss")
+    kw = dict(adv_B=adv_B, b_B=b_B, std_B=std_B, h_B=h_B, clip_eps=clip_eps, beta=beta, reg=reg,
+              ratio_norm=ratio_norm, grad_reweight=grad_reweight)
+    if be == "torch":
+        return ref.flow_grpo_loss(v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, **kw)
+    ref.check_flow_loss_args(v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, clip_eps=clip_eps,
+                             beta=beta, reg=reg)
+    _refuse_float64(be, v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, adv_B=adv_B, b_B=b_B,
+                    std_B=std_B, h_B=h_B)
+    B, dev = v_BD.shape[0], v_BD.device
+    v, v_old, v_ref = (t.reshape(B, -1) for t in (v_BD, v_old_BD.detach(), v_ref_BD.detach()))
+    if not (v.dtype == v_old.dtype == v_ref.dtype and v.dtype in _V_DTYPES):
+        v, v_old, v_ref = v.float(), v_old.float(), v_ref.float()
+    v, v_old, v_ref = v.contiguous(), v_old.contiguous(), v_ref.contiguous()
+    xi = xi_BD.detach().reshape(B, -1).float().contiguous()
+    use_old = not ratio_norm
+    use_ref = reg != "none" and beta > 0
+    sums_B3 = _flow_sums_op(v, xi, v_old, v_ref, use_old, use_ref, be)
+    rows = {name: per_row(val, B, name, torch.float32, dev) for name, val in
+            (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B))}
+    return ref.flow_loss_from_sums(sums_B3, v.shape[1], **rows, clip_eps=clip_eps, beta=beta, reg=reg,
+                                   ratio_norm=ratio_norm, grad_reweight=grad_reweight)

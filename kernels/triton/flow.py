@@ -1,0 +1,178 @@
+"""Triton kernels of the flow ops (ALGORITHM.md §3, §7, §8): the SDE step, and the per-row sums of the
+FlowGRPO loss with their backward. The math is kernels/reference/flow.py; these compute exactly its
+`sde_step` per-element part and its `flow_row_sums`, and are tested against them.
+
+Shape legend: B rows (samples × window steps, all in one launch), D latent elements per row (any D ≥ 1).
+
+Decisions:
+- Every per-row reduction runs over a grid (B, chunks): each program reduces CHUNK = BLOCK·ITERS elements
+  of one row in fp32 and writes a partial; the partials [B, chunks] are summed by torch afterwards in a
+  fixed order, so results are bit-reproducible (no float atomics) and short rows still fill the GPU.
+- Per-row scalars (a, b, s of §3 — computed once per step in float64 by `step_coeffs_batch`, passed as
+  fp32 [B]) are loaded once per program, never recomputed per element.
+- Loads are cast to fp32 right after the load (v may be bf16 / fp16 / fp32; latents and ξ are fp32); the
+  Triton interpreter computes bf16 arithmetic wrongly otherwise, and fp32 is the compute dtype of §3 anyway.
+- Offsets are int64 (the paper's shape is 72 × 262,144 = 1.9e7 elements per stream; larger batches pass 2³¹).
+- Launch configs come from `_config`: fixed sizes (the interpreter cannot run @triton.autotune, and these
+  ops are memory-bound streams where a 2–4K-element block with 4–8 warps is near the copy roofline).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["sde_step_fwd", "flow_sums_fwd", "flow_sums_bwd"]
+
+_V_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _config(D: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK, ITERS, chunks, num_warps) for rows of D elements. On the interpreter: small blocks."""
+    if device.type != "cuda":
+        block, iters, warps = 64, 2, 1
+    else:
+        block, warps = (2048, 8) if D >= 2048 else (max(triton.next_power_of_2(D), 128), 4)
+        iters = 4 if D >= 4 * 8192 else 1     # 8K-element chunks: 72 × 262,144 → 2,304 programs on 132 SMs
+    chunks = triton.cdiv(D, block * iters)
+    return block, iters, chunks, warps
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _sde_step_fwd_kernel(x_ptr, v_ptr, xi_ptr, a_ptr, b_ptr, s_ptr, xn_ptr, mean_ptr, part_ptr, D, chunks,
+                         WANT_MEAN: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    a = tl.load(a_ptr + row)
+    b = tl.load(b_ptr + row)
+    s = tl.load(s_ptr + row)
+    base = row.to(tl.int64) * D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in range(ITERS):
+        col = (chunk * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        m = col < D
+        off = base + col
+        x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
+        xi = tl.load(xi_ptr + off, mask=m, other=0.0).to(tl.float32)
+        mean = a * x + b * v
+        xn = mean + s * xi
+        tl.store(xn_ptr + off, xn, mask=m)
+        if WANT_MEAN:
+            tl.store(mean_ptr + off, mean, mask=m)
+        d = tl.where(m, xn - mean, 0.0)
+        acc += d * d
+    tl.store(part_ptr + row * chunks + chunk, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _flow_sums_fwd_kernel(v_ptr, xi_ptr, vo_ptr, vr_ptr, part_ptr, D, chunks,
+                          BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    base = row.to(tl.int64) * D
+    acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in range(ITERS):
+        col = (chunk * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        m = col < D
+        off = base + col
+        v = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
+        xi = tl.load(xi_ptr + off, mask=m, other=0.0).to(tl.float32)
+        vo = tl.load(vo_ptr + off, mask=m, other=0.0).to(tl.float32)
+        vr = tl.load(vr_ptr + off, mask=m, other=0.0).to(tl.float32)
+        d_old = v - vo
+        d_ref = v - vr
+        acc0 += xi * d_old
+        acc1 += d_old * d_old
+        acc2 += d_ref * d_ref
+    out = part_ptr + (row * chunks + chunk) * 3
+    tl.store(out, tl.sum(acc0, axis=0))
+    tl.store(out + 1, tl.sum(acc1, axis=0))
+    tl.store(out + 2, tl.sum(acc2, axis=0))
+
+
+@triton.jit
+def _flow_sums_bwd_kernel(g_ptr, v_ptr, xi_ptr, vo_ptr, vr_ptr, dv_ptr, D,
+                          USE_OLD: tl.constexpr, USE_REF: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    g0 = tl.load(g_ptr + row * 3)
+    base = row.to(tl.int64) * D
+    for it in range(ITERS):
+        col = (chunk * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        m = col < D
+        off = base + col
+        dv = g0 * tl.load(xi_ptr + off, mask=m, other=0.0).to(tl.float32)
+        if USE_OLD or USE_REF:
+            v = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
+            if USE_OLD:
+                g1 = tl.load(g_ptr + row * 3 + 1)
+                dv += 2.0 * g1 * (v - tl.load(vo_ptr + off, mask=m, other=0.0).to(tl.float32))
+            if USE_REF:
+                g2 = tl.load(g_ptr + row * 3 + 2)
+                dv += 2.0 * g2 * (v - tl.load(vr_ptr + off, mask=m, other=0.0).to(tl.float32))
+        tl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+def _check(name: str, t: Tensor, B: int, D: int, dtypes) -> None:
+    if t.shape != (B, D) or not t.is_contiguous() or t.dtype not in dtypes:
+        raise ValueError(f"{name} must be a contiguous [{B}, {D}] tensor of dtype in "
+                         f"{[str(d) for d in dtypes]}, got {list(t.shape)} {t.dtype} contiguous={t.is_contiguous()}")
+
+
+def sde_step_fwd(x_BD: Tensor, v_BD: Tensor, xi_BD: Tensor, a_B: Tensor, b_B: Tensor, std_B: Tensor,
+                 want_mean: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """x' = a·x + b·v + s·ξ per row. x_BD, xi_BD fp32; v_BD bf16/fp16/fp32; a_B, b_B, std_B fp32 [B].
+    Returns (x_next_BD fp32, sqsum_B fp32 = Σ_d (x' − μ)², mean_BD fp32 if want_mean else None)."""
+    B, D = x_BD.shape
+    _check("x_BD", x_BD, B, D, (torch.float32,))
+    _check("v_BD", v_BD, B, D, _V_DTYPES)
+    _check("xi_BD", xi_BD, B, D, (torch.float32,))
+    for name, t in (("a_B", a_B), ("b_B", b_B), ("std_B", std_B)):
+        _check(name, t.view(B, 1), B, 1, (torch.float32,))
+    block, iters, chunks, warps = _config(D, x_BD.device)
+    x_next = torch.empty_like(x_BD)
+    mean = torch.empty_like(x_BD) if want_mean else x_next   # an unused pointer when not wanted
+    part = torch.empty(B, chunks, dtype=torch.float32, device=x_BD.device)
+    _sde_step_fwd_kernel[(B, chunks)](x_BD, v_BD, xi_BD, a_B, b_B, std_B, x_next, mean, part, D, chunks,
+                                      WANT_MEAN=want_mean, BLOCK=block, ITERS=iters, num_warps=warps)
+    return x_next, part.sum(dim=1), (mean if want_mean else None)
+
+
+def flow_sums_fwd(v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor) -> Tensor:
+    """Row sums of the flow loss (reference `flow_row_sums`): [B, 3] fp32 with Σ ξ·(v − v_old),
+    Σ (v − v_old)², Σ (v − v_ref)². v, v_old, v_ref one dtype (bf16/fp16/fp32); ξ fp32."""
+    B, D = v_BD.shape
+    _check("v_BD", v_BD, B, D, _V_DTYPES)
+    _check("xi_BD", xi_BD, B, D, (torch.float32,))
+    _check("v_old_BD", v_old_BD, B, D, (v_BD.dtype,))
+    _check("v_ref_BD", v_ref_BD, B, D, (v_BD.dtype,))
+    block, iters, chunks, warps = _config(D, v_BD.device)
+    part = torch.empty(B, chunks, 3, dtype=torch.float32, device=v_BD.device)
+    _flow_sums_fwd_kernel[(B, chunks)](v_BD, xi_BD, v_old_BD, v_ref_BD, part, D, chunks,
+                                       BLOCK=block, ITERS=iters, num_warps=warps)
+    return part.sum(dim=1)
+
+
+def flow_sums_bwd(g_B3: Tensor, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor,
+                  use_old: bool, use_ref: bool) -> Tensor:
+    """dL/dv = g0·ξ + 2·g1·(v − v_old)·[use_old] + 2·g2·(v − v_ref)·[use_ref], one pass; a stream whose flag
+    is off is not read. g_B3 fp32 [B, 3] (the upstream gradient of the sums). Returns dv in v's dtype."""
+    B, D = v_BD.shape
+    _check("g_B3", g_B3, B, 3, (torch.float32,))
+    _check("v_BD", v_BD, B, D, _V_DTYPES)
+    _check("xi_BD", xi_BD, B, D, (torch.float32,))
+    _check("v_old_BD", v_old_BD, B, D, (v_BD.dtype,))
+    _check("v_ref_BD", v_ref_BD, B, D, (v_BD.dtype,))
+    block, iters, chunks, warps = _config(D, v_BD.device)
+    dv = torch.empty_like(v_BD)
+    _flow_sums_bwd_kernel[(B, chunks)](g_B3, v_BD, xi_BD, v_old_BD, v_ref_BD, dv, D, USE_OLD=bool(use_old),
+                                       USE_REF=bool(use_ref), BLOCK=block, ITERS=iters, num_warps=warps)
+    return dv
