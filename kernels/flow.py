@@ -5,13 +5,17 @@ and "cuda" (kernels/cuda_lib.py) run fused kernels behind `torch.library.custom_
 under torch.compile and autograd reaches the kernels' own backward:
 
     unigrpo_kernels::sde_step_fwd   x, v, ξ, a, b, s → x', Σ_d (x' − μ)², μ (or an empty tensor)
+    unigrpo_kernels::flow_loss_fwd  v, ξ, v_old, v_ref, per-row A/b/s/h → loss, metrics [9], dL/d(row sums) [B, 3]
+    unigrpo_kernels::flow_loss_bwd  upstream grad of the loss, coefficients → dL/dv, one pass over the streams
     unigrpo_kernels::flow_sums      v, ξ, v_old, v_ref → [B, 3] row sums (reference `flow_row_sums`)
     unigrpo_kernels::flow_sums_bwd  upstream grad of the sums → dL/dv, one pass
 
 Decisions:
-- The fused backends replace only the per-element work. The per-row scalar math (log-probs from the sums,
-  ratios, clipping, regulariser, metrics) is the reference's own `logprob_from_sq_mean` and
-  `flow_loss_from_sums`, run by torch on [B]-sized tensors, so each formula exists once.
+- flow_grpo_loss on a backend with `flow_loss_finalize` (triton) is three launches: the row sums, one small
+  kernel for the per-row scalar math (ratios, clipping, regulariser, metrics, and the gradient coefficients),
+  and the one-pass backward. A backend with only the row sums (cuda, for now) runs the reference's
+  `flow_loss_from_sums` on the [B, 3] sums with torch and differentiates it with autograd (`flow_sums`).
+  The sde_step log-prob is finished by the reference's `logprob_from_sq_mean` on [B] tensors.
 - The fused backends compute in float32 and refuse float64 inputs (ask for backend="torch" there).
   v, v_old and v_ref are read in one dtype (bf16 / fp16 / fp32): when they differ all three are read as
   fp32. ξ and the latents are fp32 (§3).
@@ -97,6 +101,50 @@ def _flow_sums_backward(ctx, g):
 _flow_sums_op.register_autograd(_flow_sums_backward, setup_context=_flow_sums_setup)
 
 
+@torch.library.custom_op("unigrpo_kernels::flow_loss_fwd", mutates_args=())
+def _flow_loss_op(v: Tensor, xi: Tensor, v_old: Tensor, v_ref: Tensor, adv: Tensor, b: Tensor, s: Tensor,
+                  h: Tensor, lo: float, hi: float, beta: float, reg: int, ratio_norm: bool, grad_reweight: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _impl(backend)
+    part = mod.flow_sums_partials(v, xi, v_old, v_ref)
+    return mod.flow_loss_finalize(part, adv, b, s, h, v.shape[1], lo, hi, beta, reg, ratio_norm, grad_reweight)
+
+
+@_flow_loss_op.register_fake
+def _(v, xi, v_old, v_ref, adv, b, s, h, lo, hi, beta, reg, ratio_norm, grad_reweight, backend):
+    f32 = dict(dtype=torch.float32, device=v.device)
+    return torch.empty((), **f32), torch.empty(len(ref.FLOW_METRICS), **f32), torch.empty(v.shape[0], 3, **f32)
+
+
+@torch.library.custom_op("unigrpo_kernels::flow_loss_bwd", mutates_args=())
+def _flow_loss_bwd_op(g_loss: Tensor, coef: Tensor, v: Tensor, xi: Tensor, v_old: Tensor, v_ref: Tensor,
+                      use_old: bool, use_ref: bool, backend: str) -> Tensor:
+    g = (coef * g_loss.to(torch.float32)).contiguous()
+    return _impl(backend).flow_sums_bwd(g, v, xi, v_old, v_ref, use_old, use_ref)
+
+
+@_flow_loss_bwd_op.register_fake
+def _(g_loss, coef, v, xi, v_old, v_ref, use_old, use_ref, backend):
+    return torch.empty_like(v)
+
+
+def _flow_loss_setup(ctx, inputs, output):
+    v, xi, v_old, v_ref = inputs[:4]
+    ctx.save_for_backward(output[2], v, xi, v_old, v_ref)
+    ratio_norm, reg, beta, backend = inputs[12], inputs[11], inputs[10], inputs[14]
+    ctx.flags = (not ratio_norm, reg != ref.REGS.index("none") and beta > 0, backend)
+
+
+def _flow_loss_backward(ctx, g_loss, g_metrics, g_coef):
+    coef, v, xi, v_old, v_ref = ctx.saved_tensors
+    use_old, use_ref, backend = ctx.flags
+    dv = _flow_loss_bwd_op(g_loss, coef, v, xi, v_old, v_ref, use_old, use_ref, backend)
+    return (dv,) + (None,) * 14
+
+
+_flow_loss_op.register_autograd(_flow_loss_backward, setup_context=_flow_loss_setup)
+
+
 # ------------------------------------------------------------------------------------------ public ops
 
 def _device(t):
@@ -158,8 +206,12 @@ def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: T
     xi = xi_BD.detach().reshape(B, -1).float().contiguous()
     use_old = not ratio_norm
     use_ref = reg != "none" and beta > 0
-    sums_B3 = _flow_sums_op(v, xi, v_old, v_ref, use_old, use_ref, be)
-    rows = {name: per_row(val, B, name, torch.float32, dev) for name, val in
+    rows = {name: per_row(val, B, name, torch.float32, dev).contiguous() for name, val in
             (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B))}
+    if hasattr(_impl(be), "flow_loss_finalize"):
+        loss, metrics, _ = _flow_loss_op(v, xi, v_old, v_ref, *rows.values(), 1.0 - clip_eps, 1.0 + clip_eps,
+                                         float(beta), ref.REGS.index(reg), bool(ratio_norm), bool(grad_reweight), be)
+        return loss, {name: metrics[i].detach() for i, name in enumerate(ref.FLOW_METRICS)}
+    sums_B3 = _flow_sums_op(v, xi, v_old, v_ref, use_old, use_ref, be)
     return ref.flow_loss_from_sums(sums_B3, v.shape[1], **rows, clip_eps=clip_eps, beta=beta, reg=reg,
                                    ratio_norm=ratio_norm, grad_reweight=grad_reweight)

@@ -49,11 +49,16 @@ from .common import check_choice, clip_active, clipped_surrogate, compute_dtype,
 __all__ = [
     "sigma_schedule", "StepCoeffs", "step_coeffs", "step_coeffs_batch", "step_mean", "sde_step", "ode_step",
     "gaussian_logprob", "logprob_from_sq_mean", "flow_log_ratio", "velocity_mse", "flow_grpo_loss", "ROW_SUMS",
-    "flow_row_sums", "flow_loss_from_sums", "check_flow_loss_args", "check_sde_step_args",
+    "flow_row_sums", "flow_loss_from_sums", "REGS", "FLOW_METRICS", "check_flow_loss_args", "check_sde_step_args",
 ]
 
 _KINDS = ("sde", "cps")
 _REGS = ("mse", "latent_kl", "none")
+REGS = _REGS
+"""The regularisers of §8; fused kernels take a regulariser as its index in this tuple."""
+FLOW_METRICS = ("flow/policy_loss", "flow/reg", "flow/ratio_mean", "flow/ratio_max", "flow/ratio_min",
+                "flow/clip_frac", "flow/log_ratio_abs_max", "flow/drift_bias_mean", "flow/velocity_mse")
+"""The metrics of flow_grpo_loss, in the order fused kernels write them."""
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 

@@ -12,7 +12,15 @@ Decisions:
   fp32 [B]) are loaded once per program, never recomputed per element.
 - Loads are cast to fp32 right after the load (v may be bf16 / fp16 / fp32; latents and ξ are fp32); the
   Triton interpreter computes bf16 arithmetic wrongly otherwise, and fp32 is the compute dtype of §3 anyway.
+- Loop trip counts are constexpr (ITERS, ROW_BLOCKS, CHUNK_BLOCKS): the Triton 3.6 interpreter cannot
+  loop over a run-time bound with NumPy ≥ 2.4 (it converts a 1-element array with int()); 3.9 can.
 - Offsets are int64 (the paper's shape is 72 × 262,144 = 1.9e7 elements per stream; larger batches pass 2³¹).
+- The per-row scalar math of the loss (reference `flow_loss_from_sums`: ratios, clipping, regulariser, the
+  metrics) runs in one more small kernel, `_flow_loss_finalize_kernel`, which also writes the per-row
+  gradient coefficients dL/d(sums) for the backward: in eager mode the ~40 tiny torch ops it replaces
+  would cost more launch time (~5 µs each) than the streams themselves (~60 µs each way at the paper's
+  shape on an H100). The clip gradient follows torch's rules exactly (minimum splits ties, clamp passes its
+  bounds): dsurrogate/dr = A, except 0 where the clipped branch is strictly the minimum.
 - Launch configs come from `_config`: fixed sizes (the interpreter cannot run @triton.autotune, and these
   ops are memory-bound streams where a 2–4K-element block with 4–8 warps is near the copy roofline).
 """
@@ -23,7 +31,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["sde_step_fwd", "flow_sums_fwd", "flow_sums_bwd"]
+from ..reference.flow import FLOW_METRICS, REGS
+
+__all__ = ["sde_step_fwd", "flow_sums_fwd", "flow_sums_partials", "flow_loss_finalize", "flow_sums_bwd"]
+
+
 
 _V_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -119,6 +131,94 @@ def _flow_sums_bwd_kernel(g_ptr, v_ptr, xi_ptr, vo_ptr, vr_ptr, dv_ptr, D,
         tl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _flow_loss_finalize_kernel(part_ptr, chunks, adv_ptr, b_ptr, s_ptr, h_ptr, loss_ptr, metrics_ptr, coef_ptr,
+                               B, D, lo, hi, beta, RATIO_NORM: tl.constexpr, REWEIGHT: tl.constexpr,
+                               REG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                               ROW_BLOCKS: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
+    # one program: rows in blocks of BLOCK_B, partials reduced over chunks in a fixed order
+    policy_sum = 0.0
+    reg_sum = 0.0
+    ratio_sum = 0.0
+    clip_count = 0.0
+    bias_sum = 0.0
+    mse_sum = 0.0
+    ratio_max = -float("inf")
+    ratio_min = float("inf")
+    lr_abs_max = 0.0
+    inv_B = 1.0 / B
+    for rb in range(ROW_BLOCKS):
+        rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)
+        rm = rows < B
+        s0 = tl.zeros([BLOCK_B], dtype=tl.float32)
+        s1 = tl.zeros([BLOCK_B], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for cb in range(CHUNK_BLOCKS):
+            cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+            m2 = rm[:, None] & (cols < chunks)[None, :]
+            off = (rows[:, None] * chunks + cols[None, :]) * 3
+            s0 += tl.sum(tl.load(part_ptr + off, mask=m2, other=0.0), axis=1)
+            s1 += tl.sum(tl.load(part_ptr + off + 1, mask=m2, other=0.0), axis=1)
+            s2 += tl.sum(tl.load(part_ptr + off + 2, mask=m2, other=0.0), axis=1)
+        adv = tl.load(adv_ptr + rows, mask=rm, other=0.0)
+        b = tl.load(b_ptr + rows, mask=rm, other=0.0)
+        s = tl.load(s_ptr + rows, mask=rm, other=1.0)
+        h = tl.load(h_ptr + rows, mask=rm, other=1.0)
+        lr_hat = b * s0 / D                                   # log r̂ = mean_D(ξ·Δμ), Δμ = b·(v − v_old)
+        bias = b * b * s1 / (2.0 * s * s * D)                 # mean_D(Δμ²)/(2s²)
+        if RATIO_NORM:
+            lr = lr_hat
+            dlr_ds0 = b / D
+        else:
+            lr = lr_hat / s - bias
+            dlr_ds0 = b / (s * D)
+        r = tl.exp(lr)
+        if REWEIGHT:
+            w = 1.0 / h
+        else:
+            w = tl.full([BLOCK_B], 1.0, tl.float32)
+        clipped = tl.minimum(tl.maximum(r, lo), hi)
+        surr = tl.minimum(r * adv, clipped * adv)
+        active = ((adv > 0) & (r > hi)) | ((adv < 0) & (r < lo))
+        mse = s2 / D
+        if REG == 0:
+            reg_k = tl.full([BLOCK_B], 1.0, tl.float32)
+        elif REG == 1:
+            reg_k = b * b / (2.0 * s * s)
+        else:
+            reg_k = tl.zeros([BLOCK_B], dtype=tl.float32)
+        # dL/dlog r = −w·A·r/B where the ratio branch carries the gradient (0 where clipped strictly)
+        dlr = tl.where(active, 0.0, -w * adv * r * inv_B)
+        tl.store(coef_ptr + rows * 3, dlr * dlr_ds0, mask=rm)
+        if RATIO_NORM:
+            tl.store(coef_ptr + rows * 3 + 1, tl.zeros([BLOCK_B], dtype=tl.float32), mask=rm)
+        else:
+            tl.store(coef_ptr + rows * 3 + 1, -dlr * b * b / (2.0 * s * s * D), mask=rm)
+        tl.store(coef_ptr + rows * 3 + 2, beta * reg_k * inv_B / D, mask=rm)
+        policy_sum += tl.sum(tl.where(rm, -surr * w, 0.0), axis=0)
+        if REG != 2:                                          # "none" is 0, even where the mse is not finite
+            reg_sum += tl.sum(tl.where(rm, reg_k * mse, 0.0), axis=0)
+        ratio_sum += tl.sum(tl.where(rm, r, 0.0), axis=0)
+        clip_count += tl.sum(tl.where(rm & active, 1.0, 0.0), axis=0)
+        bias_sum += tl.sum(tl.where(rm, bias, 0.0), axis=0)
+        mse_sum += tl.sum(tl.where(rm, mse, 0.0), axis=0)
+        ratio_max = tl.maximum(ratio_max, tl.max(tl.where(rm, r, -float("inf")), axis=0))
+        ratio_min = tl.minimum(ratio_min, tl.min(tl.where(rm, r, float("inf")), axis=0))
+        lr_abs_max = tl.maximum(lr_abs_max, tl.max(tl.where(rm, tl.abs(lr), 0.0), axis=0))
+    policy = policy_sum * inv_B
+    reg_mean = reg_sum * inv_B
+    tl.store(loss_ptr, policy + beta * reg_mean)
+    tl.store(metrics_ptr + 0, policy)
+    tl.store(metrics_ptr + 1, reg_mean)
+    tl.store(metrics_ptr + 2, ratio_sum * inv_B)
+    tl.store(metrics_ptr + 3, ratio_max)
+    tl.store(metrics_ptr + 4, ratio_min)
+    tl.store(metrics_ptr + 5, clip_count * inv_B)
+    tl.store(metrics_ptr + 6, lr_abs_max)
+    tl.store(metrics_ptr + 7, bias_sum * inv_B)
+    tl.store(metrics_ptr + 8, mse_sum * inv_B)
+
+
 # --------------------------------------------------------------------------------------------- launchers
 
 def _check(name: str, t: Tensor, B: int, D: int, dtypes) -> None:
@@ -149,6 +249,11 @@ def sde_step_fwd(x_BD: Tensor, v_BD: Tensor, xi_BD: Tensor, a_B: Tensor, b_B: Te
 def flow_sums_fwd(v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor) -> Tensor:
     """Row sums of the flow loss (reference `flow_row_sums`): [B, 3] fp32 with Σ ξ·(v − v_old),
     Σ (v − v_old)², Σ (v − v_ref)². v, v_old, v_ref one dtype (bf16/fp16/fp32); ξ fp32."""
+    return flow_sums_partials(v_BD, xi_BD, v_old_BD, v_ref_BD).sum(dim=1)
+
+
+def flow_sums_partials(v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor) -> Tensor:
+    """The row sums of `flow_sums_fwd` before their last reduction: [B, chunks, 3] fp32 partials."""
     B, D = v_BD.shape
     _check("v_BD", v_BD, B, D, _V_DTYPES)
     _check("xi_BD", xi_BD, B, D, (torch.float32,))
@@ -158,7 +263,34 @@ def flow_sums_fwd(v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tenso
     part = torch.empty(B, chunks, 3, dtype=torch.float32, device=v_BD.device)
     _flow_sums_fwd_kernel[(B, chunks)](v_BD, xi_BD, v_old_BD, v_ref_BD, part, D, chunks,
                                        BLOCK=block, ITERS=iters, num_warps=warps)
-    return part.sum(dim=1)
+    return part
+
+
+def flow_loss_finalize(part_BC3: Tensor, adv_B: Tensor, b_B: Tensor, std_B: Tensor, h_B: Tensor, D: int,
+                       lo: float, hi: float, beta: float, reg: int, ratio_norm: bool,
+                       grad_reweight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-row scalar math of the flow loss from the partial row sums (reference `flow_loss_from_sums`).
+    part_BC3 fp32 [B, C, 3] (C ≥ 1 partials per row, summed here in order); adv/b/std/h fp32 [B];
+    lo = 1 − ε, hi = 1 + ε; reg the index in REGS. Returns (loss [] fp32, metrics [9] fp32 in FLOW_METRICS order,
+    coef [B, 3] fp32 = dL/d(row sums) for the backward)."""
+    B, C = part_BC3.shape[:2]
+    _check("part_BC3", part_BC3.view(B, C * 3), B, C * 3, (torch.float32,))
+    for name, t in (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B)):
+        _check(name, t.view(B, 1), B, 1, (torch.float32,))
+    if reg not in range(len(REGS)):
+        raise ValueError(f"reg code {reg!r} unknown; expected the index of one of {REGS}")
+    dev = part_BC3.device
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    metrics = torch.empty(len(FLOW_METRICS), dtype=torch.float32, device=dev)
+    coef = torch.empty(B, 3, dtype=torch.float32, device=dev)
+    block_b = min(max(triton.next_power_of_2(B), 16), 1024 if dev.type == "cuda" else 64)
+    block_c = min(max(triton.next_power_of_2(C), 2), 64 if dev.type == "cuda" else 8)
+    _flow_loss_finalize_kernel[(1,)](part_BC3, C, adv_B, b_B, std_B, h_B, loss, metrics, coef, B, float(D),
+                                     float(lo), float(hi), float(beta), RATIO_NORM=bool(ratio_norm),
+                                     REWEIGHT=bool(grad_reweight), REG=int(reg), BLOCK_B=block_b, BLOCK_C=block_c,
+                                     ROW_BLOCKS=triton.cdiv(B, block_b), CHUNK_BLOCKS=triton.cdiv(C, block_c),
+                                     num_warps=4)
+    return loss, metrics, coef
 
 
 def flow_sums_bwd(g_B3: Tensor, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor,
