@@ -5,6 +5,7 @@
     unigrpo pretrain [--config FILE] [key=value ...] supervised pre-training of a base checkpoint
     unigrpo eval     [--config FILE] [key=value ...] held-out scores per category with 95% intervals + grid
     unigrpo sample   --checkpoint DIR --prompt TEXT [--out PNG]
+    unigrpo bench    [suite ...] [--quick] [--out DIR]   benchmarks (= `python -m bench`, needs the source tree)
 
 --config takes a YAML path or the name of a bundled config (unigrpo/configs/NAME.yaml). Overrides are
 dotted key=value pairs; a bad key or value stops with an error naming it before any work starts.
@@ -123,7 +124,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """Benchmarks: the same command as `python -m bench` (bench/README.md). bench/ is not installed: it is
+    imported from the source checkout that holds this (editable) unigrpo, or from the current directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cand in (root, os.getcwd()):
+        if os.path.exists(os.path.join(cand, "bench", "harness.py")):
+            if cand not in sys.path:
+                sys.path.insert(0, cand)
+            break
+    else:
+        print("unigrpo bench: error: bench/ not found; it ships with the source tree, not the installed package: "
+              "run from a checkout (pip install -e .) or use `python -m bench` in the repo root", file=sys.stderr)
+        return 2
+    from bench.harness import main as bench_main
+
+    return bench_main(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # its own argument parser (python -m bench --help)
+        return cmd_bench(argv[1:])
     ap = argparse.ArgumentParser(prog="unigrpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, fn in (("pretrain", cmd_pretrain), ("eval", cmd_eval), ("train", cmd_train), ("demo", cmd_demo)):
@@ -145,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.set_defaults(fn=cmd_sample)
+    sub.add_parser("bench", help="benchmarks: unigrpo bench [suite ...] [--quick] [--out DIR] (see --help)",
+                   add_help=False)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -1,0 +1,102 @@
+"""The bench harness end to end on CPU at its --quick shapes (a smoke test: CPU figures are no claims).
+
+- `flow step --quick` writes the JSON / markdown / PNG results with rows for the torch providers (eager and
+  torch.compile for the ops; torch for the whole step), positive times and throughputs, and the ceilings.
+- A deliberately wrong provider, injected through the documented test hook `bench.harness.TEST_PROVIDERS`
+  (no library code is touched), fails its reference check: the run exits 1 and the row says why.
+- Usage errors exit 2; `python -m bench --list` and `unigrpo bench --list` reach the same harness.
+Runs main() in-process (one torch import); the torch.compile provider's first compile dominates the time.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # bench/ is a source-tree package, not installed (bench/__init__.py)
+    sys.path.insert(0, REPO)
+
+from bench import harness  # noqa: E402
+from unigrpo_kernels.reference import flow as ref  # noqa: E402
+
+
+def _load(out_dir):
+    files = sorted(os.listdir(out_dir))
+    js = [f for f in files if f.endswith(".json")]
+    assert len(js) == 1, files
+    stem = js[0][:-5]
+    assert stem + ".md" in files
+    with open(os.path.join(out_dir, js[0])) as f:
+        return json.load(f), open(os.path.join(out_dir, stem + ".md")).read(), files
+
+
+def test_flow_and_step_quick_write_results(tmp_path):
+    rc = harness.main(["flow", "step", "--quick", "--out", str(tmp_path)])
+    assert rc == 0
+    res, md, files = _load(tmp_path)
+    assert res["device_kind"] == "cpu" and res["suites"] == ["flow", "step"]
+    assert res["ceilings"]["copy"]["value"] > 0 and res["ceilings"]["matmul"]["value"] > 0
+    for key in ("torch", "triton", "commit", "device", "python"):
+        assert key in res["environment"]
+    rows = res["rows"]
+    assert all(r["ok"] for r in rows)
+    assert set(rows[0]) == set(harness.ROW_FIELDS)
+    for op, modes in (("sde_step", ("fwd",)), ("flow_grpo_loss", ("fwd", "bwd", "full"))):
+        for prov in ("torch", "torch.compile"):
+            for mode in modes:
+                got = [r for r in rows if (r["suite"], r["op"], r["provider"], r["mode"]) == ("flow", op, prov, mode)]
+                assert len(got) == 1, (op, prov, mode)
+                r = got[0]
+                assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"]
+                assert r["unit"] == "GB/s" and r["value"] > 0 and r["ceiling_frac"] > 0
+                assert r["speedup_vs_torch"] > 0 and r["speedup_vs_compile"] > 0
+                assert r["check_ratio"] <= 1.0
+    step = {r["mode"]: r for r in rows if r["suite"] == "step" and r["provider"] == "torch"}
+    assert set(step) == {"iteration", "rollout_text", "rollout_image", "reward", "train"}
+    assert all(r["ms_p50"] > 0 for r in step.values())
+    it = step["iteration"]
+    assert it["unit"] == "TFLOP/s" and it["value"] > 0 and it["extra"]["samples/s"] > 0
+    assert it["extra"]["tokens/s"] > 0 and it["peak_mem_mib"] > 0
+    assert "| sde_step | torch.compile | fwd |" in md and "CPU figures" in md
+    assert any(f.endswith("-flow.png") for f in files) and any(f.endswith("-step.png") for f in files)
+
+
+def test_wrong_provider_fails_the_run(tmp_path, monkeypatch):
+    def wrong_sde_step(x_BD, v_BD, **kw):  # the reference, off by 0.1% in x'
+        x_next, logp = ref.sde_step(x_BD, v_BD, **kw)
+        return x_next * 1.001, logp
+
+    monkeypatch.setitem(harness.TEST_PROVIDERS, "sde_step", {"wrong": wrong_sde_step})
+    rc = harness.main(["flow", "--quick", "--providers", "torch", "--out", str(tmp_path)])
+    assert rc == 1
+    res, md, _ = _load(tmp_path)
+    bad = [r for r in res["rows"] if r["provider"] == "wrong"]
+    assert len(bad) == 1 and not bad[0]["ok"] and bad[0]["ms_p50"] is None
+    assert "x_next" in bad[0]["note"] and bad[0]["check_ratio"] > 1
+    assert all(r["ok"] for r in res["rows"] if r["provider"] == "torch")
+    assert "**FAIL**" in md
+
+
+def test_usage_errors_and_entry_points(tmp_path, capsys):
+    assert harness.main(["no-such-suite", "--out", str(tmp_path)]) == 2
+    assert "unknown bench suite" in capsys.readouterr().err
+    from unigrpo.cli import main as cli_main
+
+    assert cli_main(["bench", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "flow:" in listed and "step:" in listed and "sde_step B=8 D=3072" in listed
+    p = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr
+    assert "flow:" in p.stdout
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_device_slug(name):
+    import torch
+
+    env = {"device": "NVIDIA H100 80GB HBM3", "cpu": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"}
+    slug = harness.device_slug(env, torch.device(name))
+    assert slug == ("nvidia-h100-80gb-hbm3" if name == "cuda" else "cpu-intel-xeon-platinum-8481c")
