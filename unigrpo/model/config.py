@@ -8,7 +8,10 @@ Presets:
 - `bagel-7b`: the shape of BAGEL-7B-MoT's language model (Qwen2-7B decoder, duplicated into two experts):
   hidden 3584, 28 layers, 28 heads, 4 KV heads, intermediate 18944, vocab 152064, rope θ 1e6, q/k/v bias,
   1024-px images through a 16-channel FLUX VAE (128×128 latent, 2×2 patches → 4096 tokens of 64 values).
-  Weights come from a local BAGEL checkpoint directory; nothing is downloaded.
+  Weights come from a local BAGEL checkpoint directory (unigrpo/model/bagel.py); nothing is downloaded.
+  It also takes BAGEL's two input conventions (new fields, defaults unchanged for the other presets):
+  σ enters the timestep features unscaled (`time_scale` 1.0) and the 2D sin-cos table puts the column in
+  the first half of the channels (`pos_table_order` "col-row").
 """
 from __future__ import annotations
 
@@ -57,6 +60,13 @@ class ModelConfig:
     """image codec: "pixel" (space-to-depth of the RGB canvas) or "flux-vae" (a FLUX-style VAE)"""
     max_latent_size: int = 64
     """side (in patches) of the fixed 2D sin-cos position table"""
+    pos_table_order: str = "row-col"
+    """which half of the 2D sin-cos table's channels encodes the patch row: "row-col" (first half row, second
+    half column; our presets) or "col-row" (first half column — the DiT/MAE table BAGEL uses)"""
+    time_scale: float = 1000.0
+    """σ is multiplied by this before the sinusoidal timestep features (1000 for our presets; BAGEL: 1.0)"""
+    vae_path: str = ""
+    """local ae.safetensors of the "flux-vae" codec ("" = none; load_bagel sets it); never downloaded"""
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -76,6 +86,10 @@ class ModelConfig:
              f"latent grid {self.latent_size // self.patch} exceeds max_latent_size {self.max_latent_size}")
         need(self.codec in ("pixel", "flux-vae"), f"codec must be 'pixel' or 'flux-vae', got {self.codec!r}")
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        need(self.pos_table_order in ("row-col", "col-row"),
+             f"pos_table_order must be 'row-col' or 'col-row', got {self.pos_table_order!r}")
+        need(self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}")
+        need(isinstance(self.vae_path, str), f"vae_path must be a string path, got {self.vae_path!r}")
 
     @property
     def head_dim(self) -> int:
@@ -108,7 +122,8 @@ def preset(name: str, **overrides) -> ModelConfig:
     elif name == "bagel-7b":
         cfg = ModelConfig(name="bagel-7b", vocab_size=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
                           intermediate=18944, rope_theta=1e6, max_text_len=32768, latent_channels=16,
-                          latent_size=128, image_size=1024, codec="flux-vae")
+                          latent_size=128, image_size=1024, codec="flux-vae", time_scale=1.0,
+                          pos_table_order="col-row")
     else:
         raise ValueError(f"unknown model preset {name!r}; expected one of {', '.join(PRESETS)}")
     return replace(cfg, **overrides) if overrides else cfg

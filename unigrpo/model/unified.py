@@ -6,7 +6,9 @@ final norm. Embeddings, lm_head and RoPE are shared. Tokens are routed by type (
 attention runs over the whole packed sequence (GQA). Image latents are patchified (p×p) into tokens,
 projected in with a linear layer, plus a timestep embedding of σ and a fixed 2D sin-cos position table;
 all tokens of one image share one RoPE position. The output projection to latent space starts at zero, so
-a fresh model predicts v = 0.
+a fresh model predicts v = 0. Two input conventions are config fields so BAGEL checkpoints load as they are
+(unigrpo/model/bagel.py): the σ scale of the timestep features (`time_scale`) and which half of the 2D
+table's channels encodes the row (`pos_table_order`).
 
 Two ways to run it, with the same numbers (tests/test_model.py checks they agree):
 - `forward_packed(layout, ...)`: the training path, one packed sequence per row (PackedLayout);
@@ -76,9 +78,59 @@ class ExpertBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer: both experts' projections and MLPs around one attention over the sequence. Its
+    `forward` is the unit that FSDP shards and activation checkpointing recomputes (unigrpo/distributed)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         self.experts = nn.ModuleList([ExpertBlock(cfg), ExpertBlock(cfg)])
+        self.checkpointing = False
+        """recompute this layer in the backward instead of keeping its activations (training only)"""
+
+    def forward(self, x, routes, cos_f, sin_f, B: int, S: int, zero_fill: bool, *, mask=None, block_mask=None,
+                backend: str = "sdpa", cache: KVCache | None = None, li: int = 0, append: bool = False):
+        """x [B·S, H] → [B·S, H]. routes: (expert, token indices) pairs; cos_f/sin_f [B·S, hd]; zero_fill: some
+        tokens are padding (they get zero q/k/v and keep their hidden state). With `cache`, this layer's
+        cached K/V (index li) are prepended, and written first when `append`."""
+        if self.checkpointing and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, routes, cos_f, sin_f, B, S, zero_fill, mask, block_mask, backend, None, li,
+                append, use_reentrant=False)
+        return self._forward(x, routes, cos_f, sin_f, B, S, zero_fill, mask, block_mask, backend, cache, li, append)
+
+    def _forward(self, x, routes, cos_f, sin_f, B, S, zero_fill, mask, block_mask, backend, cache, li, append):
+        cfg = self.cfg
+        hd = cfg.head_dim
+        new_qkv = x.new_zeros if zero_fill else x.new_empty
+        q = new_qkv(B * S, cfg.heads, hd)
+        k = new_qkv(B * S, cfg.kv_heads, hd)
+        v = new_qkv(B * S, cfg.kv_heads, hd)
+        for e, idx in routes:
+            qe, ke, ve = self.experts[e].qkv(x[idx], cfg.heads, cfg.kv_heads)
+            q[idx] = apply_rope(qe, cos_f[idx], sin_f[idx])
+            k[idx] = apply_rope(ke, cos_f[idx], sin_f[idx])
+            v[idx] = ve
+        q = q.view(B, S, cfg.heads, hd).transpose(1, 2)
+        k = k.view(B, S, cfg.kv_heads, hd).transpose(1, 2)
+        v = v.view(B, S, cfg.kv_heads, hd).transpose(1, 2)
+        if cache is not None:
+            L = cache.length
+            if append:
+                cache.k[li][:, :, L:L + S] = k
+                cache.v[li][:, :, L:L + S] = v
+                k, v = cache.k[li][:, :, :L + S], cache.v[li][:, :, :L + S]
+            else:
+                k = torch.cat([cache.k[li][:, :, :L], k], dim=2)
+                v = torch.cat([cache.v[li][:, :, :L], v], dim=2)
+        attn = attend(q, k, v, mask=mask, block_mask=block_mask, backend=backend)
+        attn = attn.transpose(1, 2).reshape(B * S, cfg.heads * hd)
+        out = x.clone() if zero_fill else torch.empty_like(x)
+        for e, idx in routes:
+            ex = self.experts[e]
+            h = x[idx] + ex.o_proj(attn[idx])
+            out[idx] = h + ex.mlp(h)
+        return out
 
 
 def rope_cos_sin(pos, head_dim: int, theta: float, dtype):
@@ -96,27 +148,30 @@ def apply_rope(x, cos, sin):
     return x * cos[..., None, :] + rot * sin[..., None, :]
 
 
-def timestep_features(sigma_M, dim: int = 256):
-    """Sinusoidal features of σ ∈ [0, 1] (scaled by 1000) → [M, dim]."""
+def timestep_features(sigma_M, dim: int = 256, scale: float = 1000.0):
+    """Sinusoidal features [cos, sin] of scale·σ, σ ∈ [0, 1] → [M, dim] float64 (cfg.time_scale: 1000 for our
+    presets, 1 for BAGEL checkpoints)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma_M.device, dtype=torch.float64) / half)
-    ang = sigma_M.to(torch.float64)[:, None] * 1000.0 * freqs
+    ang = sigma_M.to(torch.float64)[:, None] * scale * freqs
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
 
 
-def sincos_2d_table(grid: int, dim: int):
-    """Fixed 2D sin-cos position table [grid*grid, dim]: half the channels encode the row, half the column."""
+def sincos_2d_table(grid: int, dim: int, order: str = "row-col"):
+    """Fixed 2D sin-cos position table [grid*grid, dim] float64, entry row·grid + col: the first dim//2 channels
+    encode the row ("row-col") or the column ("col-row", BAGEL's / DiT's table), the rest the other axis."""
     def one_axis(n, d):
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         ang = torch.arange(n, dtype=torch.float64)[:, None] * omega
         return torch.cat([ang.sin(), ang.cos()], dim=1)  # [n, d]
 
     d_half = dim // 2
-    rows = one_axis(grid, d_half)
-    cols = one_axis(grid, dim - d_half)
-    table = torch.cat([rows[:, None, :].expand(grid, grid, d_half),
-                       cols[None, :, :].expand(grid, grid, dim - d_half)], dim=-1)
-    return table.reshape(grid * grid, dim)
+    first = one_axis(grid, d_half)
+    second = one_axis(grid, dim - d_half)
+    idx = torch.arange(grid)
+    rows, cols = idx[:, None].expand(grid, grid), idx[None, :].expand(grid, grid)
+    a, b = (cols, rows) if order == "col-row" else (rows, cols)
+    return torch.cat([first[a], second[b]], dim=-1).reshape(grid * grid, dim)
 
 
 def patchify(latent_BChw, p: int):
@@ -165,7 +220,8 @@ class UnifiedModel(nn.Module):
         self.image_in = nn.Linear(cfg.patch_dim, H)
         self.image_out = nn.Linear(H, cfg.patch_dim)
         self.time_embed = nn.Sequential(nn.Linear(256, H), nn.SiLU(), nn.Linear(H, H))
-        self.register_buffer("pos_table", sincos_2d_table(cfg.max_latent_size, H).float(), persistent=False)
+        self.register_buffer("pos_table", sincos_2d_table(cfg.max_latent_size, H, cfg.pos_table_order).float(),
+                             persistent=False)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ parameters
@@ -181,8 +237,12 @@ class UnifiedModel(nn.Module):
                 nn.init.ones_(m.weight)
         nn.init.zeros_(self.image_out.weight)
         nn.init.zeros_(self.image_out.bias)
+        self.reset_buffers()
+
+    def reset_buffers(self):
+        """Recompute the non-persistent buffers (the 2D position table), e.g. after `to_empty`."""
         if not self.pos_table.is_meta:
-            self.pos_table.copy_(sincos_2d_table(self.cfg.max_latent_size, self.cfg.hidden))
+            self.pos_table.copy_(sincos_2d_table(self.cfg.max_latent_size, self.cfg.hidden, self.cfg.pos_table_order))
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """"text": the text expert + embeddings + lm_head; "image": the image expert + in/out projections +
@@ -215,7 +275,7 @@ class UnifiedModel(nn.Module):
         gh = latents_MChw.shape[-2] // cfg.patch
         rows = torch.arange(gh, device=tokens.device)[:, None] * cfg.max_latent_size
         idx = (rows + torch.arange(g, device=tokens.device)[None, :]).reshape(-1)
-        t = self.time_embed(timestep_features(sigma_M.to(tokens.device)).to(tokens.dtype))
+        t = self.time_embed(timestep_features(sigma_M.to(tokens.device), scale=cfg.time_scale).to(tokens.dtype))
         return self.image_in(tokens) + t[:, None, :] + self.pos_table[idx].to(tokens.dtype)
 
     def velocity_from_hidden(self, hidden_MNH, latent_shape):
@@ -246,38 +306,12 @@ class UnifiedModel(nn.Module):
             idx = torch.nonzero(sel if keep is None else sel & keep).squeeze(1)
             if idx.numel() > 0:
                 routes.append((e, idx))
-        new_qkv = x.new_empty if keep is None or bool(keep.all()) else x.new_zeros
+        zero_fill = not (keep is None or bool(keep.all()))
         hd = cfg.head_dim
         cos_f, sin_f = cos.reshape(B * S, hd), sin.reshape(B * S, hd)
         for li, layer in enumerate(self.layers):
-            q = new_qkv(B * S, cfg.heads, hd)
-            k = new_qkv(B * S, cfg.kv_heads, hd)
-            v = new_qkv(B * S, cfg.kv_heads, hd)
-            for e, idx in routes:
-                qe, ke, ve = layer.experts[e].qkv(x[idx], cfg.heads, cfg.kv_heads)
-                q[idx] = apply_rope(qe, cos_f[idx], sin_f[idx])
-                k[idx] = apply_rope(ke, cos_f[idx], sin_f[idx])
-                v[idx] = ve
-            q = q.view(B, S, cfg.heads, hd).transpose(1, 2)
-            k = k.view(B, S, cfg.kv_heads, hd).transpose(1, 2)
-            v = v.view(B, S, cfg.kv_heads, hd).transpose(1, 2)
-            if cache is not None:
-                L = cache.length
-                if append:
-                    cache.k[li][:, :, L:L + S] = k
-                    cache.v[li][:, :, L:L + S] = v
-                    k, v = cache.k[li][:, :, :L + S], cache.v[li][:, :, :L + S]
-                else:
-                    k = torch.cat([cache.k[li][:, :, :L], k], dim=2)
-                    v = torch.cat([cache.v[li][:, :, :L], v], dim=2)
-            attn = attend(q, k, v, mask=mask, block_mask=block_mask, backend=backend)
-            attn = attn.transpose(1, 2).reshape(B * S, cfg.heads * hd)
-            out = torch.empty_like(x) if new_qkv is x.new_empty else x.clone()
-            for e, idx in routes:
-                ex = layer.experts[e]
-                h = x[idx] + ex.o_proj(attn[idx])
-                out[idx] = h + ex.mlp(h)
-            x = out
+            x = layer(x, routes, cos_f, sin_f, B, S, zero_fill, mask=mask, block_mask=block_mask, backend=backend,
+                      cache=cache, li=li, append=append)
         return x.view(B, S, H)
 
     def _final_text(self, hidden_BSH):
@@ -285,13 +319,15 @@ class UnifiedModel(nn.Module):
 
     # ------------------------------------------------------------------ packed (training) path
     def forward_packed(self, layout: PackedLayout, text_ids_BS, latents_MChw=None, sigma_M=None,
-                       backend: str = "sdpa"):
+                       backend: str = "sdpa", text_head=None):
         """One forward over a packed batch.
 
         text_ids_BS: long [B, S] (values at image/pad positions are ignored);
         latents_MChw, sigma_M: one latent and σ per image block of the layout, in layout.block_starts order.
-        Returns (text_hidden [B, S, H] after the final text norm — meaningful at text positions —,
-                 velocity [M, C, h, w] or None)."""
+        text_head: optional fn(text_hidden [B, S, H], lm_head weight [V, H]) applied inside this forward (under
+        FSDP the weight is only gathered during a forward), e.g. the fused token log-probs.
+        Returns (text_hidden [B, S, H] after the final text norm — meaningful at text positions — or
+                 text_head's result, velocity [M, C, h, w] or None)."""
         B, S = layout.shape
         if text_ids_BS.shape != (B, S):
             raise ValueError(f"text_ids has shape {tuple(text_ids_BS.shape)}, layout expects {(B, S)}")
@@ -318,7 +354,8 @@ class UnifiedModel(nn.Module):
         if M:
             img_hidden = torch.stack([hidden[b, s:s + n] for b, s, n in layout.block_starts])
             velocity = self.velocity_from_hidden(img_hidden, latents_MChw.shape[1:])
-        return self._final_text(hidden), velocity
+        text = self._final_text(hidden)
+        return (text if text_head is None else text_head(text, self.lm_head.weight)), velocity
 
     # ------------------------------------------------------------------ cached (inference) path
     def new_cache(self, batch: int, capacity: int, device=None, dtype=None) -> KVCache:
