@@ -1,5 +1,6 @@
 """`unigrpo train` / `python -m unigrpo.train`: build the trainer from a config, evaluate the base, train,
-evaluate again, write the report. Closes cleanly on success and on error (a checkpoint is on disk every
+evaluate again, write the report. Multi-GPU (or multi-process on CPU): `torchrun --nproc_per_node=N -m
+unigrpo.train --config ...` — FSDP2 (unigrpo/distributed); rank 0 writes logs, evaluations and the report. Closes cleanly on success and on error (a checkpoint is on disk every
 `checkpoint_every` iterations; rerunning the same command resumes)."""
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import argparse
 import os
 import sys
 import time
+
+import torch
 
 from unigrpo.config import config_to_dict, load_config
 from unigrpo.trainer import TrainConfig, Trainer
@@ -18,8 +21,13 @@ def _evaluate(trainer: Trainer, tag: str) -> dict:
     cfg = trainer.cfg
     ecfg = EvalConfig(checkpoint=cfg.base, samples=cfg.eval_samples, steps=cfg.eval_steps,
                       cfg_scale=cfg.eval_cfg_scale, temperature=cfg.rollout.temperature)
-    result = evaluate(trainer.bundle, ecfg, progress=trainer.progress)
-    write_eval(result, os.path.join(cfg.out, f"eval_{tag}"))
+    from unigrpo.distributed import unsharded
+
+    # under FSDP every rank gathers the weights and runs the same evaluation (it is seeded); rank 0 writes
+    with unsharded(trainer.policy), torch.no_grad():
+        result = evaluate(trainer.bundle, ecfg, progress=trainer.progress and trainer.env.is_main)
+    if trainer.env.is_main:
+        write_eval(result, os.path.join(cfg.out, f"eval_{tag}"))
     return result.summary
 
 
@@ -31,9 +39,11 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     t0 = time.time()
     trainer = Trainer(cfg, progress=progress)
     before = None
+    main = trainer.env.is_main
     if trainer.step == 0:
         before = _evaluate(trainer, "base")
-        print(format_table(before, f"before: base model, held-out ({cfg.eval_samples} samples)"), flush=True)
+        if main:
+            print(format_table(before, f"before: base model, held-out ({cfg.eval_samples} samples)"), flush=True)
     evals = [(0, before["overall"]["geneval"])] if before else []
 
     def on_eval(tr):
@@ -43,6 +53,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     trainer.train(on_eval=on_eval)
     after = _evaluate(trainer, "final")
     evals.append((trainer.step, after["overall"]["geneval"]))
+    if not main:
+        return {"before": before, "after": after, "history": [], "report": None}
     history = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
     plot_reward_curve(history, os.path.join(cfg.out, "reward_curve.png"), evals)
     if before is None and os.path.exists(os.path.join(cfg.out, "eval_base", "eval.json")):
@@ -74,6 +86,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"unigrpo train: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

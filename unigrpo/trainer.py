@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,11 +37,15 @@ from tqdm import tqdm
 
 from unigrpo.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from unigrpo.config import config_to_dict
+from unigrpo.distributed.parallelize import DTYPES as DIST_DTYPES
+from unigrpo.distributed import (DistConfig, all_gather_objects, apply_fsdp, full_model_state, full_optimizer_state,
+                                 init_distributed, load_full_model_state, load_full_optimizer_state, mean_metrics,
+                                 unsharded)
 from unigrpo.model import PackedLayout, Segment
 from unigrpo.model.build import load_bundle
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
 from unigrpo.rewards.verifier import REWARD_KINDS, ShapesVerifierReward, score
-from unigrpo.rollout.rollout import RolloutConfig, Trajectories, rollout
+from unigrpo.rollout.rollout import RolloutConfig, Trajectories, draw_windows, rollout
 from unigrpo.world import CATEGORIES, make_prompts
 from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, resolve_backend, sigma_schedule, step_coeffs_batch,
                              text_grpo_loss, token_logprobs)
@@ -133,6 +138,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     reward: str = "ta"
     """reward: the verifier's "ta" (fraction of checks) or "geneval" (all correct)"""
     adv_scope: str = "group"
@@ -227,15 +233,25 @@ class Trainer:
         if not os.path.exists(os.path.join(cfg.base, "model.safetensors")):
             raise FileNotFoundError(f"base checkpoint {cfg.base!r} not found (expected model.safetensors and "
                                     "config.json there); run `unigrpo pretrain` or `unigrpo demo` first")
+        self.env = env = init_distributed(cfg.dist.device)
+        if cfg.prompts_per_iter % env.world:
+            raise ValueError(f"prompts_per_iter={cfg.prompts_per_iter} must be a multiple of the world size "
+                             f"{env.world} (each rank rolls out whole groups)")
         torch.manual_seed(cfg.seed)
         self.bundle = load_bundle(cfg.base)
-        self.policy = self.bundle.model
-        dev = self.policy.embed.weight.device
+        self.policy = self.bundle.model.to(env.device)
+        dev = env.device
         self.flow_backend = resolve_backend(cfg.flow_backend, dev, op="flow_grpo_loss")
         self.text_backend = resolve_backend(cfg.text_backend, dev, op="token_logprobs")
         self.policy.train()
         need_ref = cfg.loss.reg != "none" or cfg.loss.kl_coef > 0
         self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False) if need_ref else None
+        if env.enabled and self.ref is not None:   # frozen: kept in the dtype FSDP gathers it in
+            self.ref.to(DIST_DTYPES[cfg.dist.param_dtype])
+        if env.enabled:
+            apply_fsdp(self.policy, cfg.dist)
+            if self.ref is not None:
+                apply_fsdp(self.ref, cfg.dist, checkpointing=False)
         groups = self.policy.parameter_groups()
         for p in groups["text"]:
             p.requires_grad_(cfg.loss.train_text)
@@ -250,7 +266,8 @@ class Trainer:
         self.reward_fn = ShapesVerifierReward(cfg.reward)
         self.pool = make_prompts("train", 4096, seed=cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        # rank r samples from its own stream (rank 0's is the single-process one)
+        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed + 7919 * env.rank)
         self.sigmas = sigma_schedule(cfg.rollout.steps, cfg.rollout.shift)
         self.step = 0
         os.makedirs(cfg.out, exist_ok=True)
@@ -260,12 +277,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | None = None):
-        state = {"optimizer": self.opt.state_dict(), "rng": get_rng_state(), "gen": self.gen.get_state(),
-                 "np_rng": self.rng.bit_generator.state, "step": self.step}
-        config = self.bundle.checkpoint_config()
-        config["train"] = config_to_dict(self.cfg)
-        save_checkpoint(path or self.ckpt_dir, model_state=self.policy.state_dict(), config=config,
-                        trainer_state=state, meta={"kind": "unigrpo", "step": self.step})
+        """A collective under FSDP (every rank gathers the full state); rank 0 writes."""
+        env = self.env
+        model_state = full_model_state(self.policy) if env.enabled else self.policy.state_dict()
+        gens = all_gather_objects(self.gen.get_state().cpu(), env)
+        state = {"optimizer": full_optimizer_state(self.policy, self.opt), "rng": get_rng_state(), "gen": gens[0],
+                 "gens": gens, "world": env.world, "np_rng": self.rng.bit_generator.state, "step": self.step}
+        if env.is_main:
+            config = self.bundle.checkpoint_config()
+            config["train"] = config_to_dict(self.cfg)
+            save_checkpoint(path or self.ckpt_dir, model_state=model_state, config=config,
+                            trainer_state=state, meta={"kind": "unigrpo", "step": self.step, "world": env.world})
+        if env.enabled:
+            torch.distributed.barrier()
 
     def load(self, path: str):
         from unigrpo.checkpoint import load_state_strict
@@ -273,22 +297,36 @@ class Trainer:
         ck = load_checkpoint(path)
         if ck.trainer_state is None:
             raise ValueError(f"checkpoint {path} has no trainer state (trainer.pt); cannot resume from it")
-        load_state_strict(self.policy, ck.model_state)
+        env = self.env
+        if env.enabled:
+            load_full_model_state(self.policy, ck.model_state)
+        else:
+            load_state_strict(self.policy, ck.model_state)
         st = ck.trainer_state
-        self.opt.load_state_dict(st["optimizer"])
+        if all(isinstance(k, str) for k in st["optimizer"]["state"]):   # keyed by parameter name: any world size
+            load_full_optimizer_state(self.policy, self.opt, st["optimizer"])
+        else:
+            self.opt.load_state_dict(st["optimizer"])
         set_rng_state(st["rng"])
-        self.gen.set_state(st["gen"])
+        if st.get("world", 1) == env.world:
+            self.gen.set_state(st.get("gens", [st["gen"]])[env.rank].to(self.gen.get_state().device))
+        else:  # another world size: the sampling streams cannot continue; start new ones from (seed, step, rank)
+            self.gen.manual_seed(hash((self.cfg.seed, int(st["step"]), env.rank)) % 2**63)
+            warnings.warn(f"checkpoint {path} was written at world size {st.get('world', 1)}, resuming at "
+                          f"{env.world}: weights and optimizer state continue exactly, sampling streams restart")
         self.rng.bit_generator.state = st["np_rng"]
         self.step = int(st["step"])
 
     # ------------------------------------------------------------------ forward pieces
     def _forward(self, model, batch: PackedBatch, with_entropy: bool = False):
-        """Packed forward → (text log-probs [n] (+ entropy [n]), velocities [M, C, h, w])."""
-        hidden, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M)
-        h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
-        out = token_logprobs(h_sel, model.lm_head.weight, batch.text_tgt, temperature=self.cfg.rollout.temperature,
-                             return_entropy=with_entropy)
-        return out, v
+        """Packed forward → (text log-probs [n] (+ entropy [n]), velocities [M, C, h, w]). The log-probs run
+        inside the model's forward (`text_head`), where FSDP has lm_head gathered."""
+        def head(hidden, weight):
+            h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
+            return token_logprobs(h_sel, weight, batch.text_tgt, temperature=self.cfg.rollout.temperature,
+                                  return_entropy=with_entropy)
+
+        return model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M, text_head=head)
 
     def _scatter(self, values_n, batch: PackedBatch, R: int, T: int):
         out = torch.zeros(R * T, dtype=values_n.dtype)
@@ -299,29 +337,39 @@ class Trainer:
     def iteration(self) -> dict:
         cfg, rc = self.cfg, self.cfg.rollout
         t_start = time.perf_counter()
+        env = self.env
         step_rng = np.random.default_rng([cfg.seed, self.step])  # prompts and windows: f(seed, step) only (§4)
         picks = step_rng.integers(0, len(self.pool), cfg.prompts_per_iter)
-        prompts = [self.pool[i] for i in picks]
+        windows = draw_windows(step_rng, cfg.prompts_per_iter, rc)
+        mine = slice(env.rank * cfg.prompts_per_iter // env.world, (env.rank + 1) * cfg.prompts_per_iter // env.world)
+        prompts = [self.pool[i] for i in picks[mine]]
         self.policy.eval()
-        traj = rollout(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc, generator=self.gen,
-                       window_rng=step_rng, backend=self.flow_backend)
+        with unsharded(self.policy):
+            traj = rollout(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc, generator=self.gen,
+                           windows=windows[mine], backend=self.flow_backend)
         self.policy.train()
         t_reward = time.perf_counter()
         images = self.bundle.codec.decode(traj.latents)
         group_prompts = [p for p in prompts for _ in range(rc.group_size)]
         rewards = score(self.reward_fn, images, group_prompts)
-        adv = group_advantages(rewards, rc.group_size, scope=cfg.adv_scope).float()
+        if env.enabled and cfg.adv_scope == "batch":   # the batch std spans every rank's groups
+            everyone = torch.cat(all_gather_objects(rewards.cpu(), env))
+            n = rewards.numel()
+            adv = group_advantages(everyone, rc.group_size, scope="batch").float()[env.rank * n:(env.rank + 1) * n]
+        else:
+            adv = group_advantages(rewards, rc.group_size, scope=cfg.adv_scope).float()
+        adv = adv.to(env.device)
         keep = group_has_signal(rewards, rc.group_size) if cfg.skip_zero_std else torch.ones_like(rewards, dtype=torch.bool)
         rows = torch.nonzero(keep).flatten().tolist()
         t_train = time.perf_counter()
         metrics = {"step": self.step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                   "reward/groups_with_signal": len(rows) / rc.group_size / cfg.prompts_per_iter,
+                   "reward/groups_with_signal": len(rows) / rc.group_size / len(prompts),
                    "reasoning/length": traj.reasoning.mask_BT.sum(1).float().mean().item()}
         for c in CATEGORIES:
             sel = [i for i, p in enumerate(group_prompts) if p.category == c]
             if sel:
                 metrics[f"reward/{c}"] = rewards[sel].mean().item()
-        if rows:
+        if rows or env.enabled:   # under FSDP every rank joins the update's collectives, even with no rows
             metrics.update(self._update(traj, rows, adv))
         self.step += 1
         t_end = time.perf_counter()
@@ -329,8 +377,23 @@ class Trainer:
         metrics.update({"time/rollout_text": traj.timing["rollout_text"],
                         "time/rollout_image": traj.timing["rollout_image"],
                         "time/reward": t_train - t_reward, "time/train": t_end - t_train,
-                        "time/iteration": t_end - t_start, "samples_per_s": n / (t_end - t_start)})
-        return metrics
+                        "time/iteration": t_end - t_start, "samples_per_s": n * env.world / (t_end - t_start)})
+        return mean_metrics(metrics, env)
+
+    def _balanced_chunks(self, rows: list[int], n: int):
+        """Mini-batches of `rows` as (rows, weight). Under FSDP every rank must run as many forwards and
+        backwards as the others: a rank with fewer mini-batches runs dummy ones (row 0, weight 0), and the
+        real ones are weighted world / (ranks with a real mini-batch at this index), so the gradient FSDP
+        averages over ranks is the mean over the real mini-batches. weight is 1 in a single process."""
+        chunks = list(_chunks(rows, n))
+        env = self.env
+        if not env.enabled:
+            yield from ((mb, 1.0) for mb in chunks)
+            return
+        counts = all_gather_objects(len(chunks), env)
+        for i in range(max(counts)):
+            real = sum(c > i for c in counts)
+            yield (chunks[i], env.world / real) if i < len(chunks) else ([0], 0.0)
 
     def _update(self, traj: Trajectories, rows: list[int], adv_R: torch.Tensor) -> dict:
         cfg, lc, oc, rc = self.cfg, self.cfg.loss, self.cfg.optim, self.cfg.rollout
@@ -338,23 +401,29 @@ class Trainer:
         W = traj.x_RW.shape[1]
         tok = self.bundle.tokenizer
         n_img = self.policy.cfg.image_tokens
-        co = step_coeffs_batch(self.sigmas, traj.window_steps.flatten(), rc.eta, rc.sde_kind)
-        a_RW, b_RW, s_RW, h_RW = (co[k].float().view(R, W) for k in ("a", "b", "std", "h"))
+        dev = self.env.device
+        co = step_coeffs_batch(self.sigmas, traj.window_steps.flatten().cpu(), rc.eta, rc.sde_kind)
+        a_RW, b_RW, s_RW, h_RW = (co[k].float().view(R, W).to(dev) for k in ("a", "b", "std", "h"))
         mask_RT = traj.reasoning.mask_BT
         D = traj.x_RW[0, 0].numel()
         # old (and reference) quantities with the training code path, no grad
         old_logp = traj.reasoning.logp_BT.clone()
         v_old = torch.zeros_like(traj.x_RW)
-        ref_logp = torch.zeros(R, T) if lc.kl_coef > 0 else None
-        entropy = torch.zeros(R, T)
+        ref_logp = torch.zeros(R, T, device=dev) if lc.kl_coef > 0 else None
+        entropy = torch.zeros(R, T, device=dev)
         v_ref_t = torch.zeros_like(traj.x_RW)
         mism_text, mism_flow = 0.0, 0.0
         with torch.no_grad():
-            for mb in _chunks(rows, oc.minibatch):
+            for mb, weight in self._balanced_chunks(rows, oc.minibatch):
                 batch = pack(traj, mb, self.sigmas, n_img, tok.pad_id)
-                idx = torch.tensor(mb)
+                idx = torch.tensor(mb, device=dev)
                 if cfg.recompute_old:
                     (lp, ent), v = self._forward(self.policy, batch, with_entropy=True)
+                if self.ref is not None:
+                    (lp_ref, _), v_r = self._forward(self.ref, batch, with_entropy=True)
+                if weight == 0:
+                    continue   # a dummy mini-batch: its forwards only keep FSDP's collectives in step
+                if cfg.recompute_old:
                     lp_RT = self._scatter(lp, batch, len(mb), T)
                     mism_text = max(mism_text, (lp_RT - traj.reasoning.logp_BT[idx]).abs()[mask_RT[idx]].max().item()
                                     if mask_RT[idx].any() else 0.0)
@@ -362,7 +431,6 @@ class Trainer:
                     entropy[idx] = self._scatter(ent, batch, len(mb), T)
                     v_old[idx] = v.float().view(len(mb), W, *v.shape[1:])
                 if self.ref is not None:
-                    (lp_ref, _), v_r = self._forward(self.ref, batch, with_entropy=True)
                     v_ref_t[idx] = v_r.float().view(len(mb), W, *v_r.shape[1:])
                     if ref_logp is not None:
                         ref_logp[idx] = self._scatter(lp_ref, batch, len(mb), T)
@@ -371,9 +439,9 @@ class Trainer:
                 v_old = (traj.x_next_RW - bc(s_RW) * traj.noise_RW - bc(a_RW) * traj.x_RW) / bc(b_RW)
             mu_old = bc(a_RW) * traj.x_RW + bc(b_RW) * v_old
             xi = (traj.x_next_RW - mu_old) / bc(s_RW)
-            if cfg.recompute_old:
+            if cfg.recompute_old and rows:
                 lp_flow = gaussian_logprob(traj.x_next_RW.flatten(0, 1), mu_old.flatten(0, 1), s_RW.flatten())
-                sel = torch.tensor(rows)
+                sel = torch.tensor(rows, device=dev)
                 mism_flow = (lp_flow.view(R, W) - traj.logp_RW)[sel].abs().max().item()
         v_ref_all = v_ref_t if self.ref is not None else v_old
         # K PPO epochs over mini-batches
@@ -385,12 +453,12 @@ class Trainer:
         gnorms = {"text": 0.0, "image": 0.0}
         for _ in range(oc.epochs):
             order = [rows[i] for i in self.rng.permutation(len(rows))]
-            for mb in _chunks(order, oc.minibatch):
+            for mb, weight in self._balanced_chunks(order, oc.minibatch):
                 batch = pack(traj, mb, self.sigmas, n_img, tok.pad_id)
-                idx = torch.tensor(mb)
+                idx = torch.tensor(mb, device=dev)
                 lp, v = self._forward(self.policy, batch)
                 lp_RT = self._scatter(lp, batch, len(mb), T)
-                loss = torch.zeros(())
+                loss = torch.zeros((), device=dev)
                 m: dict[str, torch.Tensor] = {}
                 if lc.train_text:
                     l_text, mt = text_grpo_loss(logp_BL=lp_RT, old_logp_BL=old_logp[idx], adv_B=adv_R[idx],
@@ -413,38 +481,40 @@ class Trainer:
                     loss = loss + lam * l_flow
                     m.update(mf)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight if weight != 1.0 else loss).backward()
                 for name, params in self.groups.items():
-                    g = [p.grad for p in params if p.grad is not None]
-                    gnorms[name] = max(gnorms[name], torch.linalg.vector_norm(
-                        torch.stack([torch.linalg.vector_norm(x) for x in g])).item() if g else 0.0)
-                total_norm = torch.nn.utils.clip_grad_norm_([p for ps in self.groups.values() for p in ps],
-                                                            oc.grad_clip)
+                    norm = _grad_norm(params)   # a collective under FSDP: every rank computes it
+                    gnorms[name] = max(gnorms[name], norm) if weight > 0 else gnorms[name]
+                total_norm = _local(torch.nn.utils.clip_grad_norm_(
+                    [p for ps in self.groups.values() for p in ps], oc.grad_clip))
                 if torch.isfinite(total_norm):
                     self.opt.step()
-                else:
+                elif weight > 0:
                     sums["skipped_steps"] = sums.get("skipped_steps", 0.0) + 1
+                if weight == 0:
+                    continue
                 m["loss"] = loss.detach()
                 for k, val in m.items():
                     sums[k] = sums.get(k, 0.0) + float(val)
                 count += 1
-        out = {k: val / count for k, val in sums.items() if k != "skipped_steps"}
+        out = {k: val / count for k, val in sums.items() if k != "skipped_steps"} if count else {}
         out["skipped_steps"] = sums.get("skipped_steps", 0.0)
         out["grad_norm/text"], out["grad_norm/image"] = gnorms["text"], gnorms["image"]
         out["mismatch/text_logp_max"], out["mismatch/flow_logp_max"] = mism_text, mism_flow
-        sel = torch.tensor(rows)
-        out["text/entropy"] = (entropy[sel][mask_RT[sel]].mean().item() if cfg.recompute_old and mask_RT[sel].any()
-                               else float("nan"))
+        sel = torch.tensor(rows, dtype=torch.long, device=dev)
+        out["text/entropy"] = (entropy[sel][mask_RT[sel]].mean().item() if cfg.recompute_old and rows
+                               and mask_RT[sel].any() else float("nan"))
         return out
 
     # ------------------------------------------------------------------ the loop
     def train(self, on_eval=None) -> list[dict]:
         cfg = self.cfg
+        main = self.env.is_main   # rank 0 writes logs and shows progress; every rank trains and checkpoints
         log_path = os.path.join(cfg.out, "metrics.jsonl")
         history = []
-        writer = _tensorboard(cfg.out)
-        bar = tqdm(total=cfg.iterations, initial=self.step, desc="unigrpo", disable=not self.progress)
-        with open(log_path, "a") as log:
+        writer = _tensorboard(cfg.out) if main else None
+        bar = tqdm(total=cfg.iterations, initial=self.step, desc="unigrpo", disable=not (self.progress and main))
+        with open(log_path if main else os.devnull, "a") as log:
             while self.step < cfg.iterations:
                 m = self.iteration()
                 if not all(math.isfinite(v) for k, v in m.items() if isinstance(v, float) and k != "text/entropy"):
@@ -467,6 +537,19 @@ class Trainer:
         if writer is not None:
             writer.close()
         return history
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (FSDP gradient norms are DTensors), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _grad_norm(params) -> float:
+    """L2 norm of the gradients of `params` (sharded or not); 0.0 when none has a gradient."""
+    g = [p.grad for p in params if p.grad is not None]
+    if not g:
+        return 0.0
+    return _local(torch.linalg.vector_norm(torch.stack([_local(torch.linalg.vector_norm(x)) for x in g]))).item()
 
 
 def _chunks(items: list, n: int):

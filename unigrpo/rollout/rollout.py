@@ -80,7 +80,7 @@ class RolloutConfig:
 class Trajectories:
     """R = B·G rollouts; rows of one prompt are adjacent (group g = rows g·G … g·G + G − 1)."""
 
-    prompt_texts: list[str]
+    prompt_texts: list[str]  # per row
     reasoning: Reasoning  # tokens_BT, logp_BT, mask_BT, prompt_ids (cache dropped after the rollout)
     window_k0: torch.Tensor  # long [R]: first SDE step of each row (shared within a group)
     x_RW: torch.Tensor  # fp32 [R, W, C, h, w]: window inputs x_j
@@ -90,6 +90,20 @@ class Trajectories:
     latents: torch.Tensor  # fp32 [R, C, h, w]: final clean latents
     group_size: int
     timing: dict  # seconds: "rollout_text", "rollout_image"
+
+    def select_groups(self, start: int, stop: int) -> "Trajectories":
+        """The trajectories of prompt groups start … stop − 1 (rows start·G … stop·G − 1), the cache dropped."""
+        G = self.group_size
+        B = len(self.prompt_texts) // G
+        if not 0 <= start < stop <= B:
+            raise ValueError(f"groups [{start}, {stop}) out of range for {B} groups")
+        r = slice(start * G, stop * G)
+        rs = self.reasoning
+        reasoning = Reasoning(prompt_ids=rs.prompt_ids[r], tokens_BT=rs.tokens_BT[r], logp_BT=rs.logp_BT[r],
+                              mask_BT=rs.mask_BT[r], texts=rs.texts[r], cache=None)
+        return Trajectories(self.prompt_texts[r], reasoning, self.window_k0[r], self.x_RW[r],
+                            self.x_next_RW[r], self.noise_RW[r], self.logp_RW[r], self.latents[r], G,
+                            dict(self.timing))
 
     @property
     def window_steps(self) -> torch.Tensor:
@@ -105,9 +119,14 @@ def draw_windows(rng: np.random.Generator, groups: int, cfg: RolloutConfig) -> n
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, generator: torch.Generator,
-            window_rng: np.random.Generator, backend: str = "auto") -> Trajectories:
+            window_rng: np.random.Generator | None = None, windows=None, backend: str = "auto") -> Trajectories:
     """Roll out len(prompt_texts) prompts × G samples. Returns the trajectories (images not yet decoded).
+    The SDE window of each group: drawn from window_rng, or given as `windows` (k0 per prompt, ints).
     backend: the kernel backend of sde_step ("auto", "torch", "triton", "cuda")."""
+    if (window_rng is None) == (windows is None):
+        raise ValueError("rollout needs exactly one of window_rng and windows")
+    if windows is not None and len(windows) != len(prompt_texts):
+        raise ValueError(f"windows has {len(windows)} entries for {len(prompt_texts)} prompts")
     G, W, N = cfg.group_size, cfg.window_size, cfg.steps
     texts = [p for p in prompt_texts for _ in range(G)]
     R = len(texts)
@@ -119,7 +138,9 @@ def rollout(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, ge
     uncond = unconditional_cache(model, tokenizer, R) if cfg.cfg_scale != 1.0 else None
     mcfg = model.cfg
     dev, dtype = model.embed.weight.device, model.embed.weight.dtype
-    k0 = torch.from_numpy(draw_windows(window_rng, len(prompt_texts), cfg)).repeat_interleave(G).to(dev)
+    if windows is None:
+        windows = draw_windows(window_rng, len(prompt_texts), cfg)
+    k0 = torch.as_tensor(np.asarray(windows), dtype=torch.long).repeat_interleave(G).to(dev)
     shape = (R, mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size)
     sigmas = sigma_schedule(N, cfg.shift).to(dev)
     x = torch.randn(shape, generator=generator, device=dev)

@@ -1,0 +1,44 @@
+"""Worker of tests/test_distributed.py, launched with torchrun on CPU (gloo). Not collected by pytest.
+
+    torchrun --nproc_per_node=2 tests/_dist_worker.py update <cfg.json> <traj.pt> <out.pt>
+        one FSDP update (K epochs) on this rank's half of saved trajectories; rank 0 saves the full state
+    torchrun --nproc_per_node=2 tests/_dist_worker.py train <cfg.json>
+        Trainer.train() for cfg.iterations (checkpoints written at the world size of the launch)
+"""
+import json
+import sys
+
+import torch
+
+from unigrpo.config import load_config
+from unigrpo.distributed import full_model_state
+from unigrpo.trainer import TrainConfig, Trainer
+
+
+def main():
+    mode, cfg_path = sys.argv[1], sys.argv[2]
+    with open(cfg_path) as f:
+        overrides = [f"{k}={v}" for k, v in json.load(f).items()]
+    cfg = load_config(TrainConfig, None, overrides)
+    trainer = Trainer(cfg, progress=False)
+    env = trainer.env
+    if mode == "update":
+        saved = torch.load(sys.argv[3], weights_only=False)
+        traj, adv = saved["traj"], saved["adv"]
+        groups = len(traj.prompt_texts) // traj.group_size
+        per = groups // env.world
+        mine = traj.select_groups(env.rank * per, (env.rank + 1) * per)
+        n = per * traj.group_size
+        metrics = trainer._update(mine, list(range(n)), adv[env.rank * n:(env.rank + 1) * n])
+        state = full_model_state(trainer.policy)
+        if env.is_main:
+            torch.save({"state": state, "metrics": metrics}, sys.argv[4])
+    elif mode == "train":
+        trainer.train()
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""FSDP2 for the unified model, applied in one place and in a fixed order: activation checkpointing flags,
+then `fully_shard` on every decoder layer, then on the root (STYLE.md item 8). Plus the full (world-size
+independent) state dicts used by checkpoints, and unsharding for generation.
+
+Decisions:
+- Mixed precision: parameters gathered in `param_dtype` (bf16 for real runs, fp32 in the CPU tests), gradients
+  reduced in fp32; the sharded master weights and AdamW state stay fp32.
+- The frozen reference model is cast to param_dtype (it is never updated) and sharded the same way with
+  requires_grad off (its forward all-gathers too).
+- Generation calls the model's cached methods (append_text, image_velocity, logits), not forward, and touches
+  lm_head outside any forward: `unsharded(model)` gathers every layer and the root once for the whole rollout
+  and keeps them gathered (reshard_after_forward off) until it exits. Memory: one full copy of the weights per
+  GPU during the rollout (BAGEL-7B: 14.2B parameters, 28 GB in bf16), freed before training.
+- The training forward is `forward_packed`, registered as an FSDP forward method so the root's parameters
+  (embeddings, lm_head, image in/out) are gathered for it; the token log-probs run inside it (`text_head`).
+  The cached entry points (append_text, append_image, image_velocity) are registered too: FSDP decides which
+  module is the root at the first forward it sees, and that must be the root's, not a layer's.
+- Checkpoints store full state dicts keyed by parameter name (model and optimizer), gathered to CPU on every
+  rank with `torch.distributed.checkpoint.state_dict`, so a run saved at one world size loads at any other.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["DTYPES", "DistConfig", "apply_fsdp", "unsharded", "full_model_state", "full_optimizer_state",
+           "load_full_model_state", "load_full_optimizer_state"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class DistConfig:
+    param_dtype: str = "bf16"
+    """dtype parameters are gathered in for forward/backward under FSDP: "bf16" or "fp32" (reductions are fp32)"""
+    activation_checkpointing: bool = False
+    """recompute each decoder layer in the backward (saves activation memory at 1024 px)"""
+    reshard_after_forward: bool = True
+    """free gathered layer weights after each forward (ZeRO-3); false keeps them until the backward (ZeRO-2)"""
+    device: str = "auto"
+    """"auto" (cuda:<local rank> when CUDA is available), "cpu" or "cuda\""""
+
+    def __post_init__(self):
+        if self.param_dtype not in DTYPES:
+            raise ValueError(f"dist.param_dtype={self.param_dtype!r}; expected one of {tuple(DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"dist.device={self.device!r}; expected 'auto', 'cpu' or 'cuda'")
+
+
+def _fsdp_modules(model: nn.Module):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def apply_fsdp(model: nn.Module, cfg: DistConfig, *, checkpointing: bool | None = None) -> nn.Module:
+    """Shard `model` (a UnifiedModel) in place over the default process group and return it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    ac = cfg.activation_checkpointing if checkpointing is None else checkpointing
+    for layer in model.layers:
+        layer.checkpointing = ac
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    # the root's parameters are used right after its forward by the backward: keep them gathered
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    # entry points other than forward: FSDP's root hooks (lazy init, gathering the root's own parameters)
+    # must run before any layer does
+    for name in ("forward_packed", "append_text", "append_image", "image_velocity"):
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """Gather every FSDP-sharded part of `model` for the duration of the block (no-op without FSDP)."""
+    mods = _fsdp_modules(model)
+    if not mods:
+        yield model
+        return
+    for m in mods:
+        m.set_reshard_after_forward(False)
+    for m in mods:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+        for m in mods:
+            m.set_reshard_after_forward(True)
+
+
+def _opts(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(**kw)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full, unsharded state dict on CPU (every rank gets it), keyed like the unsharded model's."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=_opts(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The full optimizer state keyed by parameter name (loadable at any world size)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(model, opt, options=_opts(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    set_model_state_dict(model, state, options=_opts(full_state_dict=True, strict=True))
+
+
+def load_full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=_opts(full_state_dict=True))
