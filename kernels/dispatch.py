@@ -99,7 +99,7 @@ def resolve_backend(name: str = "auto", device=None, op: str | None = None) -> s
         raise ValueError(f"kernel backend {req!r} is not available on device {dev}"
                          f"{' for ' + op if op else ''}; available: {', '.join(avail)}{hint}")
     key = (req, str(dev), op, chosen)
-    if key not in _logged:
+    if key not in _logged and not torch.compiler.is_compiling():   # logging does not trace under dynamo
         _logged.add(key)
         logger.info("unigrpo_kernels: %s backend %r on device %s -> %s", op or "ops", req, dev, chosen)
     return chosen

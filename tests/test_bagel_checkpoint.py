@@ -495,3 +495,14 @@ def test_new_config_fields_keep_old_defaults():
     assert (big.time_scale, big.pos_table_order) == (1.0, "col-row")
     with pytest.raises(ValueError, match="pos_table_order"):
         ModelConfig(pos_table_order="diag")
+
+
+def test_load_bundle_takes_a_bagel_directory_in_fp32(ckpt):
+    """The trainer's `base` may be a BAGEL directory: load_bundle routes it to load_bagel, in fp32 master
+    weights, with the same values as a direct load."""
+    from unigrpo.model.build import load_bundle
+    b = load_bundle(str(ckpt), image_size=IMAGE)
+    direct = load_bagel(ckpt, dtype=torch.float32, image_size=IMAGE)
+    assert all(p.dtype == torch.float32 for p in b.model.parameters())
+    for (n, p), (_, q) in zip(b.model.state_dict().items(), direct.model.state_dict().items()):
+        assert torch.equal(p, q), n

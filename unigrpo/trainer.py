@@ -230,9 +230,10 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if not os.path.exists(os.path.join(cfg.base, "model.safetensors")):
+        if not any(os.path.exists(os.path.join(cfg.base, f)) for f in ("model.safetensors", "llm_config.json")):
             raise FileNotFoundError(f"base checkpoint {cfg.base!r} not found (expected model.safetensors and "
-                                    "config.json there); run `unigrpo pretrain` or `unigrpo demo` first")
+                                    "config.json there, or a BAGEL directory with llm_config.json, ema.safetensors "
+                                    "and ae.safetensors); run `unigrpo pretrain` or `unigrpo demo` first")
         self.env = env = init_distributed(cfg.dist.device)
         if cfg.prompts_per_iter % env.world:
             raise ValueError(f"prompts_per_iter={cfg.prompts_per_iter} must be a multiple of the world size "
@@ -324,12 +325,12 @@ class Trainer:
         def head(hidden, weight):
             h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
             return token_logprobs(h_sel, weight, batch.text_tgt, temperature=self.cfg.rollout.temperature,
-                                  return_entropy=with_entropy)
+                                  return_entropy=with_entropy, backend=self.text_backend)
 
         return model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M, text_head=head)
 
     def _scatter(self, values_n, batch: PackedBatch, R: int, T: int):
-        out = torch.zeros(R * T, dtype=values_n.dtype)
+        out = torch.zeros(R * T, dtype=values_n.dtype, device=values_n.device)
         out[batch.text_slot] = values_n
         return out.view(R, T)
 
@@ -465,7 +466,7 @@ class Trainer:
                                                 mask_BL=mask_RT[idx], eps_lo=lc.eps_lo, eps_hi=lc.eps_hi,
                                                 aggregation=lc.aggregation,
                                                 ref_logp_BL=None if ref_logp is None else ref_logp[idx],
-                                                kl_coef=lc.kl_coef, max_len=max_len)
+                                                kl_coef=lc.kl_coef, max_len=max_len, backend=self.text_backend)
                     loss = loss + l_text
                     m.update(mt)
                     with torch.no_grad():

@@ -1,6 +1,8 @@
 """Building a model bundle (model, tokenizer, image codec) from a preset or from a checkpoint directory."""
 from __future__ import annotations
 
+import os
+
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -38,9 +40,14 @@ def build_from_preset(name: str, **overrides) -> Bundle:
     return build_bundle(preset(name, **overrides))
 
 
-def load_bundle(path: str, device: str | torch.device = "cpu") -> Bundle:
+def load_bundle(path: str, device: str | torch.device = "cpu", *, image_size: int = 1024) -> Bundle:
     """Rebuild the model recorded in a checkpoint directory and load its weights (strictly: a missing,
-    unexpected or wrongly shaped tensor is an error naming it)."""
+    unexpected or wrongly shaped tensor is an error naming it). A BAGEL checkpoint directory (llm_config.json,
+    ema.safetensors, ae.safetensors, tokenizer files) is loaded with unigrpo.model.bagel.load_bagel in fp32
+    (the trainer's master weights; FSDP gathers them in its param_dtype) at `image_size` pixels per side."""
+    if os.path.exists(os.path.join(path, "llm_config.json")):
+        from unigrpo.model.bagel import load_bagel
+        return load_bagel(path, dtype=torch.float32, device=device, image_size=image_size)
     ckpt = load_checkpoint(path)
     model_dict = ckpt.config.get("model")
     if not isinstance(model_dict, dict):
