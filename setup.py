@@ -25,7 +25,14 @@ def _find_packages():
 
 
 class BuildWithCuda(build_py):
-    """build_py that also builds the optional CUDA library with CMake when nvcc exists."""
+    """build_py that also builds the optional CUDA library with CMake when nvcc exists.
+
+    CMake always writes build/cuda/lib/libunigrpo_cuda.so (the library's own default, so a later by-hand
+    `cmake --build build/cuda` updates the same file); the .so is then copied to where kernels/cuda_lib.py
+    looks: <build_lib>/unigrpo_kernels/cuda/ for a normal install (the wheel ships it), and, for an
+    editable install (build_lib is then a temporary folder and `unigrpo_kernels` is imported from kernels/ in
+    place), also kernels/cuda/ in the source tree (ignored by git).
+    """
 
     def run(self):
         super().run()
@@ -38,14 +45,33 @@ class BuildWithCuda(build_py):
         if not nvcc or not os.path.exists(nvcc) or shutil.which("cmake") is None:
             warnings.warn("nvcc or cmake not found: skipping the CUDA backend of unigrpo_kernels")
             return
-        build_dir = os.path.join("build", "cuda")
-        out_dir = os.path.abspath(os.path.join(self.build_lib, "unigrpo_kernels", "cuda"))
+        build_dir = os.path.abspath(os.path.join("build", "cuda"))
+        lib_dir = os.path.join(build_dir, "lib")
+        built = os.path.join(lib_dir, "libunigrpo_cuda.so")
+        cache = os.path.join(build_dir, "CMakeCache.txt")
+        if os.path.isfile(cache):  # a build folder configured for another checkout path cannot be reused
+            with open(cache, encoding="utf-8", errors="replace") as f:
+                if f"CMAKE_HOME_DIRECTORY:INTERNAL={os.path.abspath('.')}\n" not in f.read():
+                    shutil.rmtree(build_dir)
         try:
-            subprocess.check_call(["cmake", "-S", ".", "-B", build_dir, f"-DUNIGRPO_CUDA_OUT={out_dir}",
+            # -DUNIGRPO_CUDA_OUT resets a cached output folder from an older configure
+            subprocess.check_call(["cmake", "-S", ".", "-B", build_dir, f"-DUNIGRPO_CUDA_OUT={lib_dir}",
                                    f"-DCMAKE_CUDA_COMPILER={nvcc}"])
             subprocess.check_call(["cmake", "--build", build_dir, "-j"])
         except subprocess.CalledProcessError as err:  # the CUDA backend is optional
             warnings.warn(f"building the CUDA backend failed ({err}); the torch/triton backends still work")
+            return
+        if not os.path.isfile(built):
+            warnings.warn(f"CMake built no {built}; the torch/triton backends still work")
+            return
+        targets = [os.path.join(self.build_lib, "unigrpo_kernels", "cuda")]
+        if getattr(self, "editable_mode", False):
+            targets.append(os.path.join("kernels", "cuda"))
+        for target in targets:
+            os.makedirs(target, exist_ok=True)
+            dest = os.path.join(target, "libunigrpo_cuda.so")
+            shutil.copy2(built, dest + ".tmp")
+            os.replace(dest + ".tmp", dest)  # a new file, not an overwrite: a running process may map the old one
 
 
 setup(
