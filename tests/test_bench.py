@@ -100,3 +100,16 @@ def test_device_slug(name):
     env = {"device": "NVIDIA H100 80GB HBM3", "cpu": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"}
     slug = harness.device_slug(env, torch.device(name))
     assert slug == ("nvidia-h100-80gb-hbm3" if name == "cuda" else "cpu-intel-xeon-platinum-8481c")
+
+
+def test_token_quick_checks_and_times_the_torch_providers(tmp_path):
+    rc = harness.main(["token", "--quick", "--out", str(tmp_path)])
+    assert rc == 0
+    res, md, _ = _load(tmp_path)
+    rows = [r for r in res["rows"] if r["suite"] == "token"]
+    assert rows and all(r["ok"] for r in rows)
+    provs = {r["provider"] for r in rows}
+    assert {"torch", "torch.compile"} <= provs
+    for r in rows:
+        assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"] and r["unit"] == "TFLOP/s" and r["value"] > 0
+    assert "token_logprobs" in md

@@ -37,8 +37,7 @@ Model and settings:
   equal rewards); reasoning is capped by max_new_tokens (a random model rarely emits EOS).
 - Backends: TrainConfig's `flow_backend` / `text_backend`: provider "torch" sets both to torch; a fused
   provider X sets flow_backend = X and text_backend = X when the text ops have X (else the best available).
-  TrainConfig has no `device` field yet (the Trainer runs where its policy is: CPU), so on a GPU the suite
-  records a skip row until it has one; it passes `device` as soon as the field exists.
+  The device is TrainConfig's `dist.device` ("cuda" on a GPU, one process: no FSDP).
 - MFU on GPU divides by the bf16 matmul ceiling whatever the weights' dtype (the row's dtype column).
 - Check: each fused provider's first (warm-up) iteration must match torch's from the same base and seed:
   |Δ loss| ≤ 1e-3 and |Δ reward/mean| ≤ 0.05 (kernel rounding carried through the rollout and K epochs).
@@ -196,8 +195,8 @@ def run(case: StepCase, ctx: Context) -> list[Row]:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = dict(suite=NAME, op="unigrpo_iteration", shape=case.shape)
-    if ctx.is_cuda and "device" not in fields:
-        note = "skipped: TrainConfig has no `device` field yet (the Trainer runs on CPU only)"
+    if ctx.is_cuda and "dist" not in fields:
+        note = "skipped: TrainConfig has no `dist.device` field (the Trainer runs on CPU only)"
         ctx.log(f"  {note}")
         return [make_row(ctx, provider="torch", mode="iteration", dtype="fp32", note=note, **kw)]
     tmp = tempfile.mkdtemp(prefix="unigrpo-bench-step-")
@@ -237,8 +236,9 @@ def _run_provider(case: StepCase, ctx: Context, name: str, backend_kw: dict, not
     from unigrpo.trainer import OptimConfig, TrainConfig, Trainer
 
     extra_cfg = dict(backend_kw)
-    if "device" in info["fields"]:
-        extra_cfg["device"] = str(ctx.device)
+    if "dist" in info["fields"]:
+        from unigrpo.distributed import DistConfig
+        extra_cfg["dist"] = DistConfig(device="cuda" if ctx.is_cuda else "cpu")
     cfg = TrainConfig(base=info["base"], out=os.path.join(info["tmp"], f"run-{name}"), iterations=10**9,
                       prompts_per_iter=case.prompts, rollout=RolloutConfig(**case.rollout),
                       optim=OptimConfig(**case.optim), skip_zero_std=False, resume=False,
