@@ -27,7 +27,6 @@ Decisions:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -104,21 +103,6 @@ _token_fwd_op.register_autograd(_token_backward, setup_context=_token_setup_cont
 
 # ------------------------------------------------------------------------------------------ public ops
 
-def _check_token_args(hidden_TH, weight_VH, targets_T, temperature) -> None:
-    if not isinstance(hidden_TH, Tensor) or hidden_TH.dim() != 2:
-        raise ValueError(f"hidden_TH must be a 2-D tensor [T, H], got {getattr(hidden_TH, 'shape', hidden_TH)}")
-    T, H = hidden_TH.shape
-    if not isinstance(weight_VH, Tensor) or weight_VH.dim() != 2 or weight_VH.shape[1] != H:
-        raise ValueError(f"weight_VH must be a 2-D tensor [V, H={H}], got {getattr(weight_VH, 'shape', weight_VH)}")
-    if (not isinstance(targets_T, Tensor) or targets_T.shape != (T,) or targets_T.dtype.is_floating_point
-            or targets_T.dtype == torch.bool):
-        raise ValueError(f"targets_T must be an integer tensor [T={T}], got {getattr(targets_T, 'shape', targets_T)}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature={temperature!r} must be finite and > 0")
-    if weight_VH.shape[0] < 1:
-        raise ValueError("weight_VH must have at least one vocabulary row")
-
-
 def token_logprobs(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False, backend: str = "auto"):
     """log softmax(hidden·Wᵀ/τ) at the targets. hidden_TH [T, H], weight_VH [V, H], targets_T int [T] in
@@ -128,7 +112,7 @@ def token_logprobs(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, *, t
     if be == "torch":
         return ref.token_logprobs(hidden_TH, weight_VH, targets_T, temperature=temperature,
                                   return_entropy=return_entropy)
-    _check_token_args(hidden_TH, weight_VH, targets_T, temperature)
+    ref.check_token_args(hidden_TH, weight_VH, targets_T, temperature)
     logp, ent, _ = _token_fwd_op(hidden_TH, weight_VH, targets_T, float(temperature), bool(return_entropy))
     return (logp, ent) if return_entropy else logp
 

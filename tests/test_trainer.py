@@ -126,36 +126,28 @@ def test_without_recompute_old_the_rollout_noise_gives_v_old(tmp_path):
     assert 0 <= m["flow/log_ratio_abs_max"] < 1e-5
 
 
-@pytest.mark.skipif("triton" not in __import__("unigrpo_kernels").available_backends("cpu", op="sde_step"),
-                    reason="triton is not installed or TRITON_INTERPRET is not set")
-def test_triton_flow_backend_trains_like_torch(tmp_path):
-    """One iteration with the fused flow kernels (rollout sde_step + flow loss) against the torch backend:
-    same rewards, same losses and gradient norms to fp32 rounding (the kernels differ only in summation order)."""
+_HAS_TRITON = "triton" in __import__("unigrpo_kernels").available_backends("cpu", op="sde_step")
+
+
+@pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is not set")
+@pytest.mark.parametrize("field,keys,atol", [
+    # the fused flow kernels: rollout sde_step + flow loss
+    ("flow_backend", ("loss", "flow/policy_loss", "flow/reg", "flow/velocity_mse", "grad_norm/image",
+                      "text/policy_loss"), 1e-7),
+    # the fused token log-prob kernels: old/ref recompute and training
+    ("text_backend", ("loss", "text/policy_loss", "text/entropy", "grad_norm/text", "mismatch/text_logp_max"), 1e-5),
+])
+def test_triton_backend_trains_like_torch(tmp_path, field, keys, atol):
+    """One iteration with a Triton backend against the torch backend: same rewards, same losses and gradient
+    norms to fp32 rounding (the kernels differ only in summation order)."""
     tiny_base(tmp_path / "base")
     out = {}
     for be in ("torch", "triton"):
-        cfg = small_cfg(tmp_path, out=str(tmp_path / be), iterations=1, flow_backend=be)
+        cfg = small_cfg(tmp_path, out=str(tmp_path / be), iterations=1, **{field: be})
         tr = Trainer(cfg, progress=False)
-        assert tr.flow_backend == be
+        assert getattr(tr, field) == be
         out[be] = tr.iteration()
     a, b = out["torch"], out["triton"]
     assert a["reward/mean"] == b["reward/mean"]
-    for key in ("loss", "flow/policy_loss", "flow/reg", "flow/velocity_mse", "grad_norm/image", "text/policy_loss"):
-        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
-
-
-@pytest.mark.skipif("triton" not in __import__("unigrpo_kernels").available_backends("cpu", op="token_logprobs"),
-                    reason="triton is not installed or TRITON_INTERPRET is not set")
-def test_triton_text_backend_trains_like_torch(tmp_path):
-    """One iteration with the fused token log-prob kernels (old/ref recompute and training) against torch."""
-    tiny_base(tmp_path / "base")
-    out = {}
-    for be in ("torch", "triton"):
-        cfg = small_cfg(tmp_path, out=str(tmp_path / be), iterations=1, text_backend=be)
-        tr = Trainer(cfg, progress=False)
-        assert tr.text_backend == be
-        out[be] = tr.iteration()
-    a, b = out["torch"], out["triton"]
-    assert a["reward/mean"] == b["reward/mean"]
-    for key in ("loss", "text/policy_loss", "text/entropy", "grad_norm/text", "mismatch/text_logp_max"):
-        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    for key in keys:
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=atol), key

@@ -226,6 +226,17 @@ def _read_json(file: str) -> dict:
     return obj
 
 
+def key_problems(groups: list[tuple[str, list[str]]], limit: int = 10) -> list[str]:
+    """One line per non-empty (title, items) group, e.g. "2 missing keys: a, b", listing up to `limit` items.
+    The wording of every strict-loading error (our checkpoints, BAGEL, the FLUX VAE)."""
+    problems = []
+    for title, items in groups:
+        if items:
+            more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+            problems.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return problems
+
+
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], limit: int = 10) -> None:
     """module.load_state_dict(state) after checking names and shapes; any missing key, unexpected key or
     shape mismatch raises one ValueError listing up to `limit` of each."""
@@ -234,12 +245,8 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], l
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
                   for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches", mismatched)):
-        if items:
-            more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-            problems.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    problems = key_problems([("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)], limit)
     if problems:
         raise ValueError(f"state does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)

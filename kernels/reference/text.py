@@ -35,15 +35,13 @@ from torch import Tensor
 
 from .common import check_choice, clip_active, clipped_surrogate, compute_dtype, per_row
 
-__all__ = ["token_logprobs", "text_grpo_loss", "k3_kl"]
+__all__ = ["token_logprobs", "text_grpo_loss", "k3_kl", "check_token_args"]
 
 _AGGREGATIONS = ("sequence", "token", "constant")
 
 
-def token_logprobs(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False):
-    """log softmax(hidden·Wᵀ/τ) at the targets. hidden_TH [T, H], weight_VH [V, H], targets_T int [T].
-    Returns logp_T [T] (and entropy_T [T] with return_entropy) in float32 (float64 if an input is)."""
+def check_token_args(hidden_TH, weight_VH, targets_T, temperature) -> None:
+    """The argument checks of token_logprobs, shared by every backend (ValueError naming the bad value)."""
     if not isinstance(hidden_TH, Tensor) or hidden_TH.dim() != 2:
         raise ValueError(f"hidden_TH must be a 2-D tensor [T, H], got {getattr(hidden_TH, 'shape', hidden_TH)}")
     T, H = hidden_TH.shape
@@ -54,6 +52,15 @@ def token_logprobs(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, *, t
         raise ValueError(f"targets_T must be an integer tensor [T={T}], got {getattr(targets_T, 'shape', targets_T)}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature={temperature!r} must be finite and > 0")
+    if weight_VH.shape[0] < 1:
+        raise ValueError("weight_VH must have at least one vocabulary row")
+
+
+def token_logprobs(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, *, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """log softmax(hidden·Wᵀ/τ) at the targets. hidden_TH [T, H], weight_VH [V, H], targets_T int [T].
+    Returns logp_T [T] (and entropy_T [T] with return_entropy) in float32 (float64 if an input is)."""
+    check_token_args(hidden_TH, weight_VH, targets_T, temperature)
     dt = compute_dtype(hidden_TH, weight_VH)
     z_TV = (hidden_TH.to(dt) @ weight_VH.to(dt).t()) / temperature
     logp_TV = torch.log_softmax(z_TV, dim=-1)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unigrpo.checkpoint import key_problems
+
 __all__ = ["FluxVAEParams", "FluxAutoencoder", "load_flux_vae", "load_safetensors_strict", "FLUX_SCALE",
            "FLUX_SHIFT"]
 
@@ -308,12 +310,8 @@ def load_safetensors_strict(module: nn.Module, path: str | os.PathLike, *, key_m
         rest = sorted(file_keys - used - set(consumed))
         ignored = [k for k in rest if k.startswith(tuple(ignore_prefixes))]
         unexpected = [k for k in rest if not k.startswith(tuple(ignore_prefixes))]
-        problems = []
-        for title, items in (("missing key(s)", missing), ("shape mismatch(es)", mismatched),
-                             ("unexpected key(s)", unexpected)):
-            if items:
-                more = f" ... and {len(items) - _LIST_LIMIT} more" if len(items) > _LIST_LIMIT else ""
-                problems.append(f"{len(items)} {title}: {', '.join(items[:_LIST_LIMIT])}{more}")
+        problems = key_problems([("missing key(s)", missing), ("shape mismatch(es)", mismatched),
+                                 ("unexpected key(s)", unexpected)], _LIST_LIMIT)
         if problems:
             raise ValueError(f"{what} {path} does not fit {type(module).__name__}: " + "; ".join(problems))
         with torch.no_grad():
