@@ -3,8 +3,10 @@ K PPO epochs of the unified objective in mini-batches → AdamW with the two exp
 
 One packed training forward per trajectory serves both parts: [prompt + reasoning] (causal) followed by the W
 noisy window latents, each its own block that sees the text and itself (PackedLayout). It yields the
-reasoning-token log-probs (token_logprobs on the text hidden states) and the W velocities at once; the frozen
-reference runs the same packed forward without gradients for v_ref.
+reasoning-token log-probs and the W velocities at once; the frozen reference runs the same packed forward
+without gradients for v_ref. The text side runs inside the forward (`text_head`, where FSDP has lm_head
+gathered): token_logprobs for the no-grad recomputes, and in training linear_text_grpo_loss, hidden states
+→ GRPO text loss in one call (its triton backend never holds the [tokens × vocab] logits).
 
 Decisions:
 - Old log-probs are recomputed with a no-grad forward of this same code path (`recompute_old`, default on),
@@ -47,8 +49,8 @@ from unigrpo.rewards.advantages import group_advantages, group_has_signal
 from unigrpo.rewards.verifier import REWARD_KINDS, ShapesVerifierReward, score
 from unigrpo.rollout.rollout import RolloutConfig, Trajectories, draw_windows, rollout
 from unigrpo.world import CATEGORIES, make_prompts
-from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, resolve_backend, sigma_schedule, step_coeffs_batch,
-                             text_grpo_loss, token_logprobs)
+from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, linear_text_grpo_loss, resolve_backend, sigma_schedule,
+                             step_coeffs_batch, token_logprobs)
 from unigrpo_kernels.dispatch import OP_BACKENDS
 
 AGGREGATIONS = ("sequence", "token", "constant")
@@ -457,16 +459,22 @@ class Trainer:
             for mb, weight in self._balanced_chunks(order, oc.minibatch):
                 batch = pack(traj, mb, self.sigmas, n_img, tok.pad_id)
                 idx = torch.tensor(mb, device=dev)
-                lp, v = self._forward(self.policy, batch)
-                lp_RT = self._scatter(lp, batch, len(mb), T)
+                text_loss = None
+                if lc.train_text:   # hidden → GRPO text loss in one fused call, inside the forward (FSDP)
+                    def text_loss(hidden, weight, batch=batch, idx=idx):
+                        h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
+                        return linear_text_grpo_loss(
+                            h_sel, weight, batch.text_tgt, slot_T=batch.text_slot, old_logp_BL=old_logp[idx],
+                            adv_B=adv_R[idx], mask_BL=mask_RT[idx], temperature=rc.temperature, eps_lo=lc.eps_lo,
+                            eps_hi=lc.eps_hi, aggregation=lc.aggregation,
+                            ref_logp_BL=None if ref_logp is None else ref_logp[idx], kl_coef=lc.kl_coef,
+                            max_len=max_len, return_logp=True, backend=self.text_backend)
+                text_out, v = self.policy.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
+                                                         text_head=text_loss or (lambda hidden, weight: None))
                 loss = torch.zeros((), device=dev)
                 m: dict[str, torch.Tensor] = {}
                 if lc.train_text:
-                    l_text, mt = text_grpo_loss(logp_BL=lp_RT, old_logp_BL=old_logp[idx], adv_B=adv_R[idx],
-                                                mask_BL=mask_RT[idx], eps_lo=lc.eps_lo, eps_hi=lc.eps_hi,
-                                                aggregation=lc.aggregation,
-                                                ref_logp_BL=None if ref_logp is None else ref_logp[idx],
-                                                kl_coef=lc.kl_coef, max_len=max_len, backend=self.text_backend)
+                    l_text, mt, lp_RT = text_out
                     loss = loss + l_text
                     m.update(mt)
                     with torch.no_grad():
