@@ -214,16 +214,18 @@ def pack(traj: Trajectories, rows: list[int], sigmas: torch.Tensor, image_tokens
         pos.append(torch.arange(base, base + n))
         tgt.append(torch.tensor(o_ids, dtype=torch.long))
         slot.append(torch.arange(n) + i * T)
-    layout = PackedLayout.build(segs)
+    dev = traj.x_RW.device   # index tensors are built on the host, then moved once
+    layout = PackedLayout.build(segs, device=dev)
     R, S = layout.shape
     ids = torch.full((R, S), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
     text_pos = torch.cat([p + i * S for i, p in enumerate(pos)])
-    idx = torch.tensor(rows)
+    idx = torch.tensor(rows, device=dev)
     lat = traj.x_RW[idx].flatten(0, 1)
-    sig = sigmas[traj.window_steps[idx].flatten()].float()
-    return PackedBatch(layout, ids, text_pos, torch.cat(tgt), torch.cat(slot), lat, sig)
+    sig = sigmas.to(dev)[traj.window_steps[idx].flatten()].float()
+    return PackedBatch(layout, ids.to(dev), text_pos.to(dev), torch.cat(tgt).to(dev), torch.cat(slot).to(dev),
+                       lat, sig)
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -479,7 +481,7 @@ class Trainer:
                     m.update(mt)
                     with torch.no_grad():
                         d = (old_logp[idx] - lp_RT)[mask_RT[idx]]
-                        m["text/approx_kl"] = (torch.exp(d) - d - 1).mean() if d.numel() else torch.zeros(())
+                        m["text/approx_kl"] = (torch.exp(d) - d - 1).mean() if d.numel() else torch.zeros((), device=dev)
                 if lam > 0:
                     l_flow, mf = flow_grpo_loss(
                         v_BD=v.float().view(len(mb) * W, D), xi_BD=xi[idx].view(-1, D),
