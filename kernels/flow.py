@@ -11,10 +11,11 @@ under torch.compile and autograd reaches the kernels' own backward:
     unigrpo_kernels::flow_sums_bwd  upstream grad of the sums → dL/dv, one pass
 
 Decisions:
-- flow_grpo_loss on a backend with `flow_loss_finalize` (triton) is three launches: the row sums, one small
-  kernel for the per-row scalar math (ratios, clipping, regulariser, metrics, and the gradient coefficients),
-  and the one-pass backward. A backend with only the row sums (cuda, for now) runs the reference's
-  `flow_loss_from_sums` on the [B, 3] sums with torch and differentiates it with autograd (`flow_sums`).
+- flow_grpo_loss is three launches: the row sums, one small kernel for the per-row scalar math (ratios,
+  clipping, regulariser, metrics, and the gradient coefficients), and the one-pass backward. The cuda backend
+  has no finalize kernel of its own and uses the Triton one on its [B, 3] sums (torch's CUDA builds ship
+  triton); without triton it runs the reference's `flow_loss_from_sums` with torch ops and differentiates it
+  with autograd (`flow_sums`).
   The sde_step log-prob is finished by the reference's `logprob_from_sq_mean` on [B] tensors.
 - The fused backends compute in float32 and refuse float64 inputs (ask for backend="torch" there).
   v, v_old and v_ref are read in one dtype (bf16 / fp16 / fp32): when they differ all three are read as
@@ -24,6 +25,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -37,6 +39,15 @@ __all__ = ["sde_step", "flow_grpo_loss"]
 
 logger = logging.getLogger(__name__)
 _V_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _finalize_impl(mod):
+    """The per-row finalize kernel of a backend: its own, else the Triton one (CUDA builds of torch ship
+    triton), else None (the caller then runs the reference's scalar math with torch ops)."""
+    fin = getattr(mod, "flow_loss_finalize", None)
+    if fin is None and importlib.util.find_spec("triton") is not None:
+        from .triton.flow import flow_loss_finalize as fin
+    return fin
 
 
 def _impl(backend: str):
@@ -106,8 +117,11 @@ def _flow_loss_op(v: Tensor, xi: Tensor, v_old: Tensor, v_ref: Tensor, adv: Tens
                   h: Tensor, lo: float, hi: float, beta: float, reg: int, ratio_norm: bool, grad_reweight: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     mod = _impl(backend)
-    part = mod.flow_sums_partials(v, xi, v_old, v_ref)
-    return mod.flow_loss_finalize(part, adv, b, s, h, v.shape[1], lo, hi, beta, reg, ratio_norm, grad_reweight)
+    if hasattr(mod, "flow_sums_partials"):
+        part = mod.flow_sums_partials(v, xi, v_old, v_ref)              # [B, chunks, 3]
+    else:
+        part = mod.flow_sums_fwd(v, xi, v_old, v_ref).unsqueeze(1)      # [B, 1, 3]
+    return _finalize_impl(mod)(part, adv, b, s, h, v.shape[1], lo, hi, beta, reg, ratio_norm, grad_reweight)
 
 
 @_flow_loss_op.register_fake
@@ -208,7 +222,7 @@ def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: T
     use_ref = reg != "none" and beta > 0
     rows = {name: per_row(val, B, name, torch.float32, dev).contiguous() for name, val in
             (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B))}
-    if hasattr(_impl(be), "flow_loss_finalize"):
+    if _finalize_impl(_impl(be)) is not None:
         loss, metrics, _ = _flow_loss_op(v, xi, v_old, v_ref, *rows.values(), 1.0 - clip_eps, 1.0 + clip_eps,
                                          float(beta), ref.REGS.index(reg), bool(ratio_norm), bool(grad_reweight), be)
         return loss, {name: metrics[i].detach() for i, name in enumerate(ref.FLOW_METRICS)}

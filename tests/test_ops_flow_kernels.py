@@ -343,3 +343,29 @@ def test_triton_kernels_compile_for_gpu_with_vector_loads(arch):
         # 128-bit stream loads; the only scalar loads left are the per-row coefficients (b32)
         assert "ld.global.v4.b32" in loads[name] and set(loads[name]) <= {"ld.global.v4.b32", "ld.global.b32"}, \
             f"{name}: stream loads are not 128-bit on sm_{arch}: {loads[name]}"
+
+
+@pytest.mark.skipif("triton" not in available_backends(DEV, op="flow_grpo_loss"), reason="needs triton")
+def test_sums_only_backend_uses_the_triton_finalize(monkeypatch):
+    """The cuda backend provides only [B, 3] row sums and the backward; its loss goes through the Triton
+    finalize kernel as [B, 1, 3] partials. Stand-in: a backend whose sums and backward are the torch reference."""
+    import types
+    fake = types.SimpleNamespace(
+        flow_sums_fwd=lambda v, xi, vo, vr: F.flow_row_sums(v.float(), xi, vo.float(), vr.float()).contiguous(),
+        flow_sums_bwd=lambda g, v, xi, vo, vr, use_old, use_ref: (
+            g[:, :1] * xi + 2 * g[:, 1:2] * (v - vo) * use_old + 2 * g[:, 2:] * (v - vr) * use_ref).to(v.dtype))
+    real_impl = FK._impl
+    monkeypatch.setattr(FK, "_impl", lambda be: fake if be == "fake" else real_impl(be))
+    t = _loss_inputs(4, 257, "fp32", 9, 0.05, "mixed")
+    opts = dict(clip_eps=0.2, beta=0.3, reg="latent_kl", ratio_norm=False, grad_reweight=True)
+    v = t["v"].to(DEV).clone().requires_grad_(True)
+    loss, metrics, _ = FK._flow_loss_op(v, t["xi"].to(DEV), t["v_old"].to(DEV), t["v_ref"].to(DEV),
+                                        t["adv"].to(DEV), t["b"].to(DEV), t["s"].to(DEV), t["h"].to(DEV), 0.8, 1.2,
+                                        0.3, F.REGS.index("latent_kl"), False, True, "fake")
+    loss.backward()
+    ref_loss, ref_m, ref_g = _run_loss(t, "reference", "cpu", F64, **opts)
+    t32 = _run_loss(t, "reference", "cpu", None, **opts)
+    _check("loss", loss.detach(), ref_loss, t32[0])
+    _check("flow/ratio_mean", metrics[F.FLOW_METRICS.index("flow/ratio_mean")], ref_m["flow/ratio_mean"],
+           t32[1]["flow/ratio_mean"])
+    _check("dL/dv", v.grad, ref_g, t32[2], elementwise_dtype=torch.float32)
