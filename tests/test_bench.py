@@ -113,3 +113,34 @@ def test_token_quick_checks_and_times_the_torch_providers(tmp_path):
     for r in rows:
         assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"] and r["unit"] == "TFLOP/s" and r["value"] > 0
     assert "token_logprobs" in md
+
+
+def test_attention_quick_checks_split_against_dense_sdpa(tmp_path):
+    """The attention suite at its CPU --quick shapes: split is checked against the dense-mask SDPA reference
+    and timed; the causal yardstick and the per-batch build rows exist; the FLOP count's useful pairs equal
+    the dense mask's visible pairs between real tokens."""
+    import torch
+
+    from bench.suites import attention as suite
+    from unigrpo.model.layout import PAD
+
+    rc = harness.main(["attention", "--quick", "--providers", "torch,split", "--out", str(tmp_path)])
+    assert rc == 0
+    res, md, _ = _load(tmp_path)
+    rows = [r for r in res["rows"] if r["suite"] == "attention"]
+    assert rows and all(r["ok"] for r in rows)
+    packed = {(r["provider"], r["mode"]) for r in rows if r["op"] == "packed_attention"}
+    assert packed == {(p, m) for p in ("torch", "split") for m in ("fwd", "bwd", "full")}
+    for r in rows:
+        if r["op"] in ("packed_attention", "causal_attention"):
+            assert r["unit"] == "TFLOP/s" and r["value"] > 0 and 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"]
+    assert {r["provider"] for r in rows if r["op"] == "packed_attention_inputs"} == {"torch", "split"}
+    assert any(r["op"] == "causal_attention" for r in rows) and "packed_attention" in md
+    for spec in suite.shapes(harness.Context(device=torch.device("cpu"), quick=True)):
+        lay = suite.build_layout(spec["rows"], "cpu")
+        real = lay.kind_BS != PAD
+        visible = lay.dense_mask()[:, 0] & real[:, :, None] & real[:, None, :]
+        pairs = suite.useful_pairs(lay)
+        assert pairs == int(visible.sum())
+        L = suite.causal_length(pairs)
+        assert abs(L * (L + 1) // 2 - pairs) <= L

@@ -105,6 +105,7 @@ def test_short_run_is_finite_and_resumes_bit_identically(tmp_path):
     ("optim.lr_text=-1e-6", "lr_text must be > 0"),
     ("text_backend=cuda", "text_backend='cuda' is not a backend of token_logprobs"),
     ("flow_backend=jax", "flow_backend='jax'"),
+    ("attention_backend=xformers", "attention_backend='xformers'"),
 ])
 def test_bad_config_values_stop_before_work(override, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -131,6 +132,9 @@ _HAS_TRITON = "triton" in __import__("unigrpo_kernels").available_backends("cpu"
 
 @pytest.mark.skipif(not _HAS_TRITON, reason="triton is not installed or TRITON_INTERPRET is not set")
 @pytest.mark.parametrize("field,keys,atol", [
+    # the packed attention split into per-segment attentions merged by log-sum-exp (flash-attn's design)
+    ("attention_backend", ("loss", "text/policy_loss", "flow/policy_loss", "flow/velocity_mse", "grad_norm/text",
+                           "grad_norm/image"), 1e-6),
     # the fused flow kernels: rollout sde_step + flow loss
     ("flow_backend", ("loss", "flow/policy_loss", "flow/reg", "flow/velocity_mse", "grad_norm/image",
                       "text/policy_loss"), 1e-7),
@@ -142,12 +146,13 @@ def test_triton_backend_trains_like_torch(tmp_path, field, keys, atol):
     norms to fp32 rounding (the kernels differ only in summation order)."""
     tiny_base(tmp_path / "base")
     out = {}
-    for be in ("torch", "triton"):
+    pair = ("sdpa", "split") if field == "attention_backend" else ("torch", "triton")
+    for be in pair:
         cfg = small_cfg(tmp_path, out=str(tmp_path / be), iterations=1, **{field: be})
         tr = Trainer(cfg, progress=False)
-        assert getattr(tr, field) == be
+        assert getattr(tr, {"attention_backend": "attn_backend"}.get(field, field)) == be
         out[be] = tr.iteration()
-    a, b = out["torch"], out["triton"]
+    a, b = out[pair[0]], out[pair[1]]
     assert a["reward/mean"] == b["reward/mean"]
     for key in keys:
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=atol), key

@@ -44,6 +44,8 @@ from unigrpo.distributed import (DistConfig, all_gather_objects, apply_fsdp, ful
                                  init_distributed, load_full_model_state, load_full_optimizer_state, mean_metrics,
                                  unsharded)
 from unigrpo.model import PackedLayout, Segment
+from unigrpo.model.attention import BACKENDS as ATTN_BACKENDS
+from unigrpo.model.attention import resolve_attention_backend
 from unigrpo.model.build import load_bundle
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
 from unigrpo.rewards.verifier import REWARD_KINDS, ShapesVerifierReward, score
@@ -153,6 +155,9 @@ class TrainConfig:
     """kernel backend of sde_step and flow_grpo_loss: "auto", "torch", "triton" or "cuda\""""
     text_backend: str = "auto"
     """kernel backend of token_logprobs and text_grpo_loss: "auto", "torch" or "triton\""""
+    attention_backend: str = "auto"
+    """packed training attention: "auto" (flex on CUDA, sdpa on CPU), "sdpa", "flex", "split" or "flash"
+    (needs flash-attn)"""
     seed: int = 0
     """seed of prompts, windows and sampling"""
     threads: int = 0
@@ -178,6 +183,9 @@ class TrainConfig:
             raise ValueError(f"reward {self.reward!r} unknown; expected one of {REWARD_KINDS}")
         if self.adv_scope not in ("group", "batch"):
             raise ValueError(f"adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
+        if self.attention_backend not in ("auto",) + ATTN_BACKENDS:
+            raise ValueError(f"attention_backend={self.attention_backend!r}; expected one of "
+                             f"{('auto',) + ATTN_BACKENDS}")
         for name, op in (("flow_backend", "flow_grpo_loss"), ("text_backend", "token_logprobs")):
             allowed = ("auto",) + OP_BACKENDS[op]
             if getattr(self, name) not in allowed:
@@ -248,6 +256,10 @@ class Trainer:
         dev = env.device
         self.flow_backend = resolve_backend(cfg.flow_backend, dev, op="flow_grpo_loss")
         self.text_backend = resolve_backend(cfg.text_backend, dev, op="token_logprobs")
+        self.attn_backend = resolve_attention_backend(cfg.attention_backend, dev)
+        if self.attn_backend == "flex" and dev.type != "cuda":
+            raise ValueError("attention_backend='flex' needs a CUDA device (FlexAttention has no CPU backward); "
+                             "use 'sdpa' or 'split' on CPU")
         self.policy.train()
         need_ref = cfg.loss.reg != "none" or cfg.loss.kl_coef > 0
         self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False) if need_ref else None
@@ -331,7 +343,8 @@ class Trainer:
             return token_logprobs(h_sel, weight, batch.text_tgt, temperature=self.cfg.rollout.temperature,
                                   return_entropy=with_entropy, backend=self.text_backend)
 
-        return model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M, text_head=head)
+        return model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M, text_head=head,
+                                    backend=self.attn_backend)
 
     def _scatter(self, values_n, batch: PackedBatch, R: int, T: int):
         out = torch.zeros(R * T, dtype=values_n.dtype, device=values_n.device)
@@ -472,7 +485,8 @@ class Trainer:
                             ref_logp_BL=None if ref_logp is None else ref_logp[idx], kl_coef=lc.kl_coef,
                             max_len=max_len, return_logp=True, backend=self.text_backend)
                 text_out, v = self.policy.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
-                                                         text_head=text_loss or (lambda hidden, weight: None))
+                                                         text_head=text_loss or (lambda hidden, weight: None),
+                                                         backend=self.attn_backend)
                 loss = torch.zeros((), device=dev)
                 m: dict[str, torch.Tensor] = {}
                 if lc.train_text:

@@ -20,8 +20,9 @@ a provider that disagrees gets a failing row (and the run exits non-zero), then 
 throughput computed against the same run's ceiling, and its peak memory taken. bench/suites/flow.py is the
 model to copy. Whole-program suites (step) build their Rows with harness.make_row.
 
-Suites: flow (sde_step, flow_grpo_loss), token (token_logprobs, linear_text_grpo_loss), step (one UniGRPO
-iteration); planned: attention (packed attention), rollout (text decoding + denoising).
+Suites: flow (sde_step, flow_grpo_loss), token (token_logprobs, linear_text_grpo_loss), attention (packed
+text/image attention against dense causal FlashAttention), rollout (denoising loop with/without CFG and CUDA
+graph, text decoding), step (one UniGRPO iteration).
 """
 from __future__ import annotations
 

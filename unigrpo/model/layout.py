@@ -11,12 +11,21 @@ A row of a packed batch holds one or more documents (trajectories); a document i
 All tokens of an image block share one RoPE position (BAGEL's choice). Padding tokens ("pad") see only
 themselves (so no softmax row is empty) and are seen by nobody.
 
+`visible_rule` (`PackedLayout.visible()` on the layout's tensors) is the one mask rule. Every attention backend
+derives its inputs from it or is tested against it (tests/test_attention.py): `dense_mask()` evaluates it
+everywhere (SDPA); `block_mask()` classifies BLOCK×BLOCK tiles by evaluating it over chunks of query rows
+(torch's uncompiled create_block_mask evaluates the whole [B, S, S] grid at once: 1.4 GB per boolean
+intermediate for 8 rows of 13,312 tokens, and several of them) and hands it to FlexAttention as the mask_mod
+of the partial tiles; the split / flash-attn backends read the segment table `segments` (recorded by
+`build`), whose structure — each segment sees the earlier text / full segments of its document plus itself,
+causally if it is text — is the same rule, checked equal to it by the tests.
+
 Legend: B rows, S tokens per row, M image blocks in the whole batch (row-major order).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -38,6 +47,28 @@ class Segment:
             raise ValueError(f"segment length must be a positive int, got {self.length!r}")
 
 
+def visible_rule(kind_BS, doc_BS, seg_BS, b, q_idx, kv_idx):
+    """THE mask rule (see the module docstring) over a layout's [B, S] kind / document / segment tensors,
+    elementwise over broadcastable index tensors b, q_idx, kv_idx; True = q may attend to kv."""
+    kq, kk = kind_BS[b, q_idx], kind_BS[b, kv_idx]
+    sq, sk = seg_BS[b, q_idx], seg_BS[b, kv_idx]
+    same_doc = (doc_BS[b, q_idx] == doc_BS[b, kv_idx]) & (kk != PAD) & (kq != PAD)
+    in_segment = (sq == sk) & ((kk != TEXT) | (kv_idx <= q_idx))
+    from_earlier = (sk < sq) & (kk != NOISE)
+    return (same_doc & (in_segment | from_earlier)) | ((kq == PAD) & (q_idx == kv_idx))
+
+
+class SegmentSpan(NamedTuple):
+    """One segment of a built layout: tokens [start, start + length) of row `row`, document `doc`."""
+
+    row: int
+    doc: int
+    start: int
+    length: int
+    kind: int
+    """TEXT, NOISE or FULL"""
+
+
 @dataclass
 class PackedLayout:
     """Per-token description of a packed batch. All tensors are [B, S] on one device."""
@@ -48,6 +79,11 @@ class PackedLayout:
     pos_BS: torch.Tensor  # int64: RoPE position
     block_starts: list[tuple[int, int, int]]  # per image block (row, start, length), row-major order
     block_kinds: list[int]  # per image block: NOISE or FULL
+    segments: tuple[SegmentSpan, ...] = ()
+    """every segment in row-major order (recorded by `build`; derived from the tensors when empty)"""
+    attn_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    """per-backend attention inputs built from this layout (unigrpo.model.attention.packed_attention_inputs
+    fills it), so the old-log-prob, reference and K policy forwards of one batch build them once"""
 
     @staticmethod
     def build(rows: Sequence[Sequence[Sequence[Segment]]], pad_to: int | None = None,
@@ -66,7 +102,7 @@ class PackedLayout:
         doc_id = torch.full((B, S), -1, dtype=torch.int32)
         seg_id = torch.full((B, S), -1, dtype=torch.int32)
         pos = torch.zeros((B, S), dtype=torch.int64)
-        blocks, block_kinds = [], []
+        blocks, block_kinds, spans = [], [], []
         for b, row in enumerate(rows):
             t, s = 0, 0
             for d, doc in enumerate(row):
@@ -75,6 +111,7 @@ class PackedLayout:
                     k, n = KINDS[seg.kind], seg.length
                     sl = slice(t, t + n)
                     kind[b, sl], doc_id[b, sl], seg_id[b, sl] = k, d, s
+                    spans.append(SegmentSpan(b, d, t, n, k))
                     if k == TEXT:
                         pos[b, sl] = torch.arange(p, p + n)
                         p += n
@@ -85,7 +122,8 @@ class PackedLayout:
                         block_kinds.append(k)
                     t, s = t + n, s + 1
         dev = torch.device(device)
-        return PackedLayout(kind.to(dev), doc_id.to(dev), seg_id.to(dev), pos.to(dev), blocks, block_kinds)
+        return PackedLayout(kind.to(dev), doc_id.to(dev), seg_id.to(dev), pos.to(dev), blocks, block_kinds,
+                            tuple(spans))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -102,13 +140,8 @@ class PackedLayout:
 
     def visible(self, b, q_idx, kv_idx):
         """The mask rule, elementwise over broadcastable index tensors; True = q may attend to kv.
-        Shared by the dense mask and FlexAttention's mask_mod."""
-        kq, kk = self.kind_BS[b, q_idx], self.kind_BS[b, kv_idx]
-        sq, sk = self.seg_BS[b, q_idx], self.seg_BS[b, kv_idx]
-        same_doc = (self.doc_BS[b, q_idx] == self.doc_BS[b, kv_idx]) & (kk != PAD) & (kq != PAD)
-        in_segment = (sq == sk) & ((kk != TEXT) | (kv_idx <= q_idx))
-        from_earlier = (sk < sq) & (kk != NOISE)
-        return (same_doc & (in_segment | from_earlier)) | ((kq == PAD) & (q_idx == kv_idx))
+        Shared by the dense mask, the FlexAttention block mask and its mask_mod (`visible_rule`)."""
+        return visible_rule(self.kind_BS, self.doc_BS, self.seg_BS, b, q_idx, kv_idx)
 
     def dense_mask(self) -> torch.Tensor:
         """bool [B, 1, S, S], True = attend (SDPA convention)."""
@@ -119,13 +152,82 @@ class PackedLayout:
         kv = torch.arange(S, device=dev)[None, None, :]
         return self.visible(b, q, kv)[:, None]
 
-    def block_mask(self):
-        """FlexAttention BlockMask of the same rule (GPU path; built once per batch)."""
-        from torch.nn.attention.flex_attention import create_block_mask
+    def segment_table(self) -> tuple[SegmentSpan, ...]:
+        """`segments`, or (for a layout not made by `build`) the same table read back from the tensors."""
+        if self.segments:
+            return self.segments
+        kind, doc, seg = self.kind_BS.cpu(), self.doc_BS.cpu(), self.seg_BS.cpu()
+        spans = []
+        for b in range(kind.shape[0]):
+            real = torch.nonzero(kind[b] != PAD).squeeze(1).tolist()
+            for t in real:
+                if spans and spans[-1].row == b and int(seg[b, t]) == int(seg[b, spans[-1].start]) \
+                        and spans[-1].start + spans[-1].length == t:
+                    spans[-1] = spans[-1]._replace(length=spans[-1].length + 1)
+                else:
+                    spans.append(SegmentSpan(b, int(doc[b, t]), t, 1, int(kind[b, t])))
+        return tuple(spans)
+
+    def padded(self, length: int) -> "PackedLayout":
+        """The same layout with PAD columns appended up to `length` tokens per row (they see only themselves,
+        so every real token's visibility is unchanged)."""
+        B, S = self.shape
+        if length < S:
+            raise ValueError(f"cannot pad a layout of {S} tokens to {length}")
+        if length == S:
+            return self
+        n = length - S
+
+        def ext(t, value):
+            return torch.cat([t, t.new_full((B, n), value)], dim=1)
+
+        return PackedLayout(ext(self.kind_BS, PAD), ext(self.doc_BS, -1), ext(self.seg_BS, -1), ext(self.pos_BS, 0),
+                            list(self.block_starts), list(self.block_kinds), self.segment_table())
+
+    def block_mask(self, pad_to: int | None = None, block_size: int = 128, max_chunk_elems: int = 1 << 26):
+        """FlexAttention BlockMask of `visible()` over the layout padded to `pad_to` tokens (a multiple of
+        block_size; default: S rounded up to one). Built once per batch, on the layout's device.
+
+        Tiles are classified by evaluating `visible()` on chunks of whole query-block rows (at most
+        ~max_chunk_elems mask elements at a time, so memory stays O(chunk), not O(B·S²)): a tile with every
+        element visible is a "full" block (the kernel skips the mask_mod there), one with some visible a
+        partial block (mask_mod = `visible()` of the padded layout, evaluated inside the kernel), the rest is
+        skipped. The query and key lengths of the mask are `pad_to`; `attend` pads q/k/v to it."""
+        from torch.nn.attention.flex_attention import BlockMask
 
         B, S = self.shape
+        L = pad_to if pad_to is not None else -(-S // block_size) * block_size
+        if L < S or L % block_size:
+            raise ValueError(f"block_mask pad_to={L} must be >= the layout length {S} and a multiple of "
+                             f"block_size={block_size}")
+        lay = self.padded(L)
+        dev = lay.kind_BS.device
+        nb = L // block_size
+        rows_per_chunk = max(1, max_chunk_elems // (B * L * block_size))
+        b = torch.arange(B, device=dev)[:, None, None]
+        kv = torch.arange(L, device=dev)[None, None, :]
+        counts = []
+        for q0 in range(0, nb, rows_per_chunk):
+            q1 = min(nb, q0 + rows_per_chunk)
+            q = torch.arange(q0 * block_size, q1 * block_size, device=dev)[None, :, None]
+            vis = lay.visible(b, q, kv)  # [B, (q1-q0)·bs, L]
+            counts.append(vis.view(B, q1 - q0, block_size, nb, block_size).sum(dim=(2, 4)))
+        counts = torch.cat(counts, dim=1)[:, None]  # [B, 1, nb, nb] visible elements per tile
+        full = counts == block_size * block_size
+        partial = (counts > 0) & ~full
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            return self.visible(b, q_idx, kv_idx)
+        def ordered(dense):  # (count, indices) in BlockMask's layout: the selected block indices first, in order
+            num = dense.sum(-1, dtype=torch.int32)
+            idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+            return num, idx
 
-        return create_block_mask(mask_mod, B, None, S, S, device=self.kind_BS.device)
+        kv_num, kv_idx = ordered(partial)
+        full_num, full_idx = ordered(full)
+
+        kind, doc, seg = lay.kind_BS, lay.doc_BS, lay.seg_BS
+
+        def mask_mod(b, h, q_idx, kv_idx):  # captures tensors only (one code object): no recompile per batch
+            return visible_rule(kind, doc, seg, b, q_idx, kv_idx)
+
+        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                        seq_lengths=(L, L))

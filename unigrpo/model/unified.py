@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unigrpo.model.attention import attend
+from unigrpo.model.attention import attend, packed_attention_inputs, resolve_attention_backend
 from unigrpo.model.config import ModelConfig
 from unigrpo.model.layout import PAD, PackedLayout
 
@@ -89,17 +89,19 @@ class DecoderLayer(nn.Module):
         """recompute this layer in the backward instead of keeping its activations (training only)"""
 
     def forward(self, x, routes, cos_f, sin_f, B: int, S: int, zero_fill: bool, *, mask=None, block_mask=None,
-                backend: str = "sdpa", cache: KVCache | None = None, li: int = 0, append: bool = False):
+                plan=None, backend: str = "sdpa", cache: KVCache | None = None, li: int = 0, append: bool = False):
         """x [B·S, H] → [B·S, H]. routes: (expert, token indices) pairs; cos_f/sin_f [B·S, hd]; zero_fill: some
-        tokens are padding (they get zero q/k/v and keep their hidden state). With `cache`, this layer's
-        cached K/V (index li) are prepended, and written first when `append`."""
+        tokens are padding (they get zero q/k/v and keep their hidden state). mask / block_mask / plan: the
+        attention backend's inputs (unigrpo.model.attention.attend). With `cache`, this layer's cached K/V
+        (index li) are prepended, and written first when `append`."""
         if self.checkpointing and cache is None and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(
-                self._forward, x, routes, cos_f, sin_f, B, S, zero_fill, mask, block_mask, backend, None, li,
+                self._forward, x, routes, cos_f, sin_f, B, S, zero_fill, mask, block_mask, plan, backend, None, li,
                 append, use_reentrant=False)
-        return self._forward(x, routes, cos_f, sin_f, B, S, zero_fill, mask, block_mask, backend, cache, li, append)
+        return self._forward(x, routes, cos_f, sin_f, B, S, zero_fill, mask, block_mask, plan, backend, cache, li,
+                             append)
 
-    def _forward(self, x, routes, cos_f, sin_f, B, S, zero_fill, mask, block_mask, backend, cache, li, append):
+    def _forward(self, x, routes, cos_f, sin_f, B, S, zero_fill, mask, block_mask, plan, backend, cache, li, append):
         cfg = self.cfg
         hd = cfg.head_dim
         new_qkv = x.new_zeros if zero_fill else x.new_empty
@@ -123,7 +125,7 @@ class DecoderLayer(nn.Module):
             else:
                 k = torch.cat([cache.k[li][:, :, :L], k], dim=2)
                 v = torch.cat([cache.v[li][:, :, :L], v], dim=2)
-        attn = attend(q, k, v, mask=mask, block_mask=block_mask, backend=backend)
+        attn = attend(q, k, v, mask=mask, block_mask=block_mask, plan=plan, backend=backend)
         attn = attn.transpose(1, 2).reshape(B * S, cfg.heads * hd)
         out = x.clone() if zero_fill else torch.empty_like(x)
         for e, idx in routes:
@@ -289,8 +291,8 @@ class UnifiedModel(nn.Module):
         return self.lm_head(text_hidden)
 
     # ------------------------------------------------------------------ core
-    def _layers(self, x_BSH, image_BS, cos, sin, *, mask=None, block_mask=None, cache: KVCache | None = None,
-                append: bool = False, backend: str = "sdpa", pad_BS=None):
+    def _layers(self, x_BSH, image_BS, cos, sin, *, mask=None, block_mask=None, plan=None,
+                cache: KVCache | None = None, append: bool = False, backend: str = "sdpa", pad_BS=None):
         """Run every decoder layer. Text and image tokens go through their own expert; one attention over
         the sequence (plus the cache's columns when given). Padding tokens (pad_BS True) skip both experts
         (zero q/k/v, hidden left as is): in a packed batch they are a quarter of the tokens.
@@ -310,9 +312,25 @@ class UnifiedModel(nn.Module):
         hd = cfg.head_dim
         cos_f, sin_f = cos.reshape(B * S, hd), sin.reshape(B * S, hd)
         for li, layer in enumerate(self.layers):
-            x = layer(x, routes, cos_f, sin_f, B, S, zero_fill, mask=mask, block_mask=block_mask, backend=backend,
-                      cache=cache, li=li, append=append)
+            x = layer(x, routes, cos_f, sin_f, B, S, zero_fill, mask=mask, block_mask=block_mask, plan=plan,
+                      backend=backend, cache=cache, li=li, append=append)
         return x.view(B, S, H)
+
+    def _image_layers(self, x_BNH, cos, sin, *, mask=None, cache: KVCache | None = None, append: bool = False):
+        """`_layers` for a sequence of image tokens only (one image block per row: no text, no padding). The
+        route is fixed in code — every token to the image expert through a full slice — so there is no
+        torch.nonzero and no host sync, and a denoising step can be captured in a CUDA graph
+        (unigrpo/rollout/graphs.py). Same ops on the same values as `_layers(x, all-True, ...)`: x[:] is x and
+        x[arange] a copy of it, so the results are bit-identical (tests/test_rollout_fast.py).
+        x_BNH [B, N, H] → hidden [B, N, H] (before the final norm)."""
+        B, N, H = x_BNH.shape
+        hd = self.cfg.head_dim
+        routes = [(IMAGE_EXPERT, slice(None))]
+        x = x_BNH.reshape(B * N, H)
+        cos_f, sin_f = cos.reshape(B * N, hd), sin.reshape(B * N, hd)
+        for li, layer in enumerate(self.layers):
+            x = layer(x, routes, cos_f, sin_f, B, N, False, mask=mask, cache=cache, li=li, append=append)
+        return x.view(B, N, H)
 
     def _final_text(self, hidden_BSH):
         return self.final_norms[TEXT_EXPERT](hidden_BSH)
@@ -324,6 +342,8 @@ class UnifiedModel(nn.Module):
 
         text_ids_BS: long [B, S] (values at image/pad positions are ignored);
         latents_MChw, sigma_M: one latent and σ per image block of the layout, in layout.block_starts order.
+        backend: the attention backend ("sdpa", "flex", "split", "flash", or "auto" resolved for this device;
+        unigrpo.model.attention); its mask / block mask / plan is built once per layout and reused.
         text_head: optional fn(text_hidden [B, S, H], lm_head weight [V, H]) applied inside this forward (under
         FSDP the weight is only gathered during a forward), e.g. the fused token log-probs.
         Returns (text_hidden [B, S, H] after the final text norm — meaningful at text positions — or
@@ -348,8 +368,10 @@ class UnifiedModel(nn.Module):
                                      f"{tuple(latents_MChw.shape[1:])} gives {img.shape[1]}")
                 x[b, start:start + n] = img[m]
         cos, sin = rope_cos_sin(layout.pos_BS, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        masks = {"block_mask": layout.block_mask()} if backend == "flex" else {"mask": layout.dense_mask()}
-        hidden = self._layers(x, image_BS, cos, sin, backend=backend, pad_BS=layout.kind_BS == PAD, **masks)
+        if backend == "auto":
+            backend = resolve_attention_backend(backend, x.device)
+        attn_inputs = packed_attention_inputs(layout, backend)
+        hidden = self._layers(x, image_BS, cos, sin, backend=backend, pad_BS=layout.kind_BS == PAD, **attn_inputs)
         velocity = None
         if M:
             img_hidden = torch.stack([hidden[b, s:s + n] for b, s, n in layout.block_starts])
@@ -405,7 +427,9 @@ class UnifiedModel(nn.Module):
         cache.next_pos += valid.long().sum(1)
         return self._final_text(hidden)
 
-    def _image_block(self, cache: KVCache, latents_BChw, sigma_B, append: bool):
+    def _image_block(self, cache: KVCache, latents_BChw, sigma_B, append: bool, static_route: bool = True):
+        """One image block after the cache. static_route: run it through `_image_layers` (no torch.nonzero);
+        False takes the general `_layers` routing (tests compare the two)."""
         B = latents_BChw.shape[0]
         x = self.embed_images(latents_BChw, sigma_B)
         N = x.shape[1]
@@ -415,7 +439,10 @@ class UnifiedModel(nn.Module):
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
         mask = self._cache_mask(cache, valid, causal=False)
-        hidden = self._layers(x, valid, cos, sin, mask=mask, cache=cache, append=append)
+        if static_route:
+            hidden = self._image_layers(x, cos, sin, mask=mask, cache=cache, append=append)
+        else:
+            hidden = self._layers(x, valid, cos, sin, mask=mask, cache=cache, append=append)
         if append:
             cache.valid[:, cache.length:cache.length + N] = True
             cache.length += N

@@ -6,6 +6,10 @@ positions. A row that has emitted EOS keeps stepping with its new tokens marked 
 never counted). A row that reaches `max_new_tokens` without EOS is cut there: its image follows the
 truncated reasoning, exactly as the training packer sees it.
 
+Denoising runs the static-shape loop of graphs.py: σ and h per step precomputed on the device, no host
+syncs, and on CUDA the step's model evaluation(s) replayed from a CUDA graph (`cuda_graph`, default on).
+Text decoding is still the eager loop (one host sync per token: the all-rows-finished check).
+
 Legend: B rows, P prompt tokens (padded), T reasoning tokens (padded), C/h/w latent dims.
 """
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from unigrpo.model.unified import KVCache, UnifiedModel
-from unigrpo_kernels import sigma_schedule
+from unigrpo.rollout.graphs import make_velocity, ode_loop, ode_tables
 
 
 @dataclass
@@ -108,33 +112,26 @@ def unconditional_cache(model: UnifiedModel, tokenizer, batch: int) -> KVCache:
 @torch.no_grad()
 def denoise(model: UnifiedModel, cache: KVCache, *, num_steps: int, shift: float = 3.0,
             cfg_scale: float = 1.0, uncond_cache: KVCache | None = None, generator=None,
-            noise_BChw: torch.Tensor | None = None) -> torch.Tensor:
+            noise_BChw: torch.Tensor | None = None, cuda_graph: bool = True) -> torch.Tensor:
     """Deterministic (ODE, Euler) denoising from pure noise to a clean latent, float32 [B, C, h, w].
-    With cfg_scale ≠ 1, v = v_u + w·(v_c − v_u) with the unconditional cache (two evaluations per step)."""
+    With cfg_scale ≠ 1, v = v_u + w·(v_c − v_u) with the unconditional cache (two evaluations per step).
+    cuda_graph: on CUDA, replay the step's evaluation(s) from a CUDA graph (graphs.py; same numbers)."""
     cfg = model.cfg
     B = cache.valid.shape[0]
-    dev, dtype = model.embed.weight.device, model.embed.weight.dtype
+    dev = model.embed.weight.device
     shape = (B, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     x = torch.randn(shape, generator=generator, device=dev) if noise_BChw is None else noise_BChw.float()
-    if cfg_scale != 1.0 and uncond_cache is None:
-        raise ValueError("cfg_scale != 1 needs an uncond_cache (see unconditional_cache)")
-    sigmas = sigma_schedule(num_steps, shift).tolist()
-    for k in range(num_steps):
-        s = torch.full((B,), sigmas[k], device=dev, dtype=torch.float32)
-        v = model.image_velocity(cache, x.to(dtype), s).float()
-        if cfg_scale != 1.0:
-            vu = model.image_velocity(uncond_cache, x.to(dtype), s).float()
-            v = vu + cfg_scale * (v - vu)
-        x = x - (sigmas[k] - sigmas[k + 1]) * v
-    return x
+    velocity = make_velocity(model, cache, uncond_cache=uncond_cache, cfg_scale=cfg_scale, cuda_graph=cuda_graph)
+    return ode_loop(velocity, x, ode_tables(num_steps, shift, B, dev))
 
 
 @torch.no_grad()
 def sample(model: UnifiedModel, tokenizer, codec, prompts: list[str], *, temperature: float = 1.0,
-           num_steps: int = 50, shift: float = 3.0, cfg_scale: float = 1.0, generator=None):
+           num_steps: int = 50, shift: float = 3.0, cfg_scale: float = 1.0, generator=None,
+           cuda_graph: bool = True):
     """Prompts → (reasoning texts, images [B, 3, H, W] in [-1, 1]) on the evaluation (ODE) path."""
     reasoning = generate_reasoning(model, tokenizer, prompts, temperature=temperature, generator=generator)
     uncond = unconditional_cache(model, tokenizer, len(prompts)) if cfg_scale != 1.0 else None
     latents = denoise(model, reasoning.cache, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
-                      uncond_cache=uncond, generator=generator)
+                      uncond_cache=uncond, generator=generator, cuda_graph=cuda_graph)
     return reasoning.texts, codec.decode(latents)

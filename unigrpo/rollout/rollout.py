@@ -9,6 +9,11 @@ k at the same time; rows inside their window take the SDE step (η), the rest th
 Stored per trajectory and window step j (§4): x_j and x'_j (fp32), the step index, log p_old(x'_j | x_j)
 and the noise ξ_j (μ_old = x'_j − s_j·ξ_j).
 
+The denoising loop is graphs.sde_loop: per-step coefficients precomputed on the device, window stores by
+index tensors prepared from the host-known window starts (no host syncs in the loop), and on CUDA the
+step's model evaluation replayed from a CUDA graph (`cuda_graph`). One synchronize after the loop keeps
+the "rollout_image" wall time honest.
+
 Legend: R = B·G trajectories (rows), W window steps, C/h/w latent dims, T reasoning tokens.
 """
 from __future__ import annotations
@@ -20,7 +25,8 @@ import numpy as np
 import torch
 
 from unigrpo.rollout.generate import Reasoning, generate_reasoning, unconditional_cache
-from unigrpo_kernels import sde_step, sigma_schedule, step_coeffs_batch
+from unigrpo.rollout.graphs import make_velocity, sde_loop, sde_tables
+from unigrpo_kernels import sigma_schedule
 
 
 @dataclass
@@ -47,6 +53,9 @@ class RolloutConfig:
     """"sde" (Flow-GRPO) or "cps" (coefficient-preserving)"""
     cfg_scale: float = 1.0
     """CFG in training rollouts (1 = none, the paper's choice; > 1 is an ablation: 2 evaluations per step)"""
+    cuda_graph: bool = True
+    """replay each denoising step's model evaluation(s) from a CUDA graph (CUDA only, not under FSDP; elsewhere
+    the eager path runs). Same numbers either way (unigrpo/rollout/graphs.py)"""
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -137,38 +146,19 @@ def rollout(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, ge
     t1 = time.perf_counter()
     uncond = unconditional_cache(model, tokenizer, R) if cfg.cfg_scale != 1.0 else None
     mcfg = model.cfg
-    dev, dtype = model.embed.weight.device, model.embed.weight.dtype
+    dev = model.embed.weight.device
     if windows is None:
         windows = draw_windows(window_rng, len(prompt_texts), cfg)
-    k0 = torch.as_tensor(np.asarray(windows), dtype=torch.long).repeat_interleave(G).to(dev)
+    k0_host = np.asarray(windows, dtype=np.int64).repeat(G)
+    k0 = torch.as_tensor(k0_host, dtype=torch.long).to(dev)
     shape = (R, mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size)
-    sigmas = sigma_schedule(N, cfg.shift).to(dev)
+    tables = sde_tables(sigma_schedule(N, cfg.shift).to(dev), k0_host, window=W, eta=cfg.eta, kind=cfg.sde_kind)
     x = torch.randn(shape, generator=generator, device=dev)
-    store = {name: torch.zeros((R, W) + shape[1:], device=dev) for name in ("x", "x_next", "noise")}
-    logp_RW = torch.zeros(R, W, device=dev)
-    rows = torch.arange(R, device=dev)
-    for k in range(N):
-        sig = torch.full((R,), float(sigmas[k]), device=dev)
-        v = model.image_velocity(cache, x.to(dtype), sig).float()
-        if uncond is not None:
-            vu = model.image_velocity(uncond, x.to(dtype), sig).float()
-            v = vu + cfg.cfg_scale * (v - vu)
-        in_window = (k >= k0) & (k < k0 + W)
-        eta_R = torch.where(in_window, torch.tensor(cfg.eta, dtype=torch.float64, device=dev),
-                            torch.tensor(0.0, dtype=torch.float64, device=dev))
-        co = step_coeffs_batch(sigmas, torch.full((R,), k, device=dev), eta_R, cfg.sde_kind)
-        noise = torch.randn(shape, generator=generator, device=dev)
-        x_next, logp = sde_step(x, v, a_B=co["a"].float(), b_B=co["b"].float(), std_B=co["std"].float(),
-                                noise_BD=noise, backend=backend)
-        x_next = x_next.view(shape)
-        if bool(in_window.any()):
-            r = rows[in_window]
-            j = (k - k0)[in_window]
-            store["x"][r, j] = x[r]
-            store["x_next"][r, j] = x_next[r]
-            store["noise"][r, j] = noise[r]
-            logp_RW[r, j] = logp[r].float()
-        x = x_next
+    velocity = make_velocity(model, cache, uncond_cache=uncond, cfg_scale=cfg.cfg_scale, cuda_graph=cfg.cuda_graph)
+    out = sde_loop(velocity, x, tables, generator=generator, backend=backend)
+    if dev.type == "cuda":  # the loop never waits for the GPU: make the phase's wall time honest
+        torch.cuda.synchronize(dev)
     reasoning.cache = None  # the KV cache is large; training recomputes everything it needs
     timing = {"rollout_text": t1 - t0, "rollout_image": time.perf_counter() - t1}
-    return Trajectories(texts, reasoning, k0, store["x"], store["x_next"], store["noise"], logp_RW, x, G, timing)
+    return Trajectories(texts, reasoning, k0, out.x_RW, out.x_next_RW, out.noise_RW, out.logp_RW, out.latents, G,
+                        timing)
