@@ -215,7 +215,7 @@ def test_varlen_stand_in_is_bottom_right_causal():
 
 # ------------------------------------------------------------------------------------------ model level
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(rows=layouts(4), seed=st.integers(0, 2**16))
 def test_packed_forward_equals_cached_for_every_backend(rows, seed):
     """tests/test_model.py's packed == cached property, for each backend (float64; flex forward eagerly)."""

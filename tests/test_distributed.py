@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from unigrpo.checkpoint import load_checkpoint
 from unigrpo.rewards.advantages import group_advantages
-from unigrpo.rollout.rollout import RolloutConfig, rollout
-from unigrpo.trainer import OptimConfig, TrainConfig, Trainer
+from unigrpo.rollout.rollout import rollout
+from unigrpo.trainer import TrainConfig, Trainer
 
 from test_trainer import tiny_base
 

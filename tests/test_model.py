@@ -55,31 +55,7 @@ def packed_inputs(model, layout, seed):
     return ids, lat, sig
 
 
-@settings(max_examples=25, deadline=None)
-@given(rows=layouts(4), seed=st.integers(0, 2**16))
-def test_packed_equals_cached_segment_by_segment(rows, seed):
-    model = make_model()
-    layout = PackedLayout.build(rows)
-    ids, lat, sig = packed_inputs(model, layout, seed)
-    with torch.no_grad():
-        hidden, vel = model.forward_packed(layout, ids, lat, sig)
-        m = 0
-        for b, row in enumerate(rows):
-            t = 0
-            for doc in row:
-                cache = model.new_cache(1, sum(s.length for s in doc))
-                for seg in doc:
-                    n = seg.length
-                    if seg.kind == "text":
-                        got = model.append_text(cache, ids[b:b + 1, t:t + n])
-                        torch.testing.assert_close(got[0], hidden[b, t:t + n], atol=ATOL64, rtol=0)
-                    else:
-                        fn = model.image_velocity if seg.kind == "noise" else model.append_image
-                        got = fn(cache, lat[m:m + 1], sig[m:m + 1])
-                        torch.testing.assert_close(got[0], vel[m], atol=ATOL64, rtol=0)
-                        m += 1
-                    t += n
-        assert m == len(layout.block_starts)
+# packed == cached segment by segment, for every attention backend: tests/test_attention.py
 
 
 def test_batched_left_padded_decode_equals_single_rows():

@@ -474,19 +474,19 @@ class Trainer:
             for mb, weight in self._balanced_chunks(order, oc.minibatch):
                 batch = pack(traj, mb, self.sigmas, n_img, tok.pad_id)
                 idx = torch.tensor(mb, device=dev)
-                text_loss = None
-                if lc.train_text:   # hidden → GRPO text loss in one fused call, inside the forward (FSDP)
-                    def text_loss(hidden, weight, batch=batch, idx=idx):
-                        h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
-                        return linear_text_grpo_loss(
-                            h_sel, weight, batch.text_tgt, slot_T=batch.text_slot, old_logp_BL=old_logp[idx],
-                            adv_B=adv_R[idx], mask_BL=mask_RT[idx], temperature=rc.temperature, eps_lo=lc.eps_lo,
-                            eps_hi=lc.eps_hi, aggregation=lc.aggregation,
-                            ref_logp_BL=None if ref_logp is None else ref_logp[idx], kl_coef=lc.kl_coef,
-                            max_len=max_len, return_logp=True, backend=self.text_backend)
-                text_out, v = self.policy.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
-                                                         text_head=text_loss or (lambda hidden, weight: None),
-                                                         backend=self.attn_backend)
+                def text_loss(hidden, weight, batch=batch, idx=idx):
+                    """hidden → GRPO text loss in one fused call, inside the forward (FSDP)"""
+                    h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
+                    return linear_text_grpo_loss(
+                        h_sel, weight, batch.text_tgt, slot_T=batch.text_slot, old_logp_BL=old_logp[idx],
+                        adv_B=adv_R[idx], mask_BL=mask_RT[idx], temperature=rc.temperature, eps_lo=lc.eps_lo,
+                        eps_hi=lc.eps_hi, aggregation=lc.aggregation,
+                        ref_logp_BL=None if ref_logp is None else ref_logp[idx], kl_coef=lc.kl_coef,
+                        max_len=max_len, return_logp=True, backend=self.text_backend)
+
+                text_out, v = self.policy.forward_packed(
+                    batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M, backend=self.attn_backend,
+                    text_head=text_loss if lc.train_text else (lambda hidden, weight: None))
                 loss = torch.zeros((), device=dev)
                 m: dict[str, torch.Tensor] = {}
                 if lc.train_text:
