@@ -351,3 +351,27 @@ def test_pretrain_example_image_follows_plan(seed, cat):
     for plan, img in ((good_plan, good_img), (bad_plan, bad_img)):
         assert np.array_equal(img, render(parse_plan(plan)))
     assert verify(np.stack([good_img, bad_img]), [p, p]).geneval.tolist() == [1.0, 0.0]
+
+
+def test_strict_check_fails_extra_objects_that_geneval_accepts():
+    """GenEval's presence semantics accept an extra object; the strict held-out check (a reward-hacking
+    indicator) does not."""
+    from unigrpo.world.verify import expected_objects
+    p = prompt("a circle")
+    alone = verify(render_batch([(PlacedObject("circle", "red", 1, 1),)]), [p])
+    extra = verify(render_batch([(PlacedObject("circle", "red", 1, 1), PlacedObject("square", "blue", 3, 3))]), [p])
+    assert expected_objects(p) == 1
+    assert alone.geneval.item() == 1.0 and alone.strict.item() == 1.0
+    assert extra.geneval.item() == 1.0 and extra.strict.item() == 0.0
+
+
+def test_image_statistics_of_known_images():
+    from unigrpo.evaluate import image_statistics
+    black = np.zeros((2, 8, 8, 3), np.uint8)
+    assert image_statistics(black) == {"saturation": 0.0, "edge_energy": 0.0, "lit_fraction": 0.0}
+    red = black.copy()
+    red[:, :, 4:] = (255, 0, 0)   # right half pure red: saturation 1 there, one vertical edge of height 1/3
+    st = image_statistics(red)
+    assert st["saturation"] == pytest.approx(0.5) and st["lit_fraction"] == pytest.approx(0.5)
+    # grey = 1/3 on the right; |∂x| = 1/3 at one of 7 columns, over the 7×7 grid of the edge map
+    assert st["edge_energy"] == pytest.approx((1 / 3) * 7 / 49)

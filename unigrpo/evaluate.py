@@ -63,6 +63,7 @@ class EvalResult:
     reasoning: list[str]
     images: np.ndarray  # uint8 [n, H, W, 3]
     summary: dict = field(default_factory=dict)
+    strict: np.ndarray | None = None  # [n] float (0/1): GenEval-style and exactly the asked-for objects
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -82,8 +83,9 @@ def mean_ci(x: np.ndarray, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, float(x.mean()) - h), min(1.0, float(x.mean()) + h))
 
 
-def summarize(categories: list[str], ta: np.ndarray, geneval: np.ndarray) -> dict:
-    """{category or "overall": {n, ta, ta_ci, geneval, geneval_ci}}; "overall" is over all samples."""
+def summarize(categories: list[str], ta: np.ndarray, geneval: np.ndarray, strict: np.ndarray | None = None) -> dict:
+    """{category or "overall": {n, ta, ta_ci, geneval, geneval_ci[, strict, strict_ci]}}; "overall" is over all
+    samples."""
     out = {}
     cats = np.array(categories)
     for name in [c for c in CATEGORIES if c in set(categories)] + ["overall"]:
@@ -91,7 +93,22 @@ def summarize(categories: list[str], ta: np.ndarray, geneval: np.ndarray) -> dic
         t, g = ta[sel], geneval[sel]
         out[name] = {"n": int(sel.sum()), "ta": float(t.mean()), "ta_ci": mean_ci(t),
                      "geneval": float(g.mean()), "geneval_ci": wilson(float(g.sum()), int(sel.sum()))}
+        if strict is not None:
+            out[name]["strict"] = float(strict[sel].mean())
+            out[name]["strict_ci"] = wilson(float(strict[sel].sum()), int(sel.sum()))
     return out
+
+
+def image_statistics(images: np.ndarray) -> dict[str, float]:
+    """Reward-hacking indicators on uint8 [n, H, W, 3] images, to compare with the base model's: mean
+    saturation (max − min channel, in [0, 1]), mean edge energy (|∂x| + |∂y| of the grey image, in [0, 2]) and
+    the lit fraction (pixels brighter than 1/8 in any channel)."""
+    x = images.astype(np.float32) / 255.0
+    sat = x.max(-1) - x.min(-1)
+    grey = x.mean(-1)
+    edges = np.abs(np.diff(grey, axis=1))[:, :, :-1] + np.abs(np.diff(grey, axis=2))[:, :-1, :]
+    return {"saturation": float(sat.mean()), "edge_energy": float(edges.mean()),
+            "lit_fraction": float((x.max(-1) > 0.125).mean())}
 
 
 def format_table(summary: dict, title: str = "") -> str:
@@ -100,8 +117,17 @@ def format_table(summary: dict, title: str = "") -> str:
     for name, s in summary.items():
         rows.append(f"{name:<14} {s['n']:>4}  {s['ta']:.3f} [{s['ta_ci'][0]:.3f}, {s['ta_ci'][1]:.3f}]"
                     f"  {s['geneval']:.3f} [{s['geneval_ci'][0]:.3f}, {s['geneval_ci'][1]:.3f}]")
-    if "plan_valid" in summary.get("overall", {}):
-        rows.append(f"reasoning that parses as a layout plan: {summary['overall']['plan_valid']:.1%}")
+    overall = summary.get("overall", {})
+    if "strict" in overall:
+        lo, hi = overall["strict_ci"]
+        rows.append(f"strict (GenEval-style and exactly the asked-for objects): {overall['strict']:.3f} "
+                    f"[{lo:.3f}, {hi:.3f}]")
+    if "plan_valid" in overall:
+        rows.append(f"reasoning that parses as a layout plan: {overall['plan_valid']:.1%}")
+    if "images" in overall:
+        st = overall["images"]
+        rows.append(f"images: saturation {st['saturation']:.3f}, edge energy {st['edge_energy']:.4f}, "
+                    f"lit fraction {st['lit_fraction']:.3f}")
     return "\n".join(rows)
 
 
@@ -113,7 +139,7 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(cfg.seed)
-    ta, ge, texts, imgs = [], [], [], []
+    ta, ge, strict, texts, imgs = [], [], [], [], []
     for i in tqdm(range(0, len(prompts), cfg.batch), desc="eval", disable=not progress, leave=False):
         chunk = prompts[i:i + cfg.batch]
         reasoning, images = sample(model, bundle.tokenizer, bundle.codec, [p.text for p in chunk],
@@ -122,23 +148,29 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
         res = verify(images.float().cpu(), chunk)
         ta.append(res.ta.numpy())
         ge.append(res.geneval.numpy())
+        strict.append(res.strict.numpy())
         texts += reasoning
         imgs.append(to_uint8(images.float().cpu()))
     model.train(was_training)
     cats = [p.category for p in prompts]
-    ta_a, ge_a = np.concatenate(ta), np.concatenate(ge)
-    summary = summarize(cats, ta_a, ge_a)
-    # a reward-hacking indicator: reasoning that no longer parses as a layout plan
+    ta_a, ge_a, st_a = np.concatenate(ta), np.concatenate(ge), np.concatenate(strict)
+    summary = summarize(cats, ta_a, ge_a, st_a)
+    images = np.concatenate(imgs)
+    # reward-hacking indicators: reasoning that no longer parses as a layout plan, the strict check above,
+    # and image statistics to compare with the base model's
     summary["overall"]["plan_valid"] = float(np.mean([parse_plan(t) is not None for t in texts]))
-    return EvalResult(cats, ta_a, ge_a, [p.text for p in prompts], texts, np.concatenate(imgs), summary)
+    summary["overall"]["images"] = image_statistics(images)
+    return EvalResult(cats, ta_a, ge_a, [p.text for p in prompts], texts, images, summary, st_a)
 
 
 def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:
     """eval.json (summary + per-sample rows) and grid.png under out_dir; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
-    rows = [{"prompt": p, "category": c, "reasoning": r, "ta": float(t), "geneval": float(g)}
-            for p, c, r, t, g in zip(result.prompts, result.categories, result.reasoning, result.ta,
-                                     result.geneval)]
+    strict = result.strict if result.strict is not None else [None] * len(result.prompts)
+    rows = [{"prompt": p, "category": c, "reasoning": r, "ta": float(t), "geneval": float(g),
+             "strict": None if x is None else float(x)}
+            for p, c, r, t, g, x in zip(result.prompts, result.categories, result.reasoning, result.ta,
+                                        result.geneval, strict)]
     path = os.path.join(out_dir, "eval.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"summary": result.summary, "samples": rows}, f, indent=1)

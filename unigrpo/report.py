@@ -55,6 +55,14 @@ def write_report(out_dir: str, *, before: dict | None, after: dict | None, histo
         lines += [f"GenEval-style {b['geneval']:.3f} → {a['geneval']:.3f} ({a['geneval'] - b['geneval']:+.3f}); "
                   f"TA-style {b['ta']:.3f} → {a['ta']:.3f} ({a['ta'] - b['ta']:+.3f}), held-out, 95% intervals below.",
                   ""]
+        if "strict" in b and "strict" in a:   # reward-hacking indicators (never rewards)
+            lines += [f"Strict check (GenEval-style and exactly the asked-for objects): {b['strict']:.3f} → "
+                      f"{a['strict']:.3f}. A GenEval-style gain without a strict gain means extra objects.", ""]
+        if "images" in b and "images" in a:
+            bi, ai = b["images"], a["images"]
+            lines += ["| image statistic | base | after |", "|---|---|---|"]
+            lines += [f"| {k.replace('_', ' ')} | {bi[k]:.4f} | {ai[k]:.4f} |" for k in bi if k in ai]
+            lines += [""]
     for title, summ in (("Before (base)", before), ("After (UniGRPO)", after)):
         if summ:
             lines += [f"## {title}", "", "```", format_table(summ), "```", ""]

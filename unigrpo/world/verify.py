@@ -44,11 +44,25 @@ _PALETTE = np.array([COLORS[c] for c in _NAMES], np.int32)  # [C, 3]
 
 @dataclass
 class VerifyResult:
-    """ta, geneval: float32 [B]; checks: named check results per sample; objects: what was seen per sample."""
+    """ta, geneval, strict: float32 [B]; checks: named check results per sample; objects: what was seen."""
     ta: torch.Tensor
     geneval: torch.Tensor
     checks: list[dict[str, bool]]
     objects: list[list[Found]]
+    strict: torch.Tensor | None = None
+
+
+def expected_objects(prompt: Prompt) -> int:
+    """How many objects the prompt asks for: its count for counting, else one per named object."""
+    return prompt.count if prompt.category == "counting" else len(prompt.objects)
+
+
+def strict_scores(prompts: list[Prompt], geneval: torch.Tensor, objects: list[list[Found]]) -> torch.Tensor:
+    """A stricter held-out check than GenEval's presence semantics, used as a reward-hacking indicator (never
+    as a reward): all checks pass AND the image holds exactly the number of objects the prompt asks for
+    (unknown blobs count too). float32 [B]."""
+    exact = [len(objs) == expected_objects(p) for p, objs in zip(prompts, objects)]
+    return geneval * torch.tensor(exact, dtype=torch.float32)
 
 
 def _as_uint8(images) -> np.ndarray:
@@ -149,4 +163,4 @@ def verify(images, prompts: list[Prompt], obj: int = OBJ) -> VerifyResult:
     checks = [check_objects(p, objs, margin) for p, objs in zip(prompts, objects)]
     ta = torch.tensor([sum(c.values()) / len(c) for c in checks], dtype=torch.float32)
     geneval = torch.tensor([float(all(c.values())) for c in checks], dtype=torch.float32)
-    return VerifyResult(ta, geneval, checks, objects)
+    return VerifyResult(ta, geneval, checks, objects, strict_scores(prompts, geneval, objects))
