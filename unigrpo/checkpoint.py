@@ -201,9 +201,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for alias, kept in tied.items():
         state[alias] = state[kept]
 
-    config = _read_json(os.path.join(path, CONFIG_FILE))
+    config = read_json_object(os.path.join(path, CONFIG_FILE))
     meta_file = os.path.join(path, META_FILE)
-    meta = _read_json(meta_file) if os.path.isfile(meta_file) else {}
+    meta = read_json_object(meta_file) if os.path.isfile(meta_file) else {}
     trainer_file = os.path.join(path, TRAINER_FILE)
     trainer_state = None
     if os.path.isfile(trainer_file):
@@ -215,14 +215,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return Checkpoint(model_state=state, config=config, trainer_state=trainer_state, meta=meta, path=path)
 
 
-def _read_json(file: str) -> dict:
+def read_json_object(file: str, what: str = "corrupt checkpoint file") -> dict:
+    """A JSON object from `file`; unreadable, malformed or non-object content is a ValueError "<what> <file>: …"."""
     try:
         with open(file) as f:
             obj = json.load(f)
     except (OSError, ValueError) as err:
-        raise ValueError(f"corrupt checkpoint file {file}: {err}") from None
+        raise ValueError(f"{what} {file}: {err}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"corrupt checkpoint file {file}: expected a JSON object, got {type(obj).__name__}")
+        raise ValueError(f"{what} {file}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 

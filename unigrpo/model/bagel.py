@@ -51,7 +51,6 @@ checkpoint's: bf16 for the real file, ~28 GB for 14B parameters), then filled te
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -61,6 +60,7 @@ import torch
 from unigrpo.model.build import Bundle
 from unigrpo.model.codec import FluxVAECodec
 from unigrpo.model.config import ModelConfig
+from unigrpo.checkpoint import read_json_object
 from unigrpo.model.flux_vae import load_flux_vae, load_safetensors_strict
 from unigrpo.model.tokenizer import build_tokenizer
 from unigrpo.model.unified import UnifiedModel, sincos_2d_table
@@ -133,11 +133,7 @@ def patch_permutation(channels: int, patch: int) -> torch.Tensor:
 
 def _read_llm_config(path: str) -> dict:
     """ModelConfig fields from a Qwen2-style llm_config.json; unsupported options are errors naming them."""
-    try:
-        with open(path) as f:
-            llm = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
+    llm = read_json_object(path, "cannot read")
 
     def need(field):
         if field not in llm:
