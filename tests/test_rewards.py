@@ -43,3 +43,14 @@ def test_non_finite_or_misshapen_scores_are_errors():
 def test_unknown_reward_kind():
     with pytest.raises(ValueError, match="'clip'"):
         ShapesVerifierReward("clip")
+
+
+def test_ta_exact_reward_stops_paying_for_extra_objects():
+    from unigrpo.rewards.verifier import ShapesVerifierReward
+    from unigrpo.world import PlacedObject, all_prompts, render_batch
+    p = [q for q in all_prompts("single_object") if q.text == "a circle"][0]
+    alone = render_batch([(PlacedObject("circle", "red", 1, 1),)])
+    extra = render_batch([(PlacedObject("circle", "red", 1, 1), PlacedObject("square", "blue", 3, 3))])
+    ta, exact = ShapesVerifierReward("ta"), ShapesVerifierReward("ta_exact")
+    assert ta(extra, [p]).item() == ta(alone, [p]).item() == 1.0            # presence only: extras are free
+    assert exact(alone, [p]).item() == 1.0 and exact(extra, [p]).item() == 0.5   # 1 check passed of 2

@@ -10,8 +10,9 @@ from typing import Protocol, Sequence
 import torch
 
 from unigrpo.world import Prompt, verify
+from unigrpo.world.verify import ta_exact_scores
 
-REWARD_KINDS = ("ta", "geneval")
+REWARD_KINDS = ("ta", "geneval", "ta_exact")
 
 
 class RewardFn(Protocol):
@@ -20,8 +21,9 @@ class RewardFn(Protocol):
 
 
 class ShapesVerifierReward:
-    """The verifier's TA-style fraction of checks passed ("ta": partial credit, a denser signal) or its
-    GenEval-style all-correct score ("geneval")."""
+    """The verifier's TA-style fraction of checks passed ("ta": partial credit, a denser signal), its
+    GenEval-style all-correct score ("geneval"), or the TA-style fraction with one more check, exactly the
+    asked-for number of objects ("ta_exact": stops paying for extra objects, which "ta" and "geneval" do)."""
 
     def __init__(self, kind: str = "ta"):
         if kind not in REWARD_KINDS:
@@ -30,6 +32,8 @@ class ShapesVerifierReward:
 
     def __call__(self, images, prompts, metadata=()):
         res = verify(images.float().cpu(), list(prompts))
+        if self.kind == "ta_exact":
+            return ta_exact_scores(list(prompts), res.checks, res.objects)
         return (res.ta if self.kind == "ta" else res.geneval).float()
 
 

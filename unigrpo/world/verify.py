@@ -57,6 +57,14 @@ def expected_objects(prompt: Prompt) -> int:
     return prompt.count if prompt.category == "counting" else len(prompt.objects)
 
 
+def ta_exact_scores(prompts: list[Prompt], checks: list[dict[str, bool]], objects: list[list[Found]]) -> torch.Tensor:
+    """The TA-style fraction with one more check per sample, "exactly the asked-for number of objects" (unknown
+    blobs included): a partial-credit reward that stops paying for extra objects. float32 [B]."""
+    out = [(sum(c.values()) + float(len(objs) == expected_objects(p))) / (len(c) + 1)
+           for p, c, objs in zip(prompts, checks, objects)]
+    return torch.tensor(out, dtype=torch.float32)
+
+
 def strict_scores(prompts: list[Prompt], geneval: torch.Tensor, objects: list[list[Found]]) -> torch.Tensor:
     """A stricter held-out check than GenEval's presence semantics, used as a reward-hacking indicator (never
     as a reward): all checks pass AND the image holds exactly the number of objects the prompt asks for
