@@ -369,9 +369,10 @@ def test_image_statistics_of_known_images():
     from unigrpo.evaluate import image_statistics
     black = np.zeros((2, 8, 8, 3), np.uint8)
     assert image_statistics(black) == {"saturation": 0.0, "edge_energy": 0.0, "lit_fraction": 0.0}
-    red = black.copy()
-    red[:, :, 4:] = (255, 0, 0)   # right half pure red: saturation 1 there, one vertical edge of height 1/3
-    st = image_statistics(red)
-    assert st["saturation"] == pytest.approx(0.5) and st["lit_fraction"] == pytest.approx(0.5)
-    # grey = 1/3 on the right; |∂x| = 1/3 at one of 7 columns, over the 7×7 grid of the edge map
-    assert st["edge_energy"] == pytest.approx((1 / 3) * 7 / 49)
+    img = black.copy()
+    img[:, :, :2] = 255            # left quarter white: lit, bright, but saturation 0
+    img[:, :, 4:] = (255, 0, 0)    # right half pure red: saturation 1
+    st = image_statistics(img)
+    assert st["saturation"] == pytest.approx(0.5) and st["lit_fraction"] == pytest.approx(0.75)
+    # grey 1 | 0 | 1/3: |∂x| = 1 between columns 1 and 2, 1/3 between 3 and 4, over the 7×7 edge map
+    assert st["edge_energy"] == pytest.approx((1 + 1 / 3) * 7 / 49)
