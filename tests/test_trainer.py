@@ -11,7 +11,7 @@ from unigrpo.config import load_config
 from unigrpo.model import preset
 from unigrpo.model.build import build_bundle
 from unigrpo.rollout.rollout import RolloutConfig, rollout
-from unigrpo.trainer import OptimConfig, TrainConfig, Trainer
+from unigrpo.trainer import OptimConfig, ReFLConfig, TrainConfig, Trainer
 from unigrpo_kernels import gaussian_logprob, sigma_schedule, step_coeffs
 
 
@@ -156,3 +156,41 @@ def test_triton_backend_trains_like_torch(tmp_path, field, keys, atol):
     assert a["reward/mean"] == b["reward/mean"]
     for key in keys:
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=atol), key
+
+
+def test_cfg_rollouts_train_the_guided_policy(tmp_path, monkeypatch):
+    """rollout.cfg_scale = 3: the rollout samples with v_u + 3·(v_c − v_u), so the recomputed old log-probs must
+    use the same guided velocity (a second, unconditional packed forward); then they match the rollout's to
+    fp32 rounding. Recomputing with the conditional velocity alone is off by orders of magnitude more. The
+    shipped base is used because a random model's velocity hardly depends on its context (v_c ≈ v_u)."""
+    base = os.path.join(os.path.dirname(__file__), "..", "unigrpo", "assets", "tiny_base")
+    rc = RolloutConfig(group_size=3, steps=5, window_size=2, window_hi=4, max_new_tokens=40, cfg_scale=3.0)
+    m = Trainer(small_cfg(tmp_path, base=base, iterations=1, rollout=rc), progress=False).iteration()
+    assert m["mismatch/flow_logp_max"] < 1e-5 and np.isfinite(m["loss"])    # seen: 1.2e-7
+    monkeypatch.setattr(Trainer, "_guided", lambda self, model, batch, v_c: v_c)
+    broken = Trainer(small_cfg(tmp_path, base=base, iterations=1, rollout=rc, out=str(tmp_path / "b")), progress=False)
+    assert broken.iteration()["mismatch/flow_logp_max"] > 1e-4                # seen: 4.6e-3
+
+
+def test_refl_trains_only_the_image_expert_through_the_surrogate(tmp_path):
+    tiny_base(tmp_path / "base")
+    tr = Trainer(small_cfg(tmp_path, iterations=1, method="refl", refl=ReFLConfig(late_steps=3)), progress=False)
+    before = {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
+    m = tr.iteration()
+    assert 0 < m["grad_norm/image"] and np.isfinite(m["loss"])
+    assert m["loss"] == pytest.approx(-m["refl/surrogate"] + tr.cfg.loss.beta * m["flow/reg_mse"], abs=1e-6)
+    text = {id(p) for p in tr.groups["text"]}
+    moved = {n for n, p in tr.policy.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved, "ReFL changed nothing"
+    assert not [n for n, p in tr.policy.named_parameters() if n in moved and id(p) in text]
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["method=refl", "loss.reg=latent_kl"], "loss.reg must be 'mse' or 'none'"),
+    (["method=refl", "rollout.cfg_scale=2"], "samples without CFG"),
+    (["method=refl", "refl.late_steps=40"], "exceeds rollout.steps"),
+    (["method=ppo"], "method 'ppo' unknown"),
+])
+def test_bad_method_configs_stop_before_work(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(TrainConfig, None, overrides)

@@ -26,6 +26,7 @@ Legend: R trajectories, W window steps, T reasoning tokens, M = R·W image block
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -47,7 +48,9 @@ from unigrpo.model import PackedLayout, Segment
 from unigrpo.model.attention import BACKENDS as ATTN_BACKENDS
 from unigrpo.model.attention import resolve_attention_backend
 from unigrpo.model.build import load_bundle
+from unigrpo.model.codec import PixelCodec
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
+from unigrpo.rewards.surrogate import surrogate_reward
 from unigrpo.rewards.verifier import REWARD_KINDS, ShapesVerifierReward, score
 from unigrpo.rollout.rollout import RolloutConfig, Trajectories, draw_windows, rollout
 from unigrpo.world import CATEGORIES, make_prompts
@@ -57,6 +60,7 @@ from unigrpo_kernels.dispatch import OP_BACKENDS
 
 AGGREGATIONS = ("sequence", "token", "constant")
 REGS = ("mse", "latent_kl", "none")
+METHODS = ("grpo", "refl")
 
 
 @dataclass
@@ -130,6 +134,20 @@ class OptimConfig:
 
 
 @dataclass
+class ReFLConfig:
+    late_steps: int = 10
+    """the gradient step is drawn uniformly from the last `late_steps` denoising steps"""
+    softness: float = 16.0
+    """edge width of the surrogate's soft colour membership (RGB distance units, unigrpo/rewards/surrogate.py)"""
+
+    def __post_init__(self):
+        if self.late_steps < 1:
+            raise ValueError(f"refl.late_steps must be >= 1, got {self.late_steps}")
+        if not self.softness > 0:
+            raise ValueError(f"refl.softness must be > 0, got {self.softness}")
+
+
+@dataclass
 class TrainConfig:
     base: str = "runs/tiny/base"
     """base checkpoint directory: the initial policy and the frozen reference"""
@@ -143,6 +161,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    method: str = "grpo"
+    """"grpo" (UniGRPO and its ablations) or "refl" (the ReFL baseline: the image expert trained through a
+    differentiable surrogate of the verifier at one late step; the text expert is not trained)"""
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
     reward: str = "ta"
     """reward: the verifier's "ta" (fraction of checks) or "geneval" (all correct)"""
     adv_scope: str = "group"
@@ -179,6 +201,18 @@ class TrainConfig:
         if self.iterations < 0 or self.prompts_per_iter < 1:
             raise ValueError(f"iterations must be >= 0 and prompts_per_iter >= 1, got {self.iterations}, "
                              f"{self.prompts_per_iter}")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} unknown; expected one of {METHODS}")
+        if self.method == "refl":
+            if self.refl.late_steps > self.rollout.steps:
+                raise ValueError(f"refl.late_steps={self.refl.late_steps} exceeds rollout.steps={self.rollout.steps}")
+            if self.loss.reg == "latent_kl":
+                raise ValueError("method 'refl' regularises velocities: loss.reg must be 'mse' or 'none', "
+                                 "got 'latent_kl' (a per-step Gaussian KL needs SDE transitions)")
+            if self.rollout.cfg_scale != 1.0:
+                raise ValueError(f"method 'refl' samples without CFG; got rollout.cfg_scale={self.rollout.cfg_scale}")
+            if not self.loss.train_image:
+                raise ValueError("method 'refl' trains the image expert; loss.train_image must be true")
         if self.reward not in REWARD_KINDS:
             raise ValueError(f"reward {self.reward!r} unknown; expected one of {REWARD_KINDS}")
         if self.adv_scope not in ("group", "batch"):
@@ -236,6 +270,20 @@ def pack(traj: Trajectories, rows: list[int], sigmas: torch.Tensor, image_tokens
                        lat, sig)
 
 
+def pack_unconditional(batch: PackedBatch, uncond_ids: list[int], image_tokens: int, pad_id: int) -> PackedBatch:
+    """The same image blocks as `batch` against the unconditional context `uncond_ids` (CFG's other branch):
+    each row is [uncond text] + its W noise blocks; no text targets."""
+    R, M = batch.ids_BS.shape[0], batch.latents_M.shape[0]
+    W = M // R
+    dev = batch.latents_M.device
+    layout = PackedLayout.build([[[Segment("text", len(uncond_ids))] + [Segment("noise", image_tokens)] * W]] * R,
+                                device=dev)
+    ids = torch.full(layout.shape, pad_id, dtype=torch.long)
+    ids[:, :len(uncond_ids)] = torch.tensor(uncond_ids)
+    none = torch.zeros(0, dtype=torch.long, device=dev)
+    return PackedBatch(layout, ids.to(dev), none, none, none, batch.latents_M, batch.sigma_M)
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
@@ -269,9 +317,14 @@ class Trainer:
             apply_fsdp(self.policy, cfg.dist)
             if self.ref is not None:
                 apply_fsdp(self.ref, cfg.dist, checkpointing=False)
+        if cfg.method == "refl" and env.enabled:
+            raise ValueError("method 'refl' is a single-process baseline; run it without torchrun")
+        if cfg.method == "refl" and not isinstance(self.bundle.codec, PixelCodec):
+            raise ValueError(f"method 'refl' back-propagates through the decoder, which needs the pixel codec; "
+                             f"{cfg.base} uses {type(self.bundle.codec).__name__}")
         groups = self.policy.parameter_groups()
         for p in groups["text"]:
-            p.requires_grad_(cfg.loss.train_text)
+            p.requires_grad_(cfg.loss.train_text and cfg.method == "grpo")
         for p in groups["image"]:
             p.requires_grad_(cfg.loss.train_image)
         o = cfg.optim
@@ -286,6 +339,8 @@ class Trainer:
         # rank r samples from its own stream (rank 0's is the single-process one)
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed + 7919 * env.rank)
         self.sigmas = sigma_schedule(cfg.rollout.steps, cfg.rollout.shift)
+        tok = self.bundle.tokenizer   # the context CFG contrasts with (generate.unconditional_cache)
+        self.uncond_ids = tok.encode_prompt("") + tok.encode_reasoning("")
         self.step = 0
         os.makedirs(cfg.out, exist_ok=True)
         self.ckpt_dir = os.path.join(cfg.out, "checkpoint")
@@ -343,8 +398,22 @@ class Trainer:
             return token_logprobs(h_sel, weight, batch.text_tgt, temperature=self.cfg.rollout.temperature,
                                   return_entropy=with_entropy, backend=self.text_backend)
 
-        return model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M, text_head=head,
-                                    backend=self.attn_backend)
+        text_out, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
+                                           text_head=head, backend=self.attn_backend)
+        return text_out, self._guided(model, batch, v)
+
+    def _guided(self, model, batch: PackedBatch, v_c: torch.Tensor) -> torch.Tensor:
+        """The velocity the rollout sampled with: v_c itself, or with CFG in training rollouts
+        (rollout.cfg_scale = w ≠ 1) v_u + w·(v_c − v_u), v_u from a second packed forward against the
+        unconditional context (2 evaluations, as in the rollout), so the ratios compare one policy. fp32."""
+        w = self.cfg.rollout.cfg_scale
+        if w == 1.0:
+            return v_c
+        ub = pack_unconditional(batch, self.uncond_ids, self.policy.cfg.image_tokens, self.bundle.tokenizer.pad_id)
+        _, v_u = model.forward_packed(ub.layout, ub.ids_BS, ub.latents_M, ub.sigma_M, backend=self.attn_backend,
+                                      text_head=lambda hidden, weight: None)
+        v_u = v_u.float()
+        return v_u + w * (v_c.float() - v_u)
 
     def _scatter(self, values_n, batch: PackedBatch, R: int, T: int):
         out = torch.zeros(R * T, dtype=values_n.dtype, device=values_n.device)
@@ -358,6 +427,9 @@ class Trainer:
         env = self.env
         step_rng = np.random.default_rng([cfg.seed, self.step])  # prompts and windows: f(seed, step) only (§4)
         picks = step_rng.integers(0, len(self.pool), cfg.prompts_per_iter)
+        if cfg.method == "refl":   # one late step per group: x_k before it is where the gradient enters
+            rc = dataclasses.replace(rc, window_size=1, window_lo=rc.steps - cfg.refl.late_steps,
+                                     window_hi=rc.steps)
         windows = draw_windows(step_rng, cfg.prompts_per_iter, rc)
         mine = slice(env.rank * cfg.prompts_per_iter // env.world, (env.rank + 1) * cfg.prompts_per_iter // env.world)
         prompts = [self.pool[i] for i in picks[mine]]
@@ -387,7 +459,9 @@ class Trainer:
             sel = [i for i, p in enumerate(group_prompts) if p.category == c]
             if sel:
                 metrics[f"reward/{c}"] = rewards[sel].mean().item()
-        if rows or env.enabled:   # under FSDP every rank joins the update's collectives, even with no rows
+        if cfg.method == "refl":   # ReFL needs no advantages: every trajectory trains
+            metrics.update(self._update_refl(traj, group_prompts))
+        elif rows or env.enabled:   # under FSDP every rank joins the update's collectives, even with no rows
             metrics.update(self._update(traj, rows, adv))
         self.step += 1
         t_end = time.perf_counter()
@@ -487,6 +561,8 @@ class Trainer:
                 text_out, v = self.policy.forward_packed(
                     batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M, backend=self.attn_backend,
                     text_head=text_loss if lc.train_text else (lambda hidden, weight: None))
+                if lam > 0:
+                    v = self._guided(self.policy, batch, v)
                 loss = torch.zeros((), device=dev)
                 m: dict[str, torch.Tensor] = {}
                 if lc.train_text:
@@ -529,6 +605,51 @@ class Trainer:
         sel = torch.tensor(rows, dtype=torch.long, device=dev)
         out["text/entropy"] = (entropy[sel][mask_RT[sel]].mean().item() if cfg.recompute_old and rows
                                and mask_RT[sel].any() else float("nan"))
+        return out
+
+    def _update_refl(self, traj: Trajectories, prompts: list) -> dict:
+        """ReFL (§11): x̂0 = x_k − σ_k·v_θ(x_k) at the row's late step k, decoded, scored by the differentiable
+        surrogate; loss = −mean surrogate (+ β·velocity MSE to the reference with loss.reg = "mse"). The same
+        K epochs of mini-batches as the GRPO update, one gradient step each."""
+        cfg, lc, oc = self.cfg, self.cfg.loss, self.cfg.optim
+        R = traj.x_RW.shape[0]
+        n_img, pad = self.policy.cfg.image_tokens, self.bundle.tokenizer.pad_id
+        use_ref = lc.reg == "mse" and self.ref is not None
+        v_ref = torch.zeros_like(traj.x_RW[:, 0])
+        if use_ref:
+            with torch.no_grad():
+                for mb in _chunks(list(range(R)), oc.minibatch):
+                    b = pack(traj, mb, self.sigmas, n_img, pad)
+                    _, v_r = self.ref.forward_packed(b.layout, b.ids_BS, b.latents_M, b.sigma_M,
+                                                     backend=self.attn_backend, text_head=lambda h, w: None)
+                    v_ref[torch.tensor(mb, device=v_ref.device)] = v_r.float()
+        sums: dict[str, float] = {}
+        count, gnorm, skipped = 0, 0.0, 0.0
+        for _ in range(oc.epochs):
+            order = [int(i) for i in self.rng.permutation(R)]
+            for mb in _chunks(order, oc.minibatch):
+                batch = pack(traj, mb, self.sigmas, n_img, pad)
+                _, v = self.policy.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
+                                                  backend=self.attn_backend, text_head=lambda h, w: None)
+                v = v.float()
+                x0 = batch.latents_M - batch.sigma_M.view(-1, *([1] * (v.dim() - 1))) * v
+                sur = surrogate_reward(self.bundle.codec.decode(x0), [prompts[i] for i in mb], cfg.refl.softness)
+                loss = -sur.mean()
+                mse = ((v - v_ref[torch.tensor(mb, device=v.device)]) ** 2).mean() if use_ref else torch.zeros(())
+                loss = loss + lc.beta * mse
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = max(gnorm, _grad_norm(self.groups["image"]))
+                total = torch.nn.utils.clip_grad_norm_(self.groups["image"], oc.grad_clip)
+                if torch.isfinite(total):
+                    self.opt.step()
+                else:
+                    skipped += 1
+                for k, val in (("loss", loss), ("refl/surrogate", sur.mean()), ("flow/reg_mse", mse)):
+                    sums[k] = sums.get(k, 0.0) + float(val)
+                count += 1
+        out = {k: val / count for k, val in sums.items()}
+        out.update({"skipped_steps": skipped, "grad_norm/image": gnorm, "grad_norm/text": 0.0})
         return out
 
     # ------------------------------------------------------------------ the loop
