@@ -85,3 +85,22 @@ def test_summarize_counts_each_category():
     cats = ["colors", "colors", "position"]
     s = summarize(cats, np.array([1.0, 0.5, 0.0]), np.array([1.0, 0.0, 0.0]))
     assert s["colors"]["n"] == 2 and s["colors"]["ta"] == 0.75 and s["overall"]["geneval"] == pytest.approx(1 / 3)
+
+
+def test_velocity_drift_is_zero_for_the_reference_and_grows_with_a_perturbation():
+    import copy
+
+    from unigrpo.evaluate import velocity_drift
+
+    torch.manual_seed(0)
+    b = build_bundle(preset("tiny", hidden=32, heads=2, kv_heads=1, intermediate=64, layers=1, max_text_len=96))
+    ref = copy.deepcopy(b.model)
+    assert velocity_drift(b.model, ref, b.tokenizer, b.codec, samples=4) == 0.0
+    drifts = []
+    for scale in (0.01, 0.1):
+        moved = copy.deepcopy(ref)
+        with torch.no_grad():
+            moved.image_out.weight.add_(scale * torch.randn_like(moved.image_out.weight))
+        drifts.append(velocity_drift(moved, ref, b.tokenizer, b.codec, samples=4))
+        assert drifts[-1] == velocity_drift(ref, moved, b.tokenizer, b.codec, samples=4)   # symmetric
+    assert 0 < drifts[0] < drifts[1]

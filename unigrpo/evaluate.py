@@ -185,3 +185,43 @@ def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:
                                 os.path.join(out_dir, "grid.png"), ncol=len(CATEGORIES),
                                 ok=[bool(result.geneval[i]) for i in picks])
     return {"json": path, "grid": grid_path}
+
+
+@torch.no_grad()
+def velocity_drift(model, ref_model, tokenizer, codec, samples: int = 64, seed: int = 4321,
+                   sigmas: tuple[float, ...] = (0.25, 0.5, 0.75), backend: str = "sdpa") -> float:
+    """Reward-hacking indicator: mean squared difference of the two models' velocities, (1/(n·D))·Σ‖v − v_ref‖²,
+    on a fixed probe set: held-out prompts with a correct plan (pretraining format, no flaws) and the render
+    of that plan, noised to each σ with seeded noise (x_σ = (1−σ)·x0 + σ·ε). 0 for the reference itself;
+    the same probe for every model evaluated with the same (samples, seed)."""
+    from unigrpo.model import PackedLayout, Segment
+    from unigrpo.world.data import pretrain_example
+    from unigrpo.world.render import to_float
+
+    prompts = make_prompts("heldout", samples, seed=seed)
+    rng = np.random.default_rng(seed)
+    plans, imgs = zip(*(pretrain_example(p, rng, flaw_prob=0.0) for p in prompts))
+    dev = model.embed.weight.device
+    x0 = codec.encode(to_float(np.stack(imgs)).to(dev))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    eps = torch.randn((len(sigmas),) + tuple(x0.shape), generator=gen).to(dev)
+    sig = torch.tensor(sigmas, dtype=torch.float32, device=dev)
+    lat = ((1 - sig.view(-1, 1, 1, 1, 1)) * x0[None] + sig.view(-1, 1, 1, 1, 1) * eps).transpose(0, 1)  # [n, K, ...]
+    ctx = [tokenizer.encode_prompt(p.text) + tokenizer.encode_reasoning(plan) for p, plan in zip(prompts, plans)]
+    n_img = model.cfg.image_tokens
+    layout = PackedLayout.build([[[Segment("text", len(c))] + [Segment("noise", n_img)] * len(sigmas)] for c in ctx],
+                                device=dev)
+    ids = torch.full(layout.shape, tokenizer.pad_id, dtype=torch.long)
+    for i, c in enumerate(ctx):
+        ids[i, :len(c)] = torch.tensor(c)
+    ids = ids.to(dev)
+    lat_M, sig_M = lat.flatten(0, 1), sig.repeat(len(ctx))
+    diffs = []
+    for m in (model, ref_model):
+        was = m.training
+        m.eval()
+        _, v = m.forward_packed(layout, ids, lat_M.to(m.embed.weight.dtype), sig_M, backend=backend,
+                                text_head=lambda hidden, weight: None)
+        m.train(was)
+        diffs.append(v.float())
+    return float(((diffs[0] - diffs[1]) ** 2).mean())
