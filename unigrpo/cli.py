@@ -6,6 +6,7 @@
     unigrpo eval     [--config FILE] [key=value ...] held-out scores per category with 95% intervals + grid
     unigrpo sample   --checkpoint DIR --prompt TEXT [--out PNG]
     unigrpo bench    [suite ...] [--quick] [--out DIR]   benchmarks (= `python -m bench`, needs the source tree)
+    unigrpo compare  [--config FILE] [key=value ...]  the paper's comparisons: every baseline × seeds → results.md
 
 --config takes a YAML path or the name of a bundled config (unigrpo/configs/NAME.yaml). Overrides are
 dotted key=value pairs; a bad key or value stops with an error naming it before any work starts.
@@ -146,6 +147,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":  # its own argument parser (python -m bench --help)
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "compare":  # its own argument parser (unigrpo compare --help)
+        from unigrpo.compare import main as compare_main
+
+        return compare_main(argv[1:])
     ap = argparse.ArgumentParser(prog="unigrpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, fn in (("pretrain", cmd_pretrain), ("eval", cmd_eval), ("train", cmd_train), ("demo", cmd_demo)):
@@ -168,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.set_defaults(fn=cmd_sample)
     sub.add_parser("bench", help="benchmarks: unigrpo bench [suite ...] [--quick] [--out DIR] (see --help)",
+                   add_help=False)
+    sub.add_parser("compare", help="the paper's comparisons on the shapes world → results.md (see --help)",
                    add_help=False)
     args = ap.parse_args(argv)
     try:

@@ -1,0 +1,114 @@
+"""`unigrpo compare`: its config, the same budget for every method, the claim statistics, the report, and one
+miniature end-to-end run through the worker processes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from unigrpo.compare import BASE, METHODS, CompareConfig, run_dir, train_overrides
+from unigrpo.compare_report import DISCUSSION, load_results, paired, verdict, write_results
+from unigrpo.config import load_config
+from unigrpo.world import CATEGORIES
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("methods=[unigrpo,dpo]", "methods\\[\\] must be one of .*got 'dpo'"),
+    ("seeds=[]", "seeds must be a non-empty list"),
+    ("seeds=[1,1]", "distinct"),
+    ("cfg_scale=1.0", "cfg_scale must be > 1"),
+    ("jobs=0", "jobs must be >= 1"),
+])
+def test_bad_compare_configs_name_the_value(override, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(CompareConfig, None, [override])
+
+
+def test_every_method_gets_the_same_budget_and_only_its_own_overrides():
+    cfg = CompareConfig(out="o", iterations=7, overrides=["prompts_per_iter=4"])
+    for m, spec in METHODS.items():
+        ov = train_overrides(cfg, m, 2)
+        own = [o.format(cfg_scale=cfg.cfg_scale) for o in spec.overrides]
+        assert ov[len(ov) - len(own):] == own
+        shared = ov[:len(ov) - len(own)]
+        assert shared == [f"base={cfg.base}", f"out={run_dir(cfg, m, 2)}", "iterations=7", "seed=2",
+                          "checkpoint_every=2", "prompts_per_iter=4"]
+    assert "rollout.cfg_scale=3.0" in train_overrides(cfg, "cfg_rollouts", 0)
+
+
+def _fake(rng, n, p_geneval, seeds):
+    """Result dicts as run_one writes them, with 0/1 GenEval-style scores drawn at rate p_geneval."""
+    cats = [CATEGORIES[i % len(CATEGORIES)] for i in range(n)]
+    out = []
+    for s in seeds:
+        g = (rng.random(n) < p_geneval).astype(float)
+        ev = {"categories": cats, "ta": list((g + rng.random(n)) / 2), "geneval": list(g), "strict": list(g * 0.5),
+              "summary": {"overall": {"plan_valid": 1.0, "images": {"saturation": 0.1, "edge_energy": 0.05,
+                                                                     "lit_fraction": 0.3}}}}
+        out.append({"method": "m", "seed": s, "nocfg": ev, "cfg": ev, "velocity_drift": 0.01, "total_s": 1.0,
+                    "train_config": {"prompts_per_iter": 8, "rollout": {"group_size": 8},
+                                     "optim": {"epochs": 2, "minibatch": 32}}})
+    return out
+
+
+def test_paired_difference_and_verdicts():
+    rng = np.random.default_rng(0)
+    a, b = _fake(rng, 600, 0.8, [0, 1, 2]), _fake(rng, 600, 0.2, [0, 1, 2])
+    p = paired(a, b, "geneval")
+    assert p["diff"] == pytest.approx(0.6, abs=0.05) and p["ci"][0] > 0.5 and p["agree"] == p["pairs"] == 3
+    assert verdict(p, +1) == "holds" and verdict(p, -1) == "reversed"
+    same = paired(a, a, "geneval")
+    assert same["diff"] == 0.0 and verdict(same, +1).startswith("not supported")
+    # one base run against three seeds: every seed pair compares with the base
+    assert paired(a, b[:1], "geneval")["pairs"] == 3
+
+
+def test_report_from_runs_keeps_the_discussion(tmp_path):
+    rng = np.random.default_rng(1)
+    cfg = CompareConfig(out=str(tmp_path), seeds=[0, 1], methods=["unigrpo", "flowgrpo_only"])
+    runs = {BASE: _fake(rng, 60, 0.2, [None]), "unigrpo": _fake(rng, 60, 0.7, [0, 1]),
+            "flowgrpo_only": _fake(rng, 60, 0.4, [0, 1])}
+    for m, rs in runs.items():
+        for r in rs:
+            d = run_dir(cfg, m, r["seed"])
+            os.makedirs(d)
+            with open(os.path.join(d, "result.json"), "w") as f:
+                json.dump(r, f)
+            if m != BASE:
+                with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+                    f.writelines(json.dumps({"step": i, "reward/mean": 0.1 * i}) + "\n" for i in range(8))
+    assert list(load_results(cfg)) == [BASE, "unigrpo", "flowgrpo_only"]
+    path = write_results(cfg, grid=False)
+    text = open(path).read()
+    for name in ("base (pre-trained)", "UniGRPO", "FlowGRPO only", "UniGRPO beats FlowGRPO only"):
+        assert name in text
+    for png in ("curves", "categories", "hacking"):
+        assert os.path.getsize(os.path.join(tmp_path, "results", f"{png}.png")) > 1000
+    mine = f"{DISCUSSION[0]}\nwhy the numbers differ\n{DISCUSSION[1]}"
+    with open(path, "w") as f:
+        f.write(text.replace(text[text.index(DISCUSSION[0]):text.index(DISCUSSION[1]) + len(DISCUSSION[1])], mine))
+    assert mine in open(write_results(cfg, grid=False)).read()
+
+
+def test_report_without_runs_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `unigrpo compare` first"):
+        write_results(CompareConfig(out=str(tmp_path)), grid=False)
+
+
+def test_miniature_compare_end_to_end(tmp_path):
+    """Base + two methods × one seed, one iteration each, through the worker processes; then rerunning skips
+    every finished run."""
+    args = [sys.executable, "-m", "unigrpo.cli", "compare", f"out={tmp_path}", "iterations=1", "seeds=[0]",
+            "methods=[unigrpo,refl]", "jobs=2", "eval_samples=6", "eval_steps=2", "probe_samples=2",
+            "overrides=[prompts_per_iter=1,rollout.group_size=2,optim.epochs=1,rollout.max_new_tokens=40]"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = load_results(CompareConfig(out=str(tmp_path), seeds=[0], methods=["unigrpo", "refl"]))
+    assert set(res) == {BASE, "unigrpo", "refl"}
+    assert "cfg" in res[BASE][0] and "cfg" in res["unigrpo"][0] and "cfg" not in res["refl"][0]
+    assert res[BASE][0]["velocity_drift"] == 0.0 and res["unigrpo"][0]["velocity_drift"] > 0
+    assert os.path.getsize(os.path.join(tmp_path, "results", "samples.png")) > 1000
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "every run is finished" in again.stdout

@@ -1,0 +1,396 @@
+"""The report of `unigrpo compare`: tables, claim checks and plots from the runs' result.json files.
+
+Everything here reads finished runs only (`unigrpo compare --report-only` rebuilds it). A block between
+`<!-- discussion -->` and `<!-- /discussion -->` in an existing report is kept, so hand-written analysis
+survives regeneration.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from unigrpo.compare import BASE, METHODS, CompareConfig, run_dir
+from unigrpo.evaluate import mean_ci, wilson
+from unigrpo.world import CATEGORIES
+
+DISCUSSION = ("<!-- discussion -->", "<!-- /discussion -->")
+SCORES = ("ta", "geneval", "strict")
+SCORE_NAMES = {"ta": "TA-style", "geneval": "GenEval-style", "strict": "strict"}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_results(cfg: CompareConfig) -> dict[str, list[dict]]:
+    """{method: [result per finished seed]} for the base and every configured method (missing runs left out)."""
+    out: dict[str, list[dict]] = {}
+    for m, seeds in [(BASE, [None])] + [(m, cfg.seeds) for m in cfg.methods]:
+        rs = []
+        for s in seeds:
+            path = os.path.join(run_dir(cfg, m, s), "result.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    rs.append(json.load(f))
+        if rs:
+            out[m] = rs
+    return out
+
+
+def label(method: str) -> str:
+    return "base (pre-trained)" if method == BASE else METHODS[method].label
+
+
+def pooled(results: list[dict], score: str, ev: str = "nocfg", category: str | None = None) -> tuple[float, tuple]:
+    """(mean, 95% interval) of one score over every seed's held-out samples (optionally one category)."""
+    vals = []
+    for r in results:
+        e = r[ev]
+        x = np.asarray(e[score], float)
+        if category is not None:
+            x = x[np.asarray(e["categories"]) == category]
+        vals.append(x)
+    x = np.concatenate(vals)
+    if len(x) == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    ci = mean_ci(x) if score == "ta" else wilson(float(x.sum()), len(x))
+    return float(x.mean()), ci
+
+
+def per_seed(results: list[dict], score: str, ev: str = "nocfg") -> list[float]:
+    return [float(np.mean(r[ev][score])) for r in results]
+
+
+def paired(a: list[dict], b: list[dict], score: str, ev_a: str = "nocfg", ev_b: str = "nocfg") -> dict:
+    """A − B over the shared held-out prompts: per prompt, each side averaged over its seeds; mean ± 1.96·s/√n.
+    Also how many seed pairs (seed i of A vs seed i of B, or vs B's only run) agree with the mean's sign."""
+    xa = np.mean([np.asarray(r[ev_a][score], float) for r in a], 0)
+    xb = np.mean([np.asarray(r[ev_b][score], float) for r in b], 0)
+    d = xa - xb
+    h = 1.96 * float(np.std(d, ddof=1)) / math.sqrt(len(d))
+    sa, sb = per_seed(a, score, ev_a), per_seed(b, score, ev_b)
+    pairs = [(x, sb[i] if len(sb) > 1 else sb[0]) for i, x in enumerate(sa[:len(sb)] if len(sb) > 1 else sa)]
+    sign = np.sign(d.mean())
+    agree = sum(np.sign(x - y) == sign for x, y in pairs)
+    return {"diff": float(d.mean()), "ci": (float(d.mean()) - h, float(d.mean()) + h), "agree": int(agree),
+            "pairs": len(pairs)}
+
+
+def verdict(p: dict, direction: int) -> str:
+    """"holds" when the interval excludes 0 on the claimed side and every seed pair agrees; "reversed" when it
+    excludes 0 on the other side; else "not supported"."""
+    lo, hi = p["ci"]
+    if direction > 0 and lo > 0 or direction < 0 and hi < 0:
+        return "holds" if p["agree"] == p["pairs"] else "holds on the pooled interval, not on every seed"
+    if direction > 0 and hi < 0 or direction < 0 and lo > 0:
+        return "reversed"
+    return "not supported (interval includes 0)"
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _ci(mean: float, ci: tuple) -> str:
+    return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _mean_of(results: list[dict], key, ev: str = "nocfg") -> float:
+    return float(np.mean([key(r[ev]["summary"]["overall"]) for r in results]))
+
+
+def main_table(res: dict[str, list[dict]]) -> str:
+    rows = ["| method | seeds | TA-style | GenEval-style | strict | GenEval-style per seed | plans valid | "
+            "velocity drift | saturation | edge energy | lit fraction |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, rs in res.items():
+        cells = [_ci(*pooled(rs, s)) for s in SCORES]
+        seeds = ", ".join(f"{x:.3f}" for x in per_seed(rs, "geneval")) if m != BASE else "—"
+        img = [_mean_of(rs, lambda o, k=k: o["images"][k]) for k in ("saturation", "edge_energy", "lit_fraction")]
+        rows.append(f"| {label(m)} | {len(rs) if m != BASE else '—'} | {' | '.join(cells)} | {seeds} | "
+                    f"{_mean_of(rs, lambda o: o['plan_valid']):.1%} | "
+                    f"{np.mean([r['velocity_drift'] for r in rs]):.4f} | {img[0]:.3f} | {img[1]:.4f} | {img[2]:.3f} |")
+    return "\n".join(rows)
+
+
+def category_table(res: dict[str, list[dict]], score: str) -> str:
+    rows = ["| method | " + " | ".join(CATEGORIES) + " |", "|---|" + "---|" * len(CATEGORIES)]
+    for m, rs in res.items():
+        rows.append(f"| {label(m)} | " + " | ".join(_ci(*pooled(rs, score, category=c)) for c in CATEGORIES) + " |")
+    return "\n".join(rows)
+
+
+def cfg_table(res: dict[str, list[dict]]) -> str:
+    rows = ["| method | evaluated | TA-style | GenEval-style | strict |", "|---|---|---|---|---|"]
+    for m, rs in res.items():
+        if "cfg" not in rs[0]:
+            continue
+        for ev, name in (("nocfg", "without CFG"), ("cfg", "with CFG")):
+            rows.append(f"| {label(m)} | {name} | " + " | ".join(_ci(*pooled(rs, s, ev)) for s in SCORES) + " |")
+    return "\n".join(rows)
+
+
+CLAIMS = [  # (statement, A, B, eval of A, eval of B, direction of A − B, scores)
+    ("UniGRPO beats FlowGRPO only", "unigrpo", "flowgrpo_only", "nocfg", "nocfg", +1),
+    ("UniGRPO beats TextGRPO only", "unigrpo", "textgrpo_only", "nocfg", "nocfg", +1),
+    ("FlowGRPO only beats the base", "flowgrpo_only", BASE, "nocfg", "nocfg", +1),
+    ("TextGRPO only beats the base", "textgrpo_only", BASE, "nocfg", "nocfg", +1),
+    ("UniGRPO beats ReFL", "unigrpo", "refl", "nocfg", "nocfg", +1),
+    ("CFG-free training is as good when evaluated with CFG (UniGRPO vs CFG rollouts, both with CFG)",
+     "unigrpo", "cfg_rollouts", "cfg", "cfg", 0),
+    ("No regulariser scores worse on the strict check than velocity MSE (reward hacking)", "reg_none", "unigrpo",
+     "nocfg", "nocfg", -1),
+    ("Velocity MSE is at least as good as latent KL", "unigrpo", "reg_latent_kl", "nocfg", "nocfg", 0),
+    ("RatioNorm helps", "unigrpo", "ratio_norm_off", "nocfg", "nocfg", +1),
+]
+
+
+def claims_table(res: dict[str, list[dict]]) -> str:
+    rows = ["| claim | score | A − B [95% CI] | seeds agreeing | verdict |", "|---|---|---|---|---|"]
+    for text, a, b, ev_a, ev_b, direction in CLAIMS:
+        if a not in res or b not in res or ev_a not in res[a][0] or ev_b not in res[b][0]:
+            continue
+        for s in SCORES:
+            p = paired(res[a], res[b], s, ev_a, ev_b)
+            if direction == 0:   # "as good as": holds unless A is significantly worse
+                lo, hi = p["ci"]
+                v = ("holds: no significant difference" if lo <= 0 <= hi else
+                     "holds: better" if lo > 0 else "does not hold: worse")
+            else:
+                v = verdict(p, direction)
+            rows.append(f"| {text} | {SCORE_NAMES[s]} | {p['diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] | "
+                        f"{p['agree']}/{p['pairs']} | {v} |")
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    _plt().close(fig)
+    return path
+
+
+def read_curves(cfg: CompareConfig, method: str) -> np.ndarray:
+    """Training reward per iteration: float [seeds, iterations] (NaN where a seed has fewer)."""
+    from unigrpo.report import read_metrics
+
+    curves = []
+    for s in cfg.seeds:
+        path = os.path.join(run_dir(cfg, method, s), "metrics.jsonl")
+        if os.path.exists(path):
+            curves.append([m["reward/mean"] for m in read_metrics(path)])
+    if not curves:
+        return np.zeros((0, 0))
+    n = max(map(len, curves))
+    return np.array([c + [np.nan] * (n - len(c)) for c in curves])
+
+
+def plot_curves(cfg: CompareConfig, methods: list[str], path: str) -> str:
+    plt = _plt()
+    panels = [["unigrpo", "flowgrpo_only", "textgrpo_only", "refl"],
+              ["unigrpo", "cfg_rollouts", "reg_none", "reg_latent_kl", "ratio_norm_off"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    for ax, panel, title in zip(axes, panels, ("baselines", "ablations")):
+        for i, m in enumerate([m for m in panel if m in methods]):
+            c = read_curves(cfg, m)
+            if c.size == 0:
+                continue
+            k = min(5, c.shape[1])
+            sm = np.array([np.convolve(row, np.ones(k) / k, mode="valid") for row in c])
+            x = np.arange(k - 1, c.shape[1])
+            ax.plot(x, np.nanmean(sm, 0), color=f"C{i}", lw=2, label=f"{label(m)} ({c.shape[0]} seeds)")
+            ax.fill_between(x, np.nanmin(sm, 0), np.nanmax(sm, 0), color=f"C{i}", alpha=0.15)
+        ax.set_title(f"training reward (TA-style verifier, batch mean), {title}")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel("reward, moving average of 5 (band: min–max over seeds)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_categories(res: dict[str, list[dict]], path: str) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(2, 1, figsize=(13, 8))
+    methods = list(res)
+    w = 0.8 / len(methods)
+    for ax, score in zip(axes, ("geneval", "ta")):
+        for i, m in enumerate(methods):
+            vals = [pooled(res[m], score, category=c) for c in CATEGORIES]
+            mean = np.array([v[0] for v in vals])
+            err = np.array([[v[0] - v[1][0], v[1][1] - v[0]] for v in vals]).T
+            ax.bar(np.arange(len(CATEGORIES)) + (i - (len(methods) - 1) / 2) * w, mean, w, yerr=err, capsize=2,
+                   color="0.5" if m == BASE else f"C{i}", label=label(m))
+        ax.set_xticks(np.arange(len(CATEGORIES)), CATEGORIES)
+        ax.set_ylabel(f"{SCORE_NAMES[score]} (95% CI)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7, ncol=3, loc="upper right")
+    axes[0].set_title("held-out scores per category, seeds pooled, no CFG")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_hacking(res: dict[str, list[dict]], path: str) -> str:
+    plt = _plt()
+    methods = list(res)
+    names = [label(m) for m in methods]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    x = np.arange(len(methods))
+    ge = [pooled(res[m], "geneval")[0] for m in methods]
+    st = [pooled(res[m], "strict")[0] for m in methods]
+    axes[0].bar(x - 0.2, ge, 0.4, label="GenEval-style (presence)")
+    axes[0].bar(x + 0.2, st, 0.4, label="strict (exact object count)")
+    axes[0].set_title("verifier vs the stricter held-out check")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(x, [np.mean([r["velocity_drift"] for r in res[m]]) for m in methods], color="C3")
+    axes[1].set_title("velocity drift from the base (probe MSE)")
+    lit = [_mean_of(res[m], lambda o: o["images"]["lit_fraction"]) for m in methods]
+    sat = [_mean_of(res[m], lambda o: o["images"]["saturation"]) for m in methods]
+    axes[2].bar(x - 0.2, lit, 0.4, label="lit fraction", color="C1")
+    axes[2].bar(x + 0.2, sat, 0.4, label="saturation", color="C4")
+    axes[2].set_title("image statistics (base: first bar)")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def sample_grid(cfg: CompareConfig, methods: list[str], path: str, per_category: int = 2) -> str:
+    """Rows = methods (seed-0 runs or the first seed present), columns = the same held-out prompts and noise."""
+    from unigrpo.evaluate import EvalConfig, evaluate
+    from unigrpo.model.build import load_bundle
+    from unigrpo.viz import save_image_grid
+
+    n = per_category * len(CATEGORIES)
+    images, captions, ok = [], [], []
+    for m in methods:
+        ckpt = cfg.base if m == BASE else next(
+            (os.path.join(run_dir(cfg, m, s), "checkpoint") for s in cfg.seeds
+             if os.path.exists(os.path.join(run_dir(cfg, m, s), "result.json"))), None)
+        if ckpt is None:
+            continue
+        r = evaluate(load_bundle(ckpt), EvalConfig(samples=n, steps=cfg.eval_steps, seed=cfg.eval_seed), progress=False)
+        order = sorted(range(n), key=lambda i: (CATEGORIES.index(r.categories[i]), i))
+        images += [r.images[i] for i in order]
+        captions += [(f"[{label(m)}] " if j == 0 else "") + r.prompts[i] for j, i in enumerate(order)]
+        ok += [bool(r.geneval[i]) for i in order]
+    return save_image_grid(np.stack(images), captions, path, ncol=n, tile=96, ok=ok)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def write_results(cfg: CompareConfig, grid: bool = True) -> str:
+    res = load_results(cfg)
+    if BASE not in res:
+        raise FileNotFoundError(f"no finished runs under {cfg.out}/runs (the base evaluation is missing); "
+                                "run `unigrpo compare` first")
+    path = cfg.report_path
+    stem = os.path.splitext(path)[0]
+    fig_dir = stem
+    os.makedirs(fig_dir, exist_ok=True)
+    rel = os.path.basename(fig_dir)
+    figs = {"curves": plot_curves(cfg, list(res), os.path.join(fig_dir, "curves.png")),
+            "categories": plot_categories(res, os.path.join(fig_dir, "categories.png")),
+            "hacking": plot_hacking(res, os.path.join(fig_dir, "hacking.png"))}
+    if grid:
+        figs["samples"] = sample_grid(cfg, list(res), os.path.join(fig_dir, "samples.png"))
+    any_run = next(r for m, rs in res.items() if m != BASE for r in rs) if len(res) > 1 else None
+    tc = any_run["train_config"] if any_run else None
+    budget = (f"{cfg.iterations} iterations × {tc['prompts_per_iter']} prompts × {tc['rollout']['group_size']} "
+              f"samples = {cfg.iterations * tc['prompts_per_iter'] * tc['rollout']['group_size']} rollouts per run, "
+              f"{tc['optim']['epochs']} PPO epochs of mini-batches of {tc['optim']['minibatch']}"
+              if tc else "no training runs yet")
+    hours = sum(r.get("total_s", 0.0) for rs in res.values() for r in rs) / 3600
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+        if DISCUSSION[0] in text and DISCUSSION[1] in text:
+            old = text[text.index(DISCUSSION[0]):text.index(DISCUSSION[1]) + len(DISCUSSION[1])]
+    discussion = old or f"{DISCUSSION[0]}\n_(no discussion yet)_\n{DISCUSSION[1]}"
+    md = f"""# The paper's comparisons on the shapes world
+
+Generated by `unigrpo compare out={cfg.out} iterations={cfg.iterations} seeds={list(cfg.seeds)} jobs={cfg.jobs}`
+(`unigrpo compare --report-only ...` rebuilds this page from finished runs; the discussion block is kept).
+
+**Setup.** Every method starts from the same base checkpoint and gets the same budget: {budget};
+config `{cfg.train_config}`{(' with ' + ', '.join(cfg.overrides)) if cfg.overrides else ''}; only each method's own
+overrides differ (listed below). Seeds: {list(cfg.seeds)}. Held-out evaluation: {cfg.eval_samples} prompts (seed
+{cfg.eval_seed}, the same prompts and noise for every run), {cfg.eval_steps} ODE steps, no CFG unless stated;
+CFG scale {cfg.cfg_scale}. Run time of all runs together: {hours:.2f} CPU-process hours.
+
+Scores: TA-style = fraction of the prompt's checks passed; GenEval-style = all checks passed (GenEval
+semantics: extra objects do not fail it); strict = GenEval-style AND exactly the asked-for number of objects
+(unclassified blobs count): an indicator, never a reward. Intervals are 95%, over the pooled held-out samples
+of all seeds (evaluation noise only; the per-seed column shows training noise). Velocity drift = mean
+‖v − v_base‖² on a fixed probe of {cfg.probe_samples} correct plans and renders noised to σ ∈ {{0.25, 0.5, 0.75}}.
+
+## Overall (held-out, no CFG)
+
+{main_table(res)}
+
+![training curves]({rel}/curves.png)
+
+## Per category
+
+GenEval-style:
+
+{category_table(res, "geneval")}
+
+TA-style:
+
+{category_table(res, "ta")}
+
+Strict:
+
+{category_table(res, "strict")}
+
+![per-category scores]({rel}/categories.png)
+
+## CFG in training rollouts vs none, evaluated with and without CFG
+
+{cfg_table(res)}
+
+## The paper's claims, tested
+
+A − B is the paired difference over the shared held-out prompts (each side averaged over its seeds);
+"seeds agreeing" counts seed pairs whose difference has the pooled sign. Verdict: "holds" = the 95%
+interval excludes 0 on the claimed side and every seed pair agrees.
+
+{claims_table(res)}
+
+![reward-hacking indicators]({rel}/hacking.png)
+
+## Samples
+
+Rows: methods (first finished seed); columns: the same held-out prompts and noise, {2} per category; a green
+frame = GenEval-style pass.
+
+![samples]({rel}/samples.png)
+
+## Methods
+
+| key | method | overrides | note |
+|---|---|---|---|
+""" + "\n".join(f"| `{k}` | {v.label} | {' '.join('`' + o.format(cfg_scale=cfg.cfg_scale) + '`' for o in v.overrides) or '—'} "
+                f"| {v.note} |" for k, v in METHODS.items() if k in cfg.methods) + f"""
+
+## Discussion
+
+{discussion}
+"""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(md)
+    os.replace(tmp, path)
+    return path
