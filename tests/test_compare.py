@@ -20,6 +20,9 @@ from unigrpo.world import CATEGORIES
     ("seeds=[1,1]", "distinct"),
     ("cfg_scale=1.0", "cfg_scale must be > 1"),
     ("jobs=0", "jobs must be >= 1"),
+    ("methods=[refl,refl]", "methods must be distinct"),
+    ("overrides=[iterations=5]", "overrides may not set 'iterations'"),
+    ("overrides=[method=grpo]", "overrides may not set 'method'"),
 ])
 def test_bad_compare_configs_name_the_value(override, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -48,7 +51,7 @@ def _fake(rng, n, p_geneval, seeds):
               "summary": {"overall": {"plan_valid": 1.0, "images": {"saturation": 0.1, "edge_energy": 0.05,
                                                                      "lit_fraction": 0.3}}}}
         out.append({"method": "m", "seed": s, "nocfg": ev, "cfg": ev, "velocity_drift": 0.01, "total_s": 1.0,
-                    "train_config": {"prompts_per_iter": 8, "rollout": {"group_size": 8},
+                    "train_config": {"iterations": 30, "prompts_per_iter": 8, "rollout": {"group_size": 8},
                                      "optim": {"epochs": 2, "minibatch": 32}}})
     return out
 
@@ -61,13 +64,20 @@ def test_paired_difference_and_verdicts():
     assert verdict(p, +1) == "holds" and verdict(p, -1) == "reversed"
     same = paired(a, a, "geneval")
     assert same["diff"] == 0.0 and verdict(same, +1).startswith("not supported")
-    # one base run against three seeds: every seed pair compares with the base
-    assert paired(a, b[:1], "geneval")["pairs"] == 3
+    # the base (seed None) against three seeds: every seed compares with it
+    base = [dict(b[0], seed=None)]
+    assert paired(a, base, "geneval")["pairs"] == 3
+    # seeds pair by seed, not by position: A lacks seed 1
+    p = paired([a[0], a[2]], b, "geneval")
+    assert p["pairs"] == 2
+    b_shifted = [dict(b[0], seed=2), dict(b[2], seed=0)]   # B's seeds 0 and 2 swapped: the pairing follows
+    assert paired([a[0], a[2]], b_shifted, "geneval")["pairs"] == 2
+    assert paired([a[0]], [b[1]], "geneval")["pairs"] == 0   # no common seed
 
 
 def test_report_from_runs_keeps_the_discussion(tmp_path):
     rng = np.random.default_rng(1)
-    cfg = CompareConfig(out=str(tmp_path), seeds=[0, 1], methods=["unigrpo", "flowgrpo_only"])
+    cfg = CompareConfig(out=str(tmp_path), seeds=[0, 1], methods=["unigrpo", "flowgrpo_only"], eval_samples=60)
     runs = {BASE: _fake(rng, 60, 0.2, [None]), "unigrpo": _fake(rng, 60, 0.7, [0, 1]),
             "flowgrpo_only": _fake(rng, 60, 0.4, [0, 1])}
     for m, rs in runs.items():
@@ -92,6 +102,20 @@ def test_report_from_runs_keeps_the_discussion(tmp_path):
     assert mine in open(write_results(cfg, grid=False)).read()
 
 
+def test_runs_from_another_budget_are_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    cfg = CompareConfig(out=str(tmp_path), seeds=[0], methods=["unigrpo"], iterations=30, eval_samples=60)
+    for m, r in ((BASE, _fake(rng, 60, 0.2, [None])[0]), ("unigrpo", _fake(rng, 60, 0.5, [0])[0])):
+        r["train_config"]["iterations"] = 20 if m != BASE else 30
+        os.makedirs(run_dir(cfg, m, r["seed"]))
+        with open(os.path.join(run_dir(cfg, m, r["seed"]), "result.json"), "w") as f:
+            json.dump(r, f)
+    with pytest.raises(ValueError, match="trained for 20 iterations, this comparison for 30"):
+        load_results(cfg)
+    with pytest.raises(ValueError, match="holds 60 held-out samples, this comparison evaluates 256"):
+        load_results(CompareConfig(out=str(tmp_path), seeds=[0], methods=["unigrpo"]))
+
+
 def test_report_without_runs_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `unigrpo compare` first"):
         write_results(CompareConfig(out=str(tmp_path)), grid=False)
@@ -102,10 +126,12 @@ def test_miniature_compare_end_to_end(tmp_path):
     every finished run."""
     args = [sys.executable, "-m", "unigrpo.cli", "compare", f"out={tmp_path}", "iterations=1", "seeds=[0]",
             "methods=[unigrpo,refl]", "jobs=2", "eval_samples=6", "eval_steps=2", "probe_samples=2",
-            "overrides=[prompts_per_iter=1,rollout.group_size=2,optim.epochs=1,rollout.max_new_tokens=40]"]
+            "overrides=[prompts_per_iter=1,rollout.group_size=2,optim.epochs=1,rollout.max_new_tokens=40,"
+            "skip_zero_std=false]"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    res = load_results(CompareConfig(out=str(tmp_path), seeds=[0], methods=["unigrpo", "refl"]))
+    res = load_results(CompareConfig(out=str(tmp_path), seeds=[0], methods=["unigrpo", "refl"], iterations=1,
+                                     eval_samples=6))
     assert set(res) == {BASE, "unigrpo", "refl"}
     assert "cfg" in res[BASE][0] and "cfg" in res["unigrpo"][0] and "cfg" not in res["refl"][0]
     assert res[BASE][0]["velocity_drift"] == 0.0 and res["unigrpo"][0]["velocity_drift"] > 0

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unigrpo.rewards.surrogate import colour_masses, surrogate_reward, target_masses
+from unigrpo.rewards.surrogate import colour_masses, stray_light, surrogate_reward, target_masses
 from unigrpo.world import PlacedObject, all_prompts, make_prompts, render_batch, sample_layout
 from unigrpo.world.prompts import COLORS
 from unigrpo.world.render import shape_mask
@@ -52,7 +52,21 @@ def test_surrogate_prefers_the_asked_for_amount_over_blank_and_flooded_canvases(
          dict(right=right, flooded=flooded, wrong=wrong_colour, blank=blank).items()}
     assert s["right"] > 0.98
     assert s["right"] > s["flooded"] and s["right"] > s["wrong"] and s["right"] > s["blank"]
-    assert s["blank"] == pytest.approx(0.0, abs=0.01)      # every asked-for mass missing: err = 2T
+    # a blank canvas scores 0 for every prompt, colours named or not: err = T + Σ t_c, the normaliser
+    for q in (p, _prompt("two circles"), _prompt("a triangle left of a circle")):
+        assert surrogate_reward(blank, [q]).item() == pytest.approx(0.0, abs=0.01)
+
+
+def test_stray_light_costs_what_no_palette_colour_explains():
+    """A dim texture over the right render (what an over-optimised policy drew) lowers the surrogate; the
+    render alone has almost no stray light."""
+    p = _prompt("a red circle")
+    right = render_batch([(PlacedObject("circle", "red", 1, 1),)])
+    gen = torch.Generator().manual_seed(0)
+    texture = torch.where(right > -1, right, -1 + 0.6 * torch.rand(right.shape, generator=gen))   # dim, mixed colours
+    assert stray_light(right).item() < 0.05
+    assert stray_light(texture).item() > 3.0
+    assert surrogate_reward(texture, [p]).item() < surrogate_reward(right, [p]).item() - 0.5
 
 
 def test_surrogate_gradient_matches_finite_differences():

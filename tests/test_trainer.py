@@ -165,8 +165,10 @@ def test_cfg_rollouts_train_the_guided_policy(tmp_path, monkeypatch):
     shipped base is used because a random model's velocity hardly depends on its context (v_c ≈ v_u)."""
     base = os.path.join(os.path.dirname(__file__), "..", "unigrpo", "assets", "tiny_base")
     rc = RolloutConfig(group_size=3, steps=5, window_size=2, window_hi=4, max_new_tokens=40, cfg_scale=3.0)
-    m = Trainer(small_cfg(tmp_path, base=base, iterations=1, rollout=rc), progress=False).iteration()
+    on_policy = OptimConfig(epochs=1, minibatch=64)   # one mini-batch: the training forward sees θ = old
+    m = Trainer(small_cfg(tmp_path, base=base, iterations=1, rollout=rc, optim=on_policy), progress=False).iteration()
     assert m["mismatch/flow_logp_max"] < 1e-5 and np.isfinite(m["loss"])    # seen: 1.2e-7
+    assert m["flow/log_ratio_abs_max"] < 1e-6      # the training forward is guided too (unguided: ≈ 1e-2)
     monkeypatch.setattr(Trainer, "_guided", lambda self, model, batch, v_c: v_c)
     broken = Trainer(small_cfg(tmp_path, base=base, iterations=1, rollout=rc, out=str(tmp_path / "b")), progress=False)
     assert broken.iteration()["mismatch/flow_logp_max"] > 1e-4                # seen: 4.6e-3
@@ -178,7 +180,7 @@ def test_refl_trains_only_the_image_expert_through_the_surrogate(tmp_path):
     before = {n: p.detach().clone() for n, p in tr.policy.named_parameters()}
     m = tr.iteration()
     assert 0 < m["grad_norm/image"] and np.isfinite(m["loss"])
-    assert m["loss"] == pytest.approx(-m["refl/surrogate"] + tr.cfg.loss.beta * m["flow/reg_mse"], abs=1e-6)
+    assert m["loss"] == pytest.approx(-m["refl/surrogate"] + tr.cfg.loss.beta * m["flow/velocity_mse"], abs=1e-6)
     text = {id(p) for p in tr.groups["text"]}
     moved = {n for n, p in tr.policy.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved, "ReFL changed nothing"
@@ -189,6 +191,7 @@ def test_refl_trains_only_the_image_expert_through_the_surrogate(tmp_path):
     (["method=refl", "loss.reg=latent_kl"], "loss.reg must be 'mse' or 'none'"),
     (["method=refl", "rollout.cfg_scale=2"], "samples without CFG"),
     (["method=refl", "refl.late_steps=40"], "exceeds rollout.steps"),
+    (["method=refl", "rollout.sde_kind=cps", "rollout.eta=0.5"], "use rollout.sde_kind=sde"),
     (["method=ppo"], "method 'ppo' unknown"),
 ])
 def test_bad_method_configs_stop_before_work(overrides, pattern):

@@ -8,15 +8,15 @@ Stages (every one resumable: rerunning the command skips finished runs and resum
 2. Runs: each method of METHODS × each seed, trained from the base with the same budget (the `tiny` config,
    `iterations` iterations of prompts_per_iter × group_size samples; only the method's own overrides differ),
    in `jobs` parallel processes of cores/jobs threads. Each run then evaluates its final policy on the
-   same held-out prompts and noise (eval_seed) without CFG, and for the CFG comparison also with CFG
+   same held-out prompts and sampling seed (eval_seed) without CFG, and for the CFG comparison also with CFG
    (cfg_scale), and measures the velocity drift from the base on a fixed probe set. The base is evaluated
    the same way. A run's results land in <out>/runs/<method>/seed<k>/result.json.
 3. The report: <report> (default <out>/results.md) with the tables, and plots beside it in <stem>/: training
-   curves, per-category bars, a sample grid (rows = methods, same prompts and noise).
+   curves, per-category bars, a sample grid (rows = methods, same prompts and seed).
 
-Intervals: a method's score pools its seeds' held-out samples (n = seeds × eval_samples): Wilson intervals
-for 0/1 scores, mean ± 1.96·s/√n for the TA-style fraction; they cover evaluation noise, not training noise,
-so the per-seed scores are listed too. A claim "A beats B" is judged by the paired difference over the shared
+Intervals: every seed is evaluated on the same prompts, so a method's score averages each prompt over its
+seeds and the interval is over prompts (mean ± 1.96·s/√n; Wilson for a single run's 0/1 scores); it covers
+evaluation noise, not training noise, so the per-seed scores are listed too. A claim "A beats B" is judged by the paired difference over the shared
 held-out prompts (seed-averaged per prompt, mean ± 1.96·s/√n) and by how many seeds agree in sign.
 """
 from __future__ import annotations
@@ -57,6 +57,8 @@ METHODS: dict[str, Method] = {
     "textgrpo_only": Method("TextGRPO only", ("loss.train_image=false",), False, "λ = 0, image expert frozen"),
     "refl": Method("ReFL", ("method=refl",), False,
                    "image expert trained through a differentiable surrogate of the verifier at a late step"),
+    "refl_low_lr": Method("ReFL, lr/10", ("method=refl", "optim.lr_image=1e-5"), False,
+                          "ReFL with a 10× smaller image learning rate (ReFL's own papers tune it down)"),
     "cfg_rollouts": Method("UniGRPO, CFG rollouts", ("rollout.cfg_scale={cfg_scale}",), True,
                            "training rollouts with CFG (2 evaluations per step)"),
     "reg_none": Method("UniGRPO, no regulariser", ("loss.reg=none",), False, "β irrelevant"),
@@ -66,6 +68,7 @@ METHODS: dict[str, Method] = {
                              "plain ratio, same clip range"),
 }
 BASE = "base"
+RESERVED = ("base", "out", "iterations", "seed", "method", "checkpoint_every", "resume")
 
 
 @dataclass
@@ -108,6 +111,13 @@ class CompareConfig:
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
         for m in self.methods:
             require_in("methods[]", m, list(METHODS))
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be distinct, got {self.methods}")
+        for o in self.overrides:
+            key = o.partition("=")[0].strip()
+            if key in RESERVED or key.split(".")[0] == "method":
+                raise ValueError(f"overrides may not set {key!r}: the comparison sets {sorted(RESERVED)} per run "
+                                 "(use iterations=, seeds= or a method of METHODS instead)")
         if not self.cfg_scale > 1:
             raise ValueError(f"cfg_scale must be > 1 (1 is no CFG), got {self.cfg_scale}")
 
@@ -168,9 +178,9 @@ def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0)
     out = run_dir(cfg, method, seed)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    ref = load_bundle(cfg.base).model
     if method == BASE:
         bundle, train_cfg = load_bundle(cfg.base), None
+        bundle.model.to("cuda" if torch.cuda.is_available() else "cpu")   # where a Trainer would put it
     else:
         train_cfg = load_config(TrainConfig, resolve_config_path(cfg.train_config),
                                 train_overrides(cfg, method, seed) + [f"threads={threads}"])
@@ -178,6 +188,7 @@ def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0)
         trainer.train()
         bundle = trainer.bundle          # its model is the trained policy
     t_train = time.time() - t0
+    ref = load_bundle(cfg.base).model.to(next(bundle.model.parameters()).device)
     result = {"method": method, "seed": seed, "train_s": t_train,
               "train_config": None if train_cfg is None else dataclasses.asdict(train_cfg)}
     result.update(_evaluations(cfg, bundle, ref, out, with_cfg=method == BASE or METHODS[method].eval_cfg))
@@ -242,8 +253,9 @@ def run_all(cfg: CompareConfig, config_args: list[str]) -> None:
                 bar.update(1)
                 bar.set_postfix_str(name)
     bar.close()
-    if failed:
+    if failed:   # stop the others now (they resume from their checkpoints on the next run)
         for proc, _, _ in running:
+            proc.terminate()
             proc.wait()
         with open(failed[1]) as f:
             tail = f.read()[-3000:]

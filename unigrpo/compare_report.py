@@ -31,10 +31,24 @@ def load_results(cfg: CompareConfig) -> dict[str, list[dict]]:
             path = os.path.join(run_dir(cfg, m, s), "result.json")
             if os.path.exists(path):
                 with open(path) as f:
-                    rs.append(json.load(f))
+                    r = json.load(f)
+                _check_same_setup(cfg, r, path)
+                rs.append(r)
         if rs:
             out[m] = rs
     return out
+
+
+def _check_same_setup(cfg: CompareConfig, r: dict, path: str) -> None:
+    """A finished run from another budget or evaluation must not enter the table."""
+    n = len(r["nocfg"]["ta"])
+    if n != cfg.eval_samples:
+        raise ValueError(f"{path} holds {n} held-out samples, this comparison evaluates {cfg.eval_samples}; "
+                         "delete the run or use the same eval_samples")
+    tc = r.get("train_config")
+    if tc is not None and tc["iterations"] != cfg.iterations:
+        raise ValueError(f"{path} was trained for {tc['iterations']} iterations, this comparison for "
+                         f"{cfg.iterations}; delete the run or use the same iterations")
 
 
 def label(method: str) -> str:
@@ -42,18 +56,15 @@ def label(method: str) -> str:
 
 
 def pooled(results: list[dict], score: str, ev: str = "nocfg", category: str | None = None) -> tuple[float, tuple]:
-    """(mean, 95% interval) of one score over every seed's held-out samples (optionally one category)."""
-    vals = []
-    for r in results:
-        e = r[ev]
-        x = np.asarray(e[score], float)
-        if category is not None:
-            x = x[np.asarray(e["categories"]) == category]
-        vals.append(x)
-    x = np.concatenate(vals)
+    """(mean, 95% interval) of one score over the held-out prompts (optionally one category). Every seed is
+    evaluated on the same prompts, so each prompt's score is first averaged over the seeds and the interval
+    is over prompts (mean ± 1.96·s/√n); a single run's 0/1 scores get the Wilson interval."""
+    x = np.mean([np.asarray(r[ev][score], float) for r in results], 0)
+    if category is not None:
+        x = x[np.asarray(results[0][ev]["categories"]) == category]
     if len(x) == 0:
         return float("nan"), (float("nan"), float("nan"))
-    ci = mean_ci(x) if score == "ta" else wilson(float(x.sum()), len(x))
+    ci = wilson(float(x.sum()), len(x)) if len(results) == 1 and score != "ta" else mean_ci(x)
     return float(x.mean()), ci
 
 
@@ -63,13 +74,18 @@ def per_seed(results: list[dict], score: str, ev: str = "nocfg") -> list[float]:
 
 def paired(a: list[dict], b: list[dict], score: str, ev_a: str = "nocfg", ev_b: str = "nocfg") -> dict:
     """A − B over the shared held-out prompts: per prompt, each side averaged over its seeds; mean ± 1.96·s/√n.
-    Also how many seed pairs (seed i of A vs seed i of B, or vs B's only run) agree with the mean's sign."""
+    Also how many seed pairs (the same seed on both sides; every seed of A when B is the base) agree with
+    the mean's sign."""
     xa = np.mean([np.asarray(r[ev_a][score], float) for r in a], 0)
     xb = np.mean([np.asarray(r[ev_b][score], float) for r in b], 0)
     d = xa - xb
     h = 1.96 * float(np.std(d, ddof=1)) / math.sqrt(len(d))
-    sa, sb = per_seed(a, score, ev_a), per_seed(b, score, ev_b)
-    pairs = [(x, sb[i] if len(sb) > 1 else sb[0]) for i, x in enumerate(sa[:len(sb)] if len(sb) > 1 else sa)]
+    mean_a = {r["seed"]: float(np.mean(r[ev_a][score])) for r in a}
+    mean_b = {r["seed"]: float(np.mean(r[ev_b][score])) for r in b}
+    if list(mean_b) == [None]:     # B is the base: every seed of A against its one evaluation
+        pairs = [(x, mean_b[None]) for x in mean_a.values()]
+    else:                          # the same seed on both sides
+        pairs = [(mean_a[k], mean_b[k]) for k in mean_a if k in mean_b]
     sign = np.sign(d.mean())
     agree = sum(np.sign(x - y) == sign for x, y in pairs)
     return {"diff": float(d.mean()), "ci": (float(d.mean()) - h, float(d.mean()) + h), "agree": int(agree),
@@ -127,31 +143,33 @@ def cfg_table(res: dict[str, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-CLAIMS = [  # (statement, A, B, eval of A, eval of B, direction of A − B, scores)
-    ("UniGRPO beats FlowGRPO only", "unigrpo", "flowgrpo_only", "nocfg", "nocfg", +1),
-    ("UniGRPO beats TextGRPO only", "unigrpo", "textgrpo_only", "nocfg", "nocfg", +1),
-    ("FlowGRPO only beats the base", "flowgrpo_only", BASE, "nocfg", "nocfg", +1),
-    ("TextGRPO only beats the base", "textgrpo_only", BASE, "nocfg", "nocfg", +1),
-    ("UniGRPO beats ReFL", "unigrpo", "refl", "nocfg", "nocfg", +1),
+ALL = SCORES
+CLAIMS = [  # (statement, A, B, eval of A, eval of B, claimed sign of A − B (0: "not worse"), scores judged)
+    ("UniGRPO beats FlowGRPO only", "unigrpo", "flowgrpo_only", "nocfg", "nocfg", +1, ALL),
+    ("UniGRPO beats TextGRPO only", "unigrpo", "textgrpo_only", "nocfg", "nocfg", +1, ALL),
+    ("FlowGRPO only beats the base", "flowgrpo_only", BASE, "nocfg", "nocfg", +1, ALL),
+    ("TextGRPO only beats the base", "textgrpo_only", BASE, "nocfg", "nocfg", +1, ALL),
+    ("UniGRPO beats ReFL", "unigrpo", "refl", "nocfg", "nocfg", +1, ALL),
+    ("UniGRPO beats ReFL at lr/10", "unigrpo", "refl_low_lr", "nocfg", "nocfg", +1, ALL),
     ("CFG-free training is as good when evaluated with CFG (UniGRPO vs CFG rollouts, both with CFG)",
-     "unigrpo", "cfg_rollouts", "cfg", "cfg", 0),
-    ("No regulariser scores worse on the strict check than velocity MSE (reward hacking)", "reg_none", "unigrpo",
-     "nocfg", "nocfg", -1),
-    ("Velocity MSE is at least as good as latent KL", "unigrpo", "reg_latent_kl", "nocfg", "nocfg", 0),
-    ("RatioNorm helps", "unigrpo", "ratio_norm_off", "nocfg", "nocfg", +1),
+     "unigrpo", "cfg_rollouts", "cfg", "cfg", 0, ALL),
+    ("No regulariser reward-hacks: lower on the strict check than velocity MSE", "reg_none", "unigrpo",
+     "nocfg", "nocfg", -1, ("strict",)),
+    ("Velocity MSE is not worse than latent KL", "unigrpo", "reg_latent_kl", "nocfg", "nocfg", 0, ALL),
+    ("RatioNorm helps", "unigrpo", "ratio_norm_off", "nocfg", "nocfg", +1, ALL),
 ]
 
 
 def claims_table(res: dict[str, list[dict]]) -> str:
     rows = ["| claim | score | A − B [95% CI] | seeds agreeing | verdict |", "|---|---|---|---|---|"]
-    for text, a, b, ev_a, ev_b, direction in CLAIMS:
+    for text, a, b, ev_a, ev_b, direction, scores in CLAIMS:
         if a not in res or b not in res or ev_a not in res[a][0] or ev_b not in res[b][0]:
             continue
-        for s in SCORES:
+        for s in scores:
             p = paired(res[a], res[b], s, ev_a, ev_b)
-            if direction == 0:   # "as good as": holds unless A is significantly worse
+            if direction == 0:   # "not worse": only a significant deficit refutes it; no difference is not proof
                 lo, hi = p["ci"]
-                v = ("holds: no significant difference" if lo <= 0 <= hi else
+                v = ("not shown worse (interval includes 0)" if lo <= 0 <= hi else
                      "holds: better" if lo > 0 else "does not hold: worse")
             else:
                 v = verdict(p, direction)
@@ -185,8 +203,9 @@ def read_curves(cfg: CompareConfig, method: str) -> np.ndarray:
     curves = []
     for s in cfg.seeds:
         path = os.path.join(run_dir(cfg, method, s), "metrics.jsonl")
-        if os.path.exists(path):
-            curves.append([m["reward/mean"] for m in read_metrics(path)])
+        if os.path.exists(path):   # a resumed run re-logs the steps after its checkpoint: keep the last
+            by_step = {m["step"]: m["reward/mean"] for m in read_metrics(path)}
+            curves.append([by_step[k] for k in sorted(by_step)])
     if not curves:
         return np.zeros((0, 0))
     n = max(map(len, curves))
@@ -195,7 +214,7 @@ def read_curves(cfg: CompareConfig, method: str) -> np.ndarray:
 
 def plot_curves(cfg: CompareConfig, methods: list[str], path: str) -> str:
     plt = _plt()
-    panels = [["unigrpo", "flowgrpo_only", "textgrpo_only", "refl"],
+    panels = [["unigrpo", "flowgrpo_only", "textgrpo_only", "refl", "refl_low_lr"],
               ["unigrpo", "cfg_rollouts", "reg_none", "reg_latent_kl", "ratio_norm_off"]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     for ax, panel, title in zip(axes, panels, ("baselines", "ablations")):
@@ -326,13 +345,14 @@ Generated by `unigrpo compare out={cfg.out} iterations={cfg.iterations} seeds={l
 **Setup.** Every method starts from the same base checkpoint and gets the same budget: {budget};
 config `{cfg.train_config}`{(' with ' + ', '.join(cfg.overrides)) if cfg.overrides else ''}; only each method's own
 overrides differ (listed below). Seeds: {list(cfg.seeds)}. Held-out evaluation: {cfg.eval_samples} prompts (seed
-{cfg.eval_seed}, the same prompts and noise for every run), {cfg.eval_steps} ODE steps, no CFG unless stated;
+{cfg.eval_seed}: the same prompts and sampling seed for every run; the latent noise stays shared only until
+reasoning lengths differ, since one generator draws both), {cfg.eval_steps} ODE steps, no CFG unless stated;
 CFG scale {cfg.cfg_scale}. Run time of all runs together: {hours:.2f} CPU-process hours.
 
 Scores: TA-style = fraction of the prompt's checks passed; GenEval-style = all checks passed (GenEval
 semantics: extra objects do not fail it); strict = GenEval-style AND exactly the asked-for number of objects
-(unclassified blobs count): an indicator, never a reward. Intervals are 95%, over the pooled held-out samples
-of all seeds (evaluation noise only; the per-seed column shows training noise). Velocity drift = mean
+(unclassified blobs count): an indicator, never a reward. Intervals are 95%, over the held-out prompts with
+each prompt's score averaged over the seeds (evaluation noise; the per-seed column shows training noise). Velocity drift = mean
 ‖v − v_base‖² on a fixed probe of {cfg.probe_samples} correct plans and renders noised to σ ∈ {{0.25, 0.5, 0.75}}.
 
 ## Overall (held-out, no CFG)
@@ -373,7 +393,7 @@ interval excludes 0 on the claimed side and every seed pair agrees.
 
 ## Samples
 
-Rows: methods (first finished seed); columns: the same held-out prompts and noise, {2} per category; a green
+Rows: methods (first finished seed); columns: the same held-out prompts and seed, 2 per category; a green
 frame = GenEval-style pass.
 
 ![samples]({rel}/samples.png)

@@ -213,6 +213,9 @@ class TrainConfig:
                 raise ValueError(f"method 'refl' samples without CFG; got rollout.cfg_scale={self.rollout.cfg_scale}")
             if not self.loss.train_image:
                 raise ValueError("method 'refl' trains the image expert; loss.train_image must be true")
+            if self.rollout.sde_kind != "sde":
+                raise ValueError("method 'refl' puts its step window at the last steps, where 'cps' has no noise; "
+                                 f"use rollout.sde_kind=sde (got {self.rollout.sde_kind!r})")
         if self.reward not in REWARD_KINDS:
             raise ValueError(f"reward {self.reward!r} unknown; expected one of {REWARD_KINDS}")
         if self.adv_scope not in ("group", "batch"):
@@ -633,7 +636,8 @@ class Trainer:
                                                   backend=self.attn_backend, text_head=lambda h, w: None)
                 v = v.float()
                 x0 = batch.latents_M - batch.sigma_M.view(-1, *([1] * (v.dim() - 1))) * v
-                sur = surrogate_reward(self.bundle.codec.decode(x0), [prompts[i] for i in mb], cfg.refl.softness)
+                sur = surrogate_reward(self.bundle.codec.decode(x0, clamp=False), [prompts[i] for i in mb],
+                                       cfg.refl.softness)
                 loss = -sur.mean()
                 mse = ((v - v_ref[torch.tensor(mb, device=v.device)]) ** 2).mean() if use_ref else torch.zeros(())
                 loss = loss + lc.beta * mse
@@ -645,7 +649,7 @@ class Trainer:
                     self.opt.step()
                 else:
                     skipped += 1
-                for k, val in (("loss", loss), ("refl/surrogate", sur.mean()), ("flow/reg_mse", mse)):
+                for k, val in (("loss", loss), ("refl/surrogate", sur.mean()), ("flow/velocity_mse", mse)):
                     sums[k] = sums.get(k, 0.0) + float(val)
                 count += 1
         out = {k: val / count for k, val in sums.items()}

@@ -29,8 +29,10 @@ class PixelCodec:
     def encode(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         return F.pixel_unshuffle(images_B3HW, self.factor)
 
-    def decode(self, latents_BChw: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(latents_BChw, self.factor).clamp(-1, 1)
+    def decode(self, latents_BChw: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """clamp=False keeps values outside [-1, 1] (and their gradients: ReFL's reward sees overshoot)."""
+        x = F.pixel_shuffle(latents_BChw, self.factor)
+        return x.clamp(-1, 1) if clamp else x
 
 
 class FluxVAECodec:
