@@ -138,3 +138,14 @@ def test_miniature_compare_end_to_end(tmp_path):
     assert os.path.getsize(os.path.join(tmp_path, "results", "samples.png")) > 1000
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "every run is finished" in again.stdout
+
+
+def test_intervals_are_over_prompts_not_over_seed_copies():
+    """Seeds share the held-out prompts: three identical seeds carry no more evidence than one, so the
+    interval must not narrow (treating 3 × n scores as independent would shrink it by √3)."""
+    from unigrpo.compare_report import pooled
+    from unigrpo.evaluate import mean_ci
+
+    r = _fake(np.random.default_rng(3), 120, 0.5, [0])[0]
+    one, three = pooled([r], "ta"), pooled([dict(r, seed=s) for s in range(3)], "ta")
+    assert three == one and one[1] == pytest.approx(mean_ci(np.asarray(r["nocfg"]["ta"])))
