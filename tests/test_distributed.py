@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -54,6 +55,11 @@ def _torchrun(tmp_path, *args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29500 + os.getpid() % 1000), WORKER, *map(str, args)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    if res.returncode != 0 and "terminate called without an active exception" in res.stderr:
+        # seen once in ~15 runs on a loaded 2-core machine (docs/LOG.md 2026-11-24): a rank aborts in gloo's C++
+        # thread teardown; the run is repeated once and must then pass with the same checks
+        warnings.warn(f"torchrun rank aborted in C++ teardown; retrying once:\n{res.stderr[-1500:]}")
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert res.returncode == 0, f"torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
 
 
