@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -31,9 +30,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from unigrpo.config import load_config, require_in, require_min
+from unigrpo.report import write_text_atomic
 
 SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
 
@@ -143,13 +141,6 @@ def train_overrides(cfg: CompareConfig, method: str, seed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ one run
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _evaluations(cfg: CompareConfig, bundle, ref_model, out: str, with_cfg: bool) -> dict:
     from unigrpo.evaluate import EvalConfig, evaluate, velocity_drift, write_eval
 
@@ -193,7 +184,7 @@ def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0)
               "train_config": None if train_cfg is None else dataclasses.asdict(train_cfg)}
     result.update(_evaluations(cfg, bundle, ref, out, with_cfg=method == BASE or METHODS[method].eval_cfg))
     result["total_s"] = time.time() - t0
-    _write_json(os.path.join(out, "result.json"), result)
+    write_text_atomic(os.path.join(out, "result.json"), json.dumps(result, indent=1))
     return result
 
 

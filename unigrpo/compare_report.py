@@ -14,6 +14,7 @@ import numpy as np
 
 from unigrpo.compare import BASE, METHODS, CompareConfig, run_dir
 from unigrpo.evaluate import mean_ci, wilson
+from unigrpo.report import save_figure, write_text_atomic
 from unigrpo.world import CATEGORIES
 
 DISCUSSION = ("<!-- discussion -->", "<!-- /discussion -->")
@@ -188,14 +189,6 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    _plt().close(fig)
-    return path
-
-
 def read_curves(cfg: CompareConfig, method: str) -> np.ndarray:
     """Training reward per iteration: float [seeds, iterations] (NaN where a seed has fewer)."""
     from unigrpo.report import read_metrics
@@ -233,7 +226,7 @@ def plot_curves(cfg: CompareConfig, methods: list[str], path: str) -> str:
         ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("reward, moving average of 5 (band: min–max over seeds)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_categories(res: dict[str, list[dict]], path: str) -> str:
@@ -255,7 +248,7 @@ def plot_categories(res: dict[str, list[dict]], path: str) -> str:
     axes[0].legend(fontsize=7, ncol=3, loc="upper right")
     axes[0].set_title("held-out scores per category, seeds pooled, no CFG")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_hacking(res: dict[str, list[dict]], path: str) -> str:
@@ -282,7 +275,7 @@ def plot_hacking(res: dict[str, list[dict]], path: str) -> str:
         ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def sample_grid(cfg: CompareConfig, methods: list[str], path: str, per_category: int = 2) -> str:
@@ -409,8 +402,4 @@ frame = GenEval-style pass.
 
 {discussion}
 """
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(md)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, md)

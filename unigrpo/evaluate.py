@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from unigrpo.report import write_text_atomic
 from unigrpo.rollout.generate import sample
 from unigrpo.viz import save_image_grid
 from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify
@@ -171,10 +172,8 @@ def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:
              "strict": None if x is None else float(x)}
             for p, c, r, t, g, x in zip(result.prompts, result.categories, result.reasoning, result.ta,
                                         result.geneval, strict)]
-    path = os.path.join(out_dir, "eval.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"summary": result.summary, "samples": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    path = write_text_atomic(os.path.join(out_dir, "eval.json"),
+                             json.dumps({"summary": result.summary, "samples": rows}, indent=1))
     n = min(grid, len(rows))
     # one column per category so the grid reads as a table
     order = sorted(range(len(rows)), key=lambda i: (CATEGORIES.index(result.categories[i]), i))
@@ -194,7 +193,7 @@ def velocity_drift(model, ref_model, tokenizer, codec, samples: int = 64, seed: 
     on a fixed probe set: held-out prompts with a correct plan (pretraining format, no flaws) and the render
     of that plan, noised to each σ with seeded noise (x_σ = (1−σ)·x0 + σ·ε). 0 for the reference itself;
     the same probe for every model evaluated with the same (samples, seed)."""
-    from unigrpo.model import PackedLayout, Segment
+    from unigrpo.model import PackedLayout, Segment, no_text_head, padded_ids
     from unigrpo.world.data import pretrain_example
     from unigrpo.world.render import to_float
 
@@ -211,17 +210,14 @@ def velocity_drift(model, ref_model, tokenizer, codec, samples: int = 64, seed: 
     n_img = model.cfg.image_tokens
     layout = PackedLayout.build([[[Segment("text", len(c))] + [Segment("noise", n_img)] * len(sigmas)] for c in ctx],
                                 device=dev)
-    ids = torch.full(layout.shape, tokenizer.pad_id, dtype=torch.long)
-    for i, c in enumerate(ctx):
-        ids[i, :len(c)] = torch.tensor(c)
-    ids = ids.to(dev)
+    ids = padded_ids(ctx, layout.shape, tokenizer.pad_id).to(dev)
     lat_M, sig_M = lat.flatten(0, 1), sig.repeat(len(ctx))
     diffs = []
     for m in (model, ref_model):
         was = m.training
         m.eval()
         _, v = m.forward_packed(layout, ids, lat_M.to(m.embed.weight.dtype), sig_M, backend=backend,
-                                text_head=lambda hidden, weight: None)
+                                text_head=no_text_head)
         m.train(was)
         diffs.append(v.float())
     return float(((diffs[0] - diffs[1]) ** 2).mean())

@@ -8,6 +8,25 @@ import os
 import numpy as np
 
 
+def write_text_atomic(path: str, text: str) -> str:
+    """Write `text` to path.tmp, then rename over path (readers never see half a file). Returns path."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+    """Save a matplotlib figure atomically (temp file, rename) and close it. Returns path."""
+    import matplotlib.pyplot as plt
+
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -37,11 +56,7 @@ def plot_reward_curve(history: list[dict], path: str, evals: list[tuple[int, flo
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(out_dir: str, *, before: dict | None, after: dict | None, history: list[dict],
@@ -77,8 +92,4 @@ def write_report(out_dir: str, *, before: dict | None, after: dict | None, histo
     if extra:
         lines += [extra, ""]
     lines += ["## Config", "", "```json", json.dumps(config, indent=1), "```", ""]
-    path = os.path.join(out_dir, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
-    return path
+    return write_text_atomic(os.path.join(out_dir, "report.md"), "\n".join(lines))

@@ -44,7 +44,7 @@ from unigrpo.distributed.parallelize import DTYPES as DIST_DTYPES
 from unigrpo.distributed import (DistConfig, all_gather_objects, apply_fsdp, full_model_state, full_optimizer_state,
                                  init_distributed, load_full_model_state, load_full_optimizer_state, mean_metrics,
                                  unsharded)
-from unigrpo.model import PackedLayout, Segment
+from unigrpo.model import PackedLayout, Segment, no_text_head, padded_ids
 from unigrpo.model.attention import BACKENDS as ATTN_BACKENDS
 from unigrpo.model.attention import resolve_attention_backend
 from unigrpo.model.build import load_bundle
@@ -262,9 +262,7 @@ def pack(traj: Trajectories, rows: list[int], sigmas: torch.Tensor, image_tokens
     dev = traj.x_RW.device   # index tensors are built on the host, then moved once
     layout = PackedLayout.build(segs, device=dev)
     R, S = layout.shape
-    ids = torch.full((R, S), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
+    ids = padded_ids(seqs, (R, S), pad_id)
     text_pos = torch.cat([p + i * S for i, p in enumerate(pos)])
     idx = torch.tensor(rows, device=dev)
     lat = traj.x_RW[idx].flatten(0, 1)
@@ -281,8 +279,7 @@ def pack_unconditional(batch: PackedBatch, uncond_ids: list[int], image_tokens: 
     dev = batch.latents_M.device
     layout = PackedLayout.build([[[Segment("text", len(uncond_ids))] + [Segment("noise", image_tokens)] * W]] * R,
                                 device=dev)
-    ids = torch.full(layout.shape, pad_id, dtype=torch.long)
-    ids[:, :len(uncond_ids)] = torch.tensor(uncond_ids)
+    ids = padded_ids([uncond_ids] * R, layout.shape, pad_id)
     none = torch.zeros(0, dtype=torch.long, device=dev)
     return PackedBatch(layout, ids.to(dev), none, none, none, batch.latents_M, batch.sigma_M)
 
@@ -414,7 +411,7 @@ class Trainer:
             return v_c
         ub = pack_unconditional(batch, self.uncond_ids, self.policy.cfg.image_tokens, self.bundle.tokenizer.pad_id)
         _, v_u = model.forward_packed(ub.layout, ub.ids_BS, ub.latents_M, ub.sigma_M, backend=self.attn_backend,
-                                      text_head=lambda hidden, weight: None)
+                                      text_head=no_text_head)
         v_u = v_u.float()
         return v_u + w * (v_c.float() - v_u)
 
@@ -563,7 +560,7 @@ class Trainer:
 
                 text_out, v = self.policy.forward_packed(
                     batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M, backend=self.attn_backend,
-                    text_head=text_loss if lc.train_text else (lambda hidden, weight: None))
+                    text_head=text_loss if lc.train_text else no_text_head)
                 if lam > 0:
                     v = self._guided(self.policy, batch, v)
                 loss = torch.zeros((), device=dev)
@@ -624,7 +621,7 @@ class Trainer:
                 for mb in _chunks(list(range(R)), oc.minibatch):
                     b = pack(traj, mb, self.sigmas, n_img, pad)
                     _, v_r = self.ref.forward_packed(b.layout, b.ids_BS, b.latents_M, b.sigma_M,
-                                                     backend=self.attn_backend, text_head=lambda h, w: None)
+                                                     backend=self.attn_backend, text_head=no_text_head)
                     v_ref[torch.tensor(mb, device=v_ref.device)] = v_r.float()
         sums: dict[str, float] = {}
         count, gnorm, skipped = 0, 0.0, 0.0
@@ -633,7 +630,7 @@ class Trainer:
             for mb in _chunks(order, oc.minibatch):
                 batch = pack(traj, mb, self.sigmas, n_img, pad)
                 _, v = self.policy.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
-                                                  backend=self.attn_backend, text_head=lambda h, w: None)
+                                                  backend=self.attn_backend, text_head=no_text_head)
                 v = v.float()
                 x0 = batch.latents_M - batch.sigma_M.view(-1, *([1] * (v.dim() - 1))) * v
                 sur = surrogate_reward(self.bundle.codec.decode(x0, clamp=False), [prompts[i] for i in mb],

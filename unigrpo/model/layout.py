@@ -231,3 +231,16 @@ class PackedLayout:
 
         return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
                                         seq_lengths=(L, L))
+
+
+def padded_ids(seqs: Sequence[Sequence[int]], shape: tuple[int, int], pad_id: int) -> torch.Tensor:
+    """long [R, S]: row i starts with seqs[i], the rest is pad_id (a packed batch's text ids, on the host)."""
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids
+
+
+def no_text_head(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """A forward_packed text_head for forwards that need only the velocities."""
+    return None
