@@ -7,6 +7,8 @@
     unigrpo sample   --checkpoint DIR --prompt TEXT [--out PNG]
     unigrpo bench    [suite ...] [--quick] [--out DIR]   benchmarks (= `python -m bench`, needs the source tree)
     unigrpo compare  [--config FILE] [key=value ...]  the paper's comparisons: every baseline × seeds → results.md
+    unigrpo serve-reward --reward NAME [--port P] [key=value ...]   a reward served over HTTP (rewards/server.py)
+    unigrpo export-prompts [--split heldout] [--n N] [--seed S] out=FILE.jsonl   shapes prompts in GenEval's format
 
 --config takes a YAML path or the name of a bundled config (unigrpo/configs/NAME.yaml). Overrides are
 dotted key=value pairs; a bad key or value stops with an error naming it before any work starts.
@@ -125,6 +127,36 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export_prompts(args) -> int:
+    """The shapes world's prompts as a GenEval-format JSONL file (one {prompt, tag, include[, exclude]} a line)."""
+    from unigrpo.data import shapes_records, write_prompt_file
+    from unigrpo.world import CATEGORIES
+    from unigrpo.world.prompts import split_prompts
+
+    out = dict(o.split("=", 1) for o in args.overrides if "=" in o).get("out") or args.out
+    bad = [o for o in args.overrides if not o.startswith("out=")]
+    if bad or not out:
+        raise ValueError(f"expected out=FILE.jsonl (got {' '.join(args.overrides) or 'nothing'})")
+    if not out.endswith(".jsonl"):
+        raise ValueError(f"out={out!r}: the GenEval format is JSONL; name the file *.jsonl")
+    if args.n:
+        records = shapes_records(args.split, args.n, args.seed)
+    else:   # every distinct prompt of the split, once (GenEval's own files list each prompt once)
+        from unigrpo.data.prompts import PromptRecord
+        from unigrpo.world.geneval import to_geneval
+
+        records = []
+        for c in CATEGORIES:
+            for p in split_prompts(c, args.split):
+                meta = to_geneval(p)
+                del meta["prompt"]
+                records.append(PromptRecord(p.text, c, meta))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_prompt_file(out, records)
+    print(f"{len(records)} {args.split} prompts written to {out}")
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     """Benchmarks: the same command as `python -m bench` (bench/README.md). bench/ is not installed: it is
     imported from the source checkout that holds this (editable) unigrpo, or from the current directory."""
@@ -147,6 +179,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "bench":  # its own argument parser (python -m bench --help)
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "serve-reward":  # its own argument parser (unigrpo serve-reward --help)
+        from unigrpo.rewards.server import serve_reward
+
+        return serve_reward(argv[1:])
     if argv and argv[0] == "compare":  # its own argument parser (unigrpo compare --help)
         from unigrpo.compare import main as compare_main
 
@@ -172,6 +208,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.set_defaults(fn=cmd_sample)
+    p = sub.add_parser("export-prompts", help="the shapes world's prompts as a GenEval-format JSONL file")
+    p.add_argument("--split", default="heldout", choices=("train", "heldout"))
+    p.add_argument("--n", type=int, default=0, help="draw N prompts as training/evaluation does (0: each distinct "
+                                                     "prompt of the split once)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="the JSONL file (or out=FILE)")
+    p.add_argument("overrides", nargs="*", help="out=FILE.jsonl")
+    p.set_defaults(fn=cmd_export_prompts)
+    sub.add_parser("serve-reward", help="a registered reward served over HTTP (see --help)", add_help=False)
     sub.add_parser("bench", help="benchmarks: unigrpo bench [suite ...] [--quick] [--out DIR] (see --help)",
                    add_help=False)
     sub.add_parser("compare", help="the paper's comparisons on the shapes world → results.md (see --help)",

@@ -1,10 +1,16 @@
-"""Held-out evaluation on the shapes world: per-category TA-style and GenEval-style scores with 95% intervals,
-and an image grid.
+"""Held-out evaluation: per-tag scores with 95% intervals, and an image grid.
+
+Two paths, chosen by the prompt source and the rewards:
+- the shapes world (`data.eval=shapes`, no `rewards`): its verifier's per-category TA-style and GenEval-style
+  scores, the strict check and the reward-hacking indicators, as before;
+- any prompt file (`data.eval=FILE`), or any `rewards`: the mean of each reward (and of their weighted total)
+  per tag and overall. A file whose GenEval metadata is all about the shapes world gets the three verifier
+  rewards when no `rewards` are given.
 
 Evaluation sampling is the ODE path (ALGORITHM.md §4: 50 Euler steps, optional CFG); the reasoning is sampled
 at the policy's temperature (what RL optimises), so two runs with the same seed see the same noise.
 Intervals: Wilson score interval for the GenEval-style (0/1) score; mean ± 1.96·s/√n for the TA-style
-fraction.
+fraction (clipped to [0, 1]) and for rewards (not clipped: a CLIP score lives in [−1, 1]).
 """
 from __future__ import annotations
 
@@ -17,13 +23,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from unigrpo.data import DataConfig, PromptRecord, build_prompt_source, check_prompt_lengths, tag_order
 from unigrpo.report import write_text_atomic
+from unigrpo.rewards.registry import RewardSet, RewardSpec
+from unigrpo.rewards.verifier import shapes_prompts
 from unigrpo.rollout.generate import sample
 from unigrpo.viz import save_image_grid
 from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify
+from unigrpo.world.geneval import is_shapes_metadata
 from unigrpo.world.render import to_uint8
 
-
+TOTAL = "total"
+"""the weighted sum of the rewards, in reward tables"""
 @dataclass
 class EvalConfig:
     checkpoint: str = "runs/tiny/base"
@@ -46,6 +57,11 @@ class EvalConfig:
     """where to write eval.json and the grid (default: <checkpoint>/eval)"""
     grid: int = 48
     """images in the grid PNG"""
+    data: DataConfig = field(default_factory=DataConfig)
+    """prompts: data.eval is "shapes" (the world's held-out split) or a .jsonl / .txt / .csv file; for a file,
+    `samples` images are drawn cycling through its prompts in file order (data.train is not used here)"""
+    rewards: list[RewardSpec | str] = field(default_factory=list)
+    """rewards to score with (as in training); empty: the shapes verifier's table"""
 
     def __post_init__(self):
         for name in ("samples", "steps", "batch"):
@@ -65,6 +81,7 @@ class EvalResult:
     images: np.ndarray  # uint8 [n, H, W, 3]
     summary: dict = field(default_factory=dict)
     strict: np.ndarray | None = None  # [n] float (0/1): GenEval-style and exactly the asked-for objects
+    scores: dict[str, np.ndarray] | None = None  # reward path: {label or "total": [n] float}
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -89,7 +106,7 @@ def summarize(categories: list[str], ta: np.ndarray, geneval: np.ndarray, strict
     samples."""
     out = {}
     cats = np.array(categories)
-    for name in [c for c in CATEGORIES if c in set(categories)] + ["overall"]:
+    for name in tag_order(categories) + ["overall"]:
         sel = np.ones(len(cats), bool) if name == "overall" else cats == name
         t, g = ta[sel], geneval[sel]
         out[name] = {"n": int(sel.sum()), "ta": float(t.mean()), "ta_ci": mean_ci(t),
@@ -132,57 +149,150 @@ def format_table(summary: dict, title: str = "") -> str:
     return "\n".join(rows)
 
 
+def reward_ci(x: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """mean ± z·s/√n over the finite entries, unclipped (rewards have any range); (nan, nan) below 2."""
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return (float("nan"), float("nan"))
+    h = z * float(np.std(x, ddof=1)) / math.sqrt(len(x))
+    return (float(x.mean()) - h, float(x.mean()) + h)
+
+
+def summarize_rewards(tags: list[str], scores: dict[str, np.ndarray]) -> dict:
+    """{tag or "overall": {"n": images, "rewards": {label: {"mean", "ci", "n"}}}}; NaN (abstained) entries are
+    left out of that reward's mean and count."""
+    out = {}
+    arr = np.array(tags)
+    for name in tag_order(tags) + ["overall"]:
+        sel = np.ones(len(arr), bool) if name == "overall" else arr == name
+        out[name] = {"n": int(sel.sum()), "rewards": {}}
+        for label, x in scores.items():
+            v = x[sel]
+            ok = np.isfinite(v)
+            out[name]["rewards"][label] = {"mean": float(v[ok].mean()) if ok.any() else float("nan"),
+                                           "ci": reward_ci(v), "n": int(ok.sum())}
+    return out
+
+
+def format_reward_table(summary: dict, title: str = "") -> str:
+    """One row per tag, one column per reward: mean [95% interval]."""
+    labels = list(summary["overall"]["rewards"])
+    width = max([14] + [len(t) + 1 for t in summary])
+    rows = [title] if title else []
+    rows.append(f"{'tag':<{width}} {'n':>5}" + "".join(f"  {lab:>24}" for lab in labels))
+    for name, s in summary.items():
+        cells = []
+        for lab in labels:
+            r = s["rewards"][lab]
+            cells.append(f"{r['mean']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
+        rows.append(f"{name:<{width}} {s['n']:>5}" + "".join(f"  {c:>24}" for c in cells))
+    return "\n".join(rows)
+
+
+def format_summary(summary: dict, title: str = "") -> str:
+    """The table of either evaluation path."""
+    return format_reward_table(summary, title) if is_reward_summary(summary) else format_table(summary, title)
+
+
+def is_reward_summary(summary: dict) -> bool:
+    return "rewards" in summary.get("overall", {})
+
+
+def headline(summary: dict) -> tuple[str, float]:
+    """The one held-out number a curve plots: GenEval-style on the shapes table, else the total reward."""
+    if is_reward_summary(summary):
+        return ("total reward", summary["overall"]["rewards"][TOTAL]["mean"])
+    return ("GenEval-style", summary["overall"]["geneval"])
+
+
+def eval_reward_set(cfg: EvalConfig, records: list[PromptRecord]) -> RewardSet | None:
+    """The rewards an evaluation scores with: cfg.rewards; for a file without rewards whose metadata is all
+    shapes-world GenEval, the three verifier rewards; None for the shapes world's own table."""
+    if cfg.rewards:
+        return RewardSet(cfg.rewards)
+    if cfg.data.eval == "shapes":
+        return None
+    if all(is_shapes_metadata(r.metadata) for r in records):
+        return RewardSet(["shapes_ta", "shapes_geneval", "shapes_exact"])
+    raise ValueError(f"data.eval={cfg.data.eval!r}: its prompts are not all shapes-world GenEval metadata, so "
+                     "give the rewards to score with, e.g. rewards=[{name: clip, path: /models/clip}]")
+
+
 @torch.no_grad()
 def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
-    """Sample one image per held-out prompt and score it with the verifier."""
-    prompts = make_prompts("heldout", cfg.samples, seed=cfg.seed)
+    """Sample one image per held-out prompt and score it (the module docstring's two paths)."""
+    source = build_prompt_source(cfg.data.eval, "eval", cfg.seed)
+    records = source.eval_records(cfg.samples, cfg.seed)
+    check_prompt_lengths(records, bundle.tokenizer, bundle.model.cfg.max_text_len)
+    rewards = eval_reward_set(cfg, records)
     model = bundle.model
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(cfg.seed)
-    ta, ge, strict, texts, imgs = [], [], [], [], []
-    for i in tqdm(range(0, len(prompts), cfg.batch), desc="eval", disable=not progress, leave=False):
-        chunk = prompts[i:i + cfg.batch]
-        reasoning, images = sample(model, bundle.tokenizer, bundle.codec, [p.text for p in chunk],
+    shapes = [] if rewards is None else None
+    per: dict[str, list] = {}
+    texts, imgs = [], []
+    for i in tqdm(range(0, len(records), cfg.batch), desc="eval", disable=not progress, leave=False):
+        chunk = records[i:i + cfg.batch]
+        reasoning, images = sample(model, bundle.tokenizer, bundle.codec, [r.text for r in chunk],
                                    temperature=cfg.temperature, num_steps=cfg.steps, shift=cfg.shift,
                                    cfg_scale=cfg.cfg_scale, generator=gen)
-        res = verify(images.float().cpu(), chunk)
-        ta.append(res.ta.numpy())
-        ge.append(res.geneval.numpy())
-        strict.append(res.strict.numpy())
+        images = images.float().cpu()
+        if rewards is None:
+            res = verify(images, make_prompts_of(chunk))
+            shapes.append((res.ta.numpy(), res.geneval.numpy(), res.strict.numpy()))
+        else:
+            total, each, _ = rewards(images, [r.text for r in chunk], [r.metadata for r in chunk])
+            for label, x in [*each.items(), (TOTAL, total)]:
+                per.setdefault(label, []).append(x.numpy())
         texts += reasoning
-        imgs.append(to_uint8(images.float().cpu()))
+        imgs.append(to_uint8(images))
     model.train(was_training)
-    cats = [p.category for p in prompts]
-    ta_a, ge_a, st_a = np.concatenate(ta), np.concatenate(ge), np.concatenate(strict)
-    summary = summarize(cats, ta_a, ge_a, st_a)
+    tags = [r.tag for r in records]
     images = np.concatenate(imgs)
+    if rewards is not None:
+        scores = {k: np.concatenate(v) for k, v in per.items()}
+        return EvalResult(tags, None, None, [r.text for r in records], texts, images,
+                          summarize_rewards(tags, scores), None, scores)
+    ta_a, ge_a, st_a = (np.concatenate(x) for x in zip(*shapes))
+    summary = summarize(tags, ta_a, ge_a, st_a)
     # reward-hacking indicators: reasoning that no longer parses as a layout plan, the strict check above,
     # and image statistics to compare with the base model's
     summary["overall"]["plan_valid"] = float(np.mean([parse_plan(t) is not None for t in texts]))
     summary["overall"]["images"] = image_statistics(images)
-    return EvalResult(cats, ta_a, ge_a, [p.text for p in prompts], texts, images, summary, st_a)
+    return EvalResult(tags, ta_a, ge_a, [r.text for r in records], texts, images, summary, st_a)
+
+
+def make_prompts_of(records: list[PromptRecord]):
+    """The shapes world's Prompts of shapes records (their GenEval metadata)."""
+    return shapes_prompts([r.text for r in records], [r.metadata for r in records], [r.where for r in records])
 
 
 def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:
     """eval.json (summary + per-sample rows) and grid.png under out_dir; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
-    strict = result.strict if result.strict is not None else [None] * len(result.prompts)
-    rows = [{"prompt": p, "category": c, "reasoning": r, "ta": float(t), "geneval": float(g),
-             "strict": None if x is None else float(x)}
-            for p, c, r, t, g, x in zip(result.prompts, result.categories, result.reasoning, result.ta,
-                                        result.geneval, strict)]
+    n = len(result.prompts)
+    if result.scores is not None:
+        extra = [{k: (None if not np.isfinite(v[i]) else float(v[i])) for k, v in result.scores.items()}
+                 for i in range(n)]
+        ok = None
+    else:
+        strict = result.strict if result.strict is not None else [None] * n
+        extra = [{"ta": float(t), "geneval": float(g), "strict": None if x is None else float(x)}
+                 for t, g, x in zip(result.ta, result.geneval, strict)]
+        ok = [bool(g) for g in result.geneval]
+    rows = [{"prompt": p, "category": c, "reasoning": r, **e}
+            for p, c, r, e in zip(result.prompts, result.categories, result.reasoning, extra)]
     path = write_text_atomic(os.path.join(out_dir, "eval.json"),
                              json.dumps({"summary": result.summary, "samples": rows}, indent=1))
-    n = min(grid, len(rows))
-    # one column per category so the grid reads as a table
-    order = sorted(range(len(rows)), key=lambda i: (CATEGORIES.index(result.categories[i]), i))
-    per_cat = {c: [i for i in order if result.categories[i] == c] for c in CATEGORIES}
-    picks = [i for k in range(n) for c in CATEGORIES for i in per_cat[c][k:k + 1]][:n]
-    grid_path = save_image_grid(result.images[picks], [f"{result.prompts[i]} | {result.reasoning[i]}"
-                                                       for i in picks],
-                                os.path.join(out_dir, "grid.png"), ncol=len(CATEGORIES),
-                                ok=[bool(result.geneval[i]) for i in picks])
+    k = min(grid, n)
+    # one column per tag (at most 8) so the grid reads as a table
+    tags = tag_order(result.categories)[:8]
+    per_tag = {t: [i for i in range(n) if result.categories[i] == t] for t in tags}
+    picks = [i for j in range(k) for t in tags for i in per_tag[t][j:j + 1]][:k]
+    grid_path = save_image_grid(result.images[picks], [f"{result.prompts[i]} | {result.reasoning[i]}" for i in picks],
+                                os.path.join(out_dir, "grid.png"), ncol=len(tags),
+                                ok=None if ok is None else [ok[i] for i in picks])
     return {"json": path, "grid": grid_path}
 
 

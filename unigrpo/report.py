@@ -32,8 +32,9 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_reward_curve(history: list[dict], path: str, evals: list[tuple[int, float]] | None = None) -> str:
-    """Training reward per iteration (and a moving average), plus held-out GenEval-style points if given."""
+def plot_reward_curve(history: list[dict], path: str, evals: list[tuple[int, float]] | None = None,
+                      eval_label: str = "GenEval-style") -> str:
+    """Training reward per iteration (and a moving average), plus held-out points (`eval_label`) if given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,10 +50,12 @@ def plot_reward_curve(history: list[dict], path: str, evals: list[tuple[int, flo
         ax.plot(steps[k - 1:], ma, color="C0", lw=2, label=f"moving average ({k})")
     if evals:
         xs, ys = zip(*evals)
-        ax.plot(xs, ys, "o-", color="C3", label="held-out GenEval-style")
+        ax.plot(xs, ys, "o-", color="C3", label=f"held-out {eval_label}")
     ax.set_xlabel("iteration")
     ax.set_ylabel("score")
-    ax.set_ylim(0, 1)
+    values = list(reward) + [y for _, y in (evals or [])]
+    if values and 0.0 <= min(values) and max(values) <= 1.0:
+        ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -61,11 +64,17 @@ def plot_reward_curve(history: list[dict], path: str, evals: list[tuple[int, flo
 
 def write_report(out_dir: str, *, before: dict | None, after: dict | None, history: list[dict],
                  config: dict, extra: str = "") -> str:
-    """report.md in out_dir; `before`/`after` are evaluate.summarize() dicts."""
-    from unigrpo.evaluate import format_table
+    """report.md in out_dir; `before`/`after` are evaluate.summarize() or summarize_rewards() dicts."""
+    from unigrpo.evaluate import format_summary, is_reward_summary
 
     lines = ["# UniGRPO run report", ""]
-    if before and after:
+    if before and after and is_reward_summary(after):
+        b, a = before["overall"]["rewards"], after["overall"]["rewards"]
+        lines += ["| reward (held-out mean) | before | after | change |", "|---|---|---|---|"]
+        lines += [f"| {k} | {b[k]['mean']:.4f} | {v['mean']:.4f} | {v['mean'] - b[k]['mean']:+.4f} |"
+                  for k, v in a.items() if k in b]
+        lines += ["", "Per-tag means with 95% intervals below.", ""]
+    elif before and after:
         b, a = before["overall"], after["overall"]
         lines += [f"GenEval-style {b['geneval']:.3f} → {a['geneval']:.3f} ({a['geneval'] - b['geneval']:+.3f}); "
                   f"TA-style {b['ta']:.3f} → {a['ta']:.3f} ({a['ta'] - b['ta']:+.3f}), held-out, 95% intervals below.",
@@ -80,7 +89,7 @@ def write_report(out_dir: str, *, before: dict | None, after: dict | None, histo
             lines += [""]
     for title, summ in (("Before (base)", before), ("After (UniGRPO)", after)):
         if summ:
-            lines += [f"## {title}", "", "```", format_table(summ), "```", ""]
+            lines += [f"## {title}", "", "```", format_summary(summ), "```", ""]
     if history:
         keys = ("time/rollout_text", "time/rollout_image", "time/reward", "time/train")
         tot = {k: sum(m.get(k, 0.0) for m in history) for k in keys}

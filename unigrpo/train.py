@@ -12,6 +12,7 @@ import time
 import torch
 
 from unigrpo.config import config_to_dict, load_config
+from unigrpo.rewards.base import RewardError
 from unigrpo.trainer import TrainConfig, Trainer
 
 
@@ -19,8 +20,10 @@ def _evaluate(trainer: Trainer, tag: str) -> dict:
     from unigrpo.evaluate import EvalConfig, evaluate, write_eval
 
     cfg = trainer.cfg
+    # the shapes world has its own table (the verifier's); a prompt file is scored with the training rewards
     ecfg = EvalConfig(checkpoint=cfg.base, samples=cfg.eval_samples, steps=cfg.eval_steps,
-                      cfg_scale=cfg.eval_cfg_scale, temperature=cfg.rollout.temperature)
+                      cfg_scale=cfg.eval_cfg_scale, temperature=cfg.rollout.temperature, data=cfg.data,
+                      rewards=[] if cfg.data.eval == "shapes" else list(cfg.rewards))
     from unigrpo.distributed import unsharded
 
     # under FSDP every rank gathers the weights and runs the same evaluation (it is seeded); rank 0 writes
@@ -33,7 +36,7 @@ def _evaluate(trainer: Trainer, tag: str) -> dict:
 
 def run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Base eval → training → final eval → report. Returns {"before", "after", "history", "report"}."""
-    from unigrpo.evaluate import format_table
+    from unigrpo.evaluate import format_summary, headline
     from unigrpo.report import plot_reward_curve, read_metrics, write_report
 
     t0 = time.time()
@@ -43,20 +46,20 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     if trainer.step == 0:
         before = _evaluate(trainer, "base")
         if main:
-            print(format_table(before, f"before: base model, held-out ({cfg.eval_samples} samples)"), flush=True)
-    evals = [(0, before["overall"]["geneval"])] if before else []
+            print(format_summary(before, f"before: base model, held-out ({cfg.eval_samples} samples)"), flush=True)
+    evals = [(0, headline(before)[1])] if before else []
 
     def on_eval(tr):
         s = _evaluate(tr, f"step{tr.step:05d}")
-        evals.append((tr.step, s["overall"]["geneval"]))
+        evals.append((tr.step, headline(s)[1]))
 
     trainer.train(on_eval=on_eval)
     after = _evaluate(trainer, "final")
-    evals.append((trainer.step, after["overall"]["geneval"]))
+    evals.append((trainer.step, headline(after)[1]))
     if not main:
         return {"before": before, "after": after, "history": [], "report": None}
     history = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
-    plot_reward_curve(history, os.path.join(cfg.out, "reward_curve.png"), evals)
+    plot_reward_curve(history, os.path.join(cfg.out, "reward_curve.png"), evals, eval_label=headline(after)[0])
     if before is None and os.path.exists(os.path.join(cfg.out, "eval_base", "eval.json")):
         import json
 
@@ -64,13 +67,23 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
             before = json.load(f)["summary"]
     report = write_report(cfg.out, before=before, after=after, history=history, config=config_to_dict(cfg),
                           extra=f"Wall time of this invocation: {time.time() - t0:.0f} s.")
-    print(format_table(after, f"after: UniGRPO, held-out ({cfg.eval_samples} samples)"))
+    print(format_summary(after, f"after: UniGRPO, held-out ({cfg.eval_samples} samples)"))
     if before:
-        b, a = before["overall"], after["overall"]
-        print(f"GenEval-style {b['geneval']:.3f} -> {a['geneval']:.3f} ({a['geneval'] - b['geneval']:+.3f}), "
-              f"TA-style {b['ta']:.3f} -> {a['ta']:.3f} ({a['ta'] - b['ta']:+.3f})")
+        print(change_line(before, after))
     print(f"report: {report}")
     return {"before": before, "after": after, "history": history, "report": report}
+
+
+def change_line(before: dict, after: dict) -> str:
+    """Before → after of the overall scores, one line."""
+    from unigrpo.evaluate import is_reward_summary
+
+    b, a = before["overall"], after["overall"]
+    if is_reward_summary(after) and is_reward_summary(before):
+        return ", ".join(f"{k} {b['rewards'][k]['mean']:.3f} -> {v['mean']:.3f} ({v['mean'] - b['rewards'][k]['mean']:+.3f})"
+                         for k, v in a["rewards"].items() if k in b["rewards"])
+    return (f"GenEval-style {b['geneval']:.3f} -> {a['geneval']:.3f} ({a['geneval'] - b['geneval']:+.3f}), "
+            f"TA-style {b['ta']:.3f} -> {a['ta']:.3f} ({a['ta'] - b['ta']:+.3f})")
 
 
 def main(argv=None) -> int:
@@ -83,7 +96,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(TrainConfig, resolve_config_path(args.config), args.overrides)
         run(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RewardError) as err:
         print(f"unigrpo train: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -50,10 +50,10 @@ from unigrpo.model.attention import resolve_attention_backend
 from unigrpo.model.build import load_bundle
 from unigrpo.model.codec import PixelCodec
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
-from unigrpo.rewards.surrogate import surrogate_reward
-from unigrpo.rewards.verifier import REWARD_KINDS, ShapesVerifierReward, score
+from unigrpo.data import DataConfig, build_prompt_source, check_prompt_lengths, tag_order
+from unigrpo.rewards.registry import RewardSet, RewardSpec, normalise_rewards
+from unigrpo.rewards.surrogate import check_surrogate_records, surrogate_reward_of
 from unigrpo.rollout.rollout import RolloutConfig, Trajectories, draw_windows, rollout
-from unigrpo.world import CATEGORIES, make_prompts
 from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, linear_text_grpo_loss, resolve_backend, sigma_schedule,
                              step_coeffs_batch, token_logprobs)
 from unigrpo_kernels.dispatch import OP_BACKENDS
@@ -165,8 +165,10 @@ class TrainConfig:
     """"grpo" (UniGRPO and its ablations) or "refl" (the ReFL baseline: the image expert trained through a
     differentiable surrogate of the verifier at one late step; the text expert is not trained)"""
     refl: ReFLConfig = field(default_factory=ReFLConfig)
-    reward: str = "ta"
-    """reward: the verifier's "ta" (fraction of checks) or "geneval" (all correct)"""
+    data: DataConfig = field(default_factory=DataConfig)
+    """prompts: data.train and data.eval, "shapes" (the built-in world) or a .jsonl / .txt / .csv file"""
+    rewards: list[RewardSpec | str] = field(default_factory=lambda: [RewardSpec("shapes_ta")])
+    """the rewards, [{name, weight, ...}] (unigrpo/rewards/registry.py); their weighted sum trains"""
     adv_scope: str = "group"
     """advantage std over the "group" or the whole "batch" (§5)"""
     skip_zero_std: bool = True
@@ -216,8 +218,7 @@ class TrainConfig:
             if self.rollout.sde_kind != "sde":
                 raise ValueError("method 'refl' puts its step window at the last steps, where 'cps' has no noise; "
                                  f"use rollout.sde_kind=sde (got {self.rollout.sde_kind!r})")
-        if self.reward not in REWARD_KINDS:
-            raise ValueError(f"reward {self.reward!r} unknown; expected one of {REWARD_KINDS}")
+        self.rewards = normalise_rewards(self.rewards)
         if self.adv_scope not in ("group", "batch"):
             raise ValueError(f"adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
         if self.attention_backend not in ("auto",) + ATTN_BACKENDS:
@@ -333,8 +334,12 @@ class Trainer:
              {"params": groups["image"], "lr": o.lr_image, "name": "image"}],
             betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         self.groups = groups
-        self.reward_fn = ShapesVerifierReward(cfg.reward)
-        self.pool = make_prompts("train", 4096, seed=cfg.seed)
+        self.rewards = RewardSet(cfg.rewards)
+        self.source = build_prompt_source(cfg.data.train, "train", cfg.seed)
+        check_prompt_lengths(self.source.records, self.bundle.tokenizer, self.policy.cfg.max_text_len)
+        self.rewards.check_records(self.source.records)
+        if cfg.method == "refl":   # its surrogate reads the prompts' shapes-world metadata
+            check_surrogate_records(self.source.records)
         self.rng = np.random.default_rng(cfg.seed)
         # rank r samples from its own stream (rank 0's is the single-process one)
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed + 7919 * env.rank)
@@ -426,13 +431,13 @@ class Trainer:
         t_start = time.perf_counter()
         env = self.env
         step_rng = np.random.default_rng([cfg.seed, self.step])  # prompts and windows: f(seed, step) only (§4)
-        picks = step_rng.integers(0, len(self.pool), cfg.prompts_per_iter)
+        batch_prompts = self.source.batch(self.step, cfg.prompts_per_iter, step_rng)
         if cfg.method == "refl":   # one late step per group: x_k before it is where the gradient enters
             rc = dataclasses.replace(rc, window_size=1, window_lo=rc.steps - cfg.refl.late_steps,
                                      window_hi=rc.steps)
         windows = draw_windows(step_rng, cfg.prompts_per_iter, rc)
         mine = slice(env.rank * cfg.prompts_per_iter // env.world, (env.rank + 1) * cfg.prompts_per_iter // env.world)
-        prompts = [self.pool[i] for i in picks[mine]]
+        prompts = batch_prompts[mine]
         self.policy.eval()
         with unsharded(self.policy):
             traj = rollout(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc, generator=self.gen,
@@ -441,7 +446,8 @@ class Trainer:
         t_reward = time.perf_counter()
         images = self.bundle.codec.decode(traj.latents)
         group_prompts = [p for p in prompts for _ in range(rc.group_size)]
-        rewards = score(self.reward_fn, images, group_prompts)
+        rewards, per_reward, reward_info = self.rewards(images, [p.text for p in group_prompts],
+                                                        [p.metadata for p in group_prompts], rc.group_size)
         if env.enabled and cfg.adv_scope == "batch":   # the batch std spans every rank's groups
             everyone = torch.cat(all_gather_objects(rewards.cpu(), env))
             n = rewards.numel()
@@ -455,10 +461,12 @@ class Trainer:
         metrics = {"step": self.step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                    "reward/groups_with_signal": len(rows) / rc.group_size / len(prompts),
                    "reasoning/length": traj.reasoning.mask_BT.sum(1).float().mean().item()}
-        for c in CATEGORIES:
-            sel = [i for i, p in enumerate(group_prompts) if p.category == c]
-            if sel:
-                metrics[f"reward/{c}"] = rewards[sel].mean().item()
+        for label, r in per_reward.items():
+            metrics[f"reward/{label}"] = r.mean().item()
+        metrics.update(reward_info)
+        for tag in tag_order([p.tag for p in group_prompts]):
+            sel = [i for i, p in enumerate(group_prompts) if p.tag == tag]
+            metrics[f"reward_tag/{tag}"] = rewards[sel].mean().item()
         if cfg.method == "refl":   # ReFL needs no advantages: every trajectory trains
             metrics.update(self._update_refl(traj, group_prompts))
         elif rows or env.enabled:   # under FSDP every rank joins the update's collectives, even with no rows
@@ -633,8 +641,8 @@ class Trainer:
                                                   backend=self.attn_backend, text_head=no_text_head)
                 v = v.float()
                 x0 = batch.latents_M - batch.sigma_M.view(-1, *([1] * (v.dim() - 1))) * v
-                sur = surrogate_reward(self.bundle.codec.decode(x0, clamp=False), [prompts[i] for i in mb],
-                                       cfg.refl.softness)
+                sur = surrogate_reward_of(self.bundle.codec.decode(x0, clamp=False), [prompts[i].text for i in mb],
+                                          [prompts[i].metadata for i in mb], cfg.refl.softness)
                 loss = -sur.mean()
                 mse = ((v - v_ref[torch.tensor(mb, device=v.device)]) ** 2).mean() if use_ref else torch.zeros(())
                 loss = loss + lc.beta * mse

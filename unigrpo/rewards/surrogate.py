@@ -100,3 +100,18 @@ def surrogate_reward(images_B3HW: torch.Tensor, prompts: Sequence[Prompt], softn
             named[i, _PALETTE.index(c)] = 1.0
     err = (M.sum(1) - T).abs() + (named * (M - t).abs()).sum(1) + stray_light(images_B3HW, softness)
     return 1.0 - err / (T + t.sum(1))
+
+
+def surrogate_reward_of(images_B3HW: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict],
+                        softness: float = SOFTNESS) -> torch.Tensor:
+    """surrogate_reward for prompt texts with their GenEval metadata (what the trainer holds)."""
+    from unigrpo.rewards.verifier import shapes_prompts
+
+    return surrogate_reward(images_B3HW, shapes_prompts(prompts, metadata), softness)
+
+
+def check_surrogate_records(records) -> None:
+    """The surrogate scores only shapes-world prompts: fail up front, naming the first other one's line."""
+    from unigrpo.rewards.verifier import shapes_prompts
+
+    shapes_prompts([r.text for r in records], [r.metadata for r in records], [r.where for r in records])

@@ -1,61 +1,54 @@
-"""Rewards: the interface (images, prompts, metadata → one score per sample, batched) and the default, the
-shapes-world verifier (it reads only the image).
+"""The shapes world's verifier as rewards (it reads only the image and the prompt's GenEval metadata).
 
-A reward function that raises is re-run sample by sample so the error names the sample that failed.
+- `shapes_ta`: the TA-style fraction of checks passed (partial credit, a denser signal);
+- `shapes_geneval`: the GenEval-style all-correct score;
+- `shapes_exact`: the TA-style fraction with one more check, exactly the asked-for number of objects
+  (stops paying for extra objects, which the other two do).
+The prompt spec comes from each sample's metadata (unigrpo/world/geneval.py), so any prompt file whose GenEval
+metadata names only this world's shapes and colours is scored, however its text is phrased.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Sequence
 
-import torch
-
-from unigrpo.world import Prompt, verify
+from unigrpo.world import verify
+from unigrpo.world.geneval import from_geneval
+from unigrpo.world.prompts import Prompt
 from unigrpo.world.verify import ta_exact_scores
 
-REWARD_KINDS = ("ta", "geneval", "ta_exact")
+__all__ = ["SHAPES_REWARDS", "ShapesVerifierReward", "shapes_prompts"]
+
+SHAPES_REWARDS = {"shapes_ta": "ta", "shapes_geneval": "geneval", "shapes_exact": "ta_exact"}
 
 
-class RewardFn(Protocol):
-    def __call__(self, images: torch.Tensor, prompts: Sequence[Prompt], metadata: Sequence[dict]) -> torch.Tensor:
-        """images [B, 3, H, W] in [-1, 1]; returns float32 [B]."""
+def shapes_prompts(prompts: Sequence[str], metadata: Sequence[dict], where: Sequence[str] | None = None) -> list[Prompt]:
+    """The world's Prompt of each (text, GenEval metadata); ValueError naming the sample (or its file line)."""
+    out = []
+    for i, (text, meta) in enumerate(zip(prompts, metadata)):
+        try:
+            out.append(from_geneval(text, meta))
+        except ValueError as err:
+            at = where[i] if where else f"sample {i}"
+            raise ValueError(f"{at}: the shapes verifier cannot score {text!r}: {err}") from None
+    return out
 
 
 class ShapesVerifierReward:
-    """The verifier's TA-style fraction of checks passed ("ta": partial credit, a denser signal), its
-    GenEval-style all-correct score ("geneval"), or the TA-style fraction with one more check, exactly the
-    asked-for number of objects ("ta_exact": stops paying for extra objects, which "ta" and "geneval" do)."""
+    """One of SHAPES_REWARDS' verifier scores ("ta", "geneval" or "ta_exact"), float32 [B]."""
 
     def __init__(self, kind: str = "ta"):
-        if kind not in REWARD_KINDS:
-            raise ValueError(f"reward kind {kind!r} unknown; expected one of {REWARD_KINDS}")
+        kinds = tuple(SHAPES_REWARDS.values())
+        if kind not in kinds:
+            raise ValueError(f"shapes verifier score {kind!r} unknown; expected one of {kinds}")
         self.kind = kind
 
-    def __call__(self, images, prompts, metadata=()):
-        res = verify(images.float().cpu(), list(prompts))
+    def check_records(self, records) -> None:
+        """Fail before training when a prompt's metadata is not about the shapes world (names its line)."""
+        shapes_prompts([r.text for r in records], [r.metadata for r in records], [r.where for r in records])
+
+    def __call__(self, images, prompts, metadata):
+        ps = shapes_prompts(prompts, metadata)
+        res = verify(images.float().cpu(), ps)
         if self.kind == "ta_exact":
-            return ta_exact_scores(list(prompts), res.checks, res.objects)
+            return ta_exact_scores(ps, res.checks, res.objects)
         return (res.ta if self.kind == "ta" else res.geneval).float()
-
-
-def score(reward_fn: RewardFn, images: torch.Tensor, prompts: Sequence[Prompt],
-          metadata: Sequence[dict] | None = None) -> torch.Tensor:
-    """Call the reward on the batch; check it returns B finite scores; on failure name the sample."""
-    B = images.shape[0]
-    metadata = list(metadata) if metadata is not None else [{} for _ in range(B)]
-    try:
-        out = torch.as_tensor(reward_fn(images, prompts, metadata), dtype=torch.float32).reshape(-1)
-    except Exception as err:
-        for i in range(B):
-            try:
-                reward_fn(images[i:i + 1], prompts[i:i + 1], metadata[i:i + 1])
-            except Exception as one:
-                raise RuntimeError(f"reward failed on sample {i} (prompt {prompts[i].text!r}): "
-                                   f"{type(one).__name__}: {one}") from one
-        raise RuntimeError(f"reward failed on the batch of {B} but on no single sample: {err}") from err
-    if out.shape[0] != B:
-        raise RuntimeError(f"reward returned {out.shape[0]} scores for {B} samples")
-    bad = torch.nonzero(~torch.isfinite(out)).flatten()
-    if bad.numel():
-        i = int(bad[0])
-        raise RuntimeError(f"reward returned {out[i].item()} for sample {i} (prompt {prompts[i].text!r})")
-    return out
