@@ -93,6 +93,7 @@ setup(
         "matplotlib",
         "tqdm",
         "transformers>=4.40",
+        "requests",   # the remote-reward and VLM-judge HTTP clients
     ],
     extras_require={
         # triton runs the Triton kernels' tests in its CPU interpreter (TRITON_INTERPRET=1); on GPU machines

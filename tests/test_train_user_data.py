@@ -13,7 +13,7 @@ from tests.test_trainer import small_cfg, tiny_base
 from unigrpo.checkpoint import load_checkpoint
 from unigrpo.data import DataConfig, shapes_records, write_prompt_file
 from unigrpo.data.prompts import PromptRecord
-from unigrpo.evaluate import EvalConfig, evaluate
+from unigrpo.evaluate import EvalConfig, evaluate, headline
 from unigrpo.rewards.base import RewardError
 from unigrpo.rewards.registry import RewardSpec, build_reward
 from unigrpo.rewards.server import RewardServer
@@ -82,7 +82,8 @@ def test_eval_on_a_geneval_file_reports_per_tag_scores(tmp_path):
     cfg = EvalConfig(checkpoint=str(tmp_path / "base"), samples=18, steps=4, batch=9, data=DataConfig(eval=data))
     res = evaluate(b, cfg, progress=False)
     s = res.summary
-    assert set(s["overall"]["rewards"]) == {"shapes_ta", "shapes_geneval", "shapes_exact", "total"}
+    assert set(s["overall"]["rewards"]) == {"shapes_ta", "shapes_geneval", "shapes_exact"}   # total = geneval
+    assert headline(s) == ("shapes_geneval", s["overall"]["rewards"]["shapes_geneval"]["mean"])
     tags = {r.tag for r in shapes_records("heldout", 18, seed=4)}
     assert set(s) == tags | {"overall"}
     assert sum(s[t]["n"] for t in tags) == s["overall"]["n"] == 18

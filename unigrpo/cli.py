@@ -21,6 +21,7 @@ import sys
 import time
 
 from unigrpo.config import load_config
+from unigrpo.rewards.base import RewardError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
@@ -50,15 +51,16 @@ def cmd_pretrain(args) -> int:
 
 
 def _eval(cfg, title: str) -> int:
-    from unigrpo.evaluate import evaluate, format_table, write_eval
+    from unigrpo.evaluate import evaluate, format_summary, write_eval
     from unigrpo.model.build import load_bundle
 
     bundle = load_bundle(cfg.checkpoint)
     t0 = time.time()
     result = evaluate(bundle, cfg)
     paths = write_eval(result, cfg.out or os.path.join(cfg.checkpoint, "eval"), cfg.grid)
-    print(format_table(result.summary, f"{title} ({cfg.samples} samples, {cfg.steps} ODE steps, "
-                                       f"cfg {cfg.cfg_scale}, {time.time() - t0:.0f} s)"))
+    src = "" if cfg.data.eval == "shapes" else f", prompts from {cfg.data.eval}"
+    print(format_summary(result.summary, f"{title} ({cfg.samples} samples{src}, {cfg.steps} ODE steps, "
+                                         f"cfg {cfg.cfg_scale}, {time.time() - t0:.0f} s)"))
     print(f"per-sample scores: {paths['json']}\nimage grid: {paths['grid']}")
     return 0
 
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RewardError) as err:
         print(f"unigrpo {args.cmd}: error: {err}", file=sys.stderr)
         return 2
 

@@ -201,7 +201,9 @@ def is_reward_summary(summary: dict) -> bool:
 def headline(summary: dict) -> tuple[str, float]:
     """The one held-out number a curve plots: GenEval-style on the shapes table, else the total reward."""
     if is_reward_summary(summary):
-        return ("total reward", summary["overall"]["rewards"][TOTAL]["mean"])
+        r = summary["overall"]["rewards"]
+        label = TOTAL if TOTAL in r else summary["overall"].get("headline", next(iter(r)))
+        return (label if label != TOTAL else "total reward", r[label]["mean"])
     return ("GenEval-style", summary["overall"]["geneval"])
 
 
@@ -213,7 +215,7 @@ def eval_reward_set(cfg: EvalConfig, records: list[PromptRecord]) -> RewardSet |
     if cfg.data.eval == "shapes":
         return None
     if all(is_shapes_metadata(r.metadata) for r in records):
-        return RewardSet(["shapes_ta", "shapes_geneval", "shapes_exact"])
+        return RewardSet([RewardSpec("shapes_ta", weight=0.0), "shapes_geneval", RewardSpec("shapes_exact", weight=0.0)])
     raise ValueError(f"data.eval={cfg.data.eval!r}: its prompts are not all shapes-world GenEval metadata, so "
                      "give the rewards to score with, e.g. rewards=[{name: clip, path: /models/clip}]")
 
@@ -230,6 +232,8 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     model.eval()
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(cfg.seed)
     shapes = [] if rewards is None else None
+    weighted = [] if rewards is None else [sp for sp in rewards.specs if sp.weight != 0]
+    show_total = not (len(weighted) == 1 and weighted[0].weight == 1.0)   # else it equals that reward
     per: dict[str, list] = {}
     texts, imgs = [], []
     for i in tqdm(range(0, len(records), cfg.batch), desc="eval", disable=not progress, leave=False):
@@ -243,7 +247,7 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
             shapes.append((res.ta.numpy(), res.geneval.numpy(), res.strict.numpy()))
         else:
             total, each, _ = rewards(images, [r.text for r in chunk], [r.metadata for r in chunk])
-            for label, x in [*each.items(), (TOTAL, total)]:
+            for label, x in [*each.items()] + ([(TOTAL, total)] if show_total else []):
                 per.setdefault(label, []).append(x.numpy())
         texts += reasoning
         imgs.append(to_uint8(images))
@@ -252,8 +256,9 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     images = np.concatenate(imgs)
     if rewards is not None:
         scores = {k: np.concatenate(v) for k, v in per.items()}
-        return EvalResult(tags, None, None, [r.text for r in records], texts, images,
-                          summarize_rewards(tags, scores), None, scores)
+        summary = summarize_rewards(tags, scores)
+        summary["overall"]["headline"] = TOTAL if show_total else weighted[0].label
+        return EvalResult(tags, None, None, [r.text for r in records], texts, images, summary, None, scores)
     ta_a, ge_a, st_a = (np.concatenate(x) for x in zip(*shapes))
     summary = summarize(tags, ta_a, ge_a, st_a)
     # reward-hacking indicators: reasoning that no longer parses as a layout plan, the strict check above,
