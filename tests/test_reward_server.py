@@ -204,3 +204,25 @@ def test_vlm_judge_parse_and_its_options():
         VlmJudgeReward("http://x", template="no caption here")
     with pytest.raises(ValueError, match="one group"):
         VlmJudgeReward("http://x", pattern=r"\d+")
+
+
+def test_serve_reward_command_serves_and_refuses_bad_options():
+    """`unigrpo serve-reward` as the README runs it: a real process on 127.0.0.1, port 0 = any free one."""
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "unigrpo", "serve-reward", "--reward", "nope"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "'nope' is not registered" in bad.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "unigrpo", "serve-reward", "--reward", "shapes_geneval", "--port",
+                             "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "serving reward 'shapes_geneval' on http://127.0.0.1:" in line
+        url = line.split(" on ")[1].split(" ")[0]
+        images, texts, metas = _batch(4)
+        got = score(RemoteReward(url, retries=0, timeout=30), images, texts, metas)
+        assert torch.equal(got, score(ShapesVerifierReward("geneval"), images, texts, metas))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
