@@ -141,9 +141,22 @@ _HAS_TRITON = "triton" in __import__("unigrpo_kernels").available_backends("cpu"
     # the fused token log-prob kernels: old/ref recompute and training
     ("text_backend", ("loss", "text/policy_loss", "text/entropy", "grad_norm/text", "mismatch/text_logp_max"), 1e-5),
 ])
-def test_triton_backend_trains_like_torch(tmp_path, field, keys, atol):
+def test_triton_backend_trains_like_torch(tmp_path, field, keys, atol, request):
     """One iteration with a Triton backend against the torch backend: same rewards, same losses and gradient
-    norms to fp32 rounding (the kernels differ only in summation order)."""
+    norms to fp32 rounding (the kernels differ only in summation order).
+
+    Runs in a fresh interpreter: in the full suite (after the reward tests) the Triton CPU interpreter once
+    segfaulted inside flow_grpo_loss in this test, reproducibly for one file order and never alone
+    (docs/LOG.md 2026-12-02); a fresh process keeps the check while that is open."""
+    if os.environ.get("UNIGRPO_ISOLATED") != "1":
+        import subprocess
+        import sys
+
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            f"{__file__}::{request.node.name}"], capture_output=True, text=True,
+                           env={**os.environ, "UNIGRPO_ISOLATED": "1"}, timeout=600)
+        assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+        return
     tiny_base(tmp_path / "base")
     out = {}
     pair = ("sdpa", "split") if field == "attention_backend" else ("torch", "triton")
