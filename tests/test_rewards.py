@@ -145,3 +145,55 @@ def test_abstained_samples_take_their_group_mean():
     s = torch.tensor([1.0, float("nan"), 0.0, 0.5, float("nan"), float("nan")])
     out = _fill_abstained(s, 3)
     assert torch.allclose(out, torch.tensor([1.0, 0.5, 0.0, 0.5, 0.5, 0.5]))
+
+
+# ---------------------------------------------------------------------------------------------- shapes_clean
+def _prompt(text):
+    from unigrpo.world import CATEGORIES
+    return next(p for c in CATEGORIES for p in all_prompts(c) if p.text == text)
+
+
+def _clean(layout_or_images, p):
+    images = layout_or_images if isinstance(layout_or_images, torch.Tensor) else render_batch([layout_or_images])
+    return ShapesVerifierReward("clean")(images, [p.text], [_meta(p)]).item()
+
+
+def test_clean_reward_exact_render_scores_one_blank_and_noise_zero():
+    rng = np.random.default_rng(0)
+    for text in ("a circle", "a red square", "three triangles", "a circle left of a square",
+                 "a blue circle and a yellow triangle"):
+        p = _prompt(text)
+        for _ in range(3):
+            assert _clean(sample_layout(p, rng), p) == 1.0, text
+        assert _clean(-torch.ones(1, 3, 32, 32), p) == 0.0
+        noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        assert _clean(noise, p) == 0.0
+
+
+def test_clean_reward_takes_credit_for_extra_objects_blobs_and_doubled_counts():
+    p = _prompt("a circle")
+    exact = (PlacedObject("circle", "red", 1, 1),)
+    assert _clean(exact, p) == 1.0
+    extra = _clean(exact + (PlacedObject("square", "blue", 3, 3),), p)
+    assert extra == pytest.approx(0.5)                   # one extra object: 1 / (1 + 1)
+    same_kind = _clean(exact + (PlacedObject("circle", "green", 3, 3),), p)
+    assert same_kind == pytest.approx(0.5)                # an extra circle is still an extra object
+    # a noise blob: a 3×3 speck of light, below the verifier's object size, costs its area (9/36 of a box)
+    img = render_batch([exact])
+    img[0, :, 28:31, 28:31] = 1.0
+    assert _clean(img, p) == pytest.approx(1 - 9 / 36)
+    # a doubled count: four squares for "two squares" fails "exactly 2" and has two extra objects
+    two = _prompt("two squares")
+    pair = (PlacedObject("square", "red", 0, 0), PlacedObject("square", "red", 2, 2))
+    assert _clean(pair, two) == 1.0
+    four = pair + (PlacedObject("square", "blue", 0, 2), PlacedObject("square", "blue", 2, 0))
+    ta = ShapesVerifierReward("ta")(render_batch([four]), [two.text], [_meta(two)]).item()
+    assert ta == pytest.approx(2 / 3)                     # "exactly 2" fails, presence and "only" pass
+    assert _clean(four, two) == pytest.approx(ta / 3)     # and 1 / (1 + 2) for the two extra
+
+
+def test_geneval_style_stays_true_to_geneval():
+    """The reported GenEval-style score keeps GenEval's own rules: presence only, extras are free."""
+    p = _prompt("a circle")
+    flood = render_batch([(PlacedObject("circle", "red", 1, 1), PlacedObject("square", "blue", 3, 3))])
+    assert ShapesVerifierReward("geneval")(flood, [p.text], [_meta(p)]).item() == 1.0

@@ -3,7 +3,9 @@
 - `shapes_ta`: the TA-style fraction of checks passed (partial credit, a denser signal);
 - `shapes_geneval`: the GenEval-style all-correct score;
 - `shapes_exact`: the TA-style fraction with one more check, exactly the asked-for number of objects
-  (stops paying for extra objects, which the other two do).
+  (stops paying for extra objects, which the other two do);
+- `shapes_clean`: partial credit that pays only for what was asked: the TA-style fraction × 1/(1 + |objects
+  seen − asked|) × (1 − stray light), world/verify.py `clean_scores`.
 The prompt spec comes from each sample's metadata (unigrpo/world/geneval.py), so any prompt file whose GenEval
 metadata names only this world's shapes and colours is scored, however its text is phrased.
 """
@@ -14,11 +16,12 @@ from typing import Sequence
 from unigrpo.world import verify
 from unigrpo.world.geneval import from_geneval
 from unigrpo.world.prompts import Prompt
-from unigrpo.world.verify import ta_exact_scores
+from unigrpo.world.verify import clean_scores, stray_light, ta_exact_scores
 
 __all__ = ["SHAPES_REWARDS", "ShapesVerifierReward", "shapes_prompts"]
 
-SHAPES_REWARDS = {"shapes_ta": "ta", "shapes_geneval": "geneval", "shapes_exact": "ta_exact"}
+SHAPES_REWARDS = {"shapes_ta": "ta", "shapes_geneval": "geneval", "shapes_exact": "ta_exact",
+                  "shapes_clean": "clean"}
 
 
 def shapes_prompts(prompts: Sequence[str], metadata: Sequence[dict], where: Sequence[str] | None = None) -> list[Prompt]:
@@ -34,7 +37,7 @@ def shapes_prompts(prompts: Sequence[str], metadata: Sequence[dict], where: Sequ
 
 
 class ShapesVerifierReward:
-    """One of SHAPES_REWARDS' verifier scores ("ta", "geneval" or "ta_exact"), float32 [B]."""
+    """One of SHAPES_REWARDS' verifier scores ("ta", "geneval", "ta_exact" or "clean"), float32 [B]."""
 
     def __init__(self, kind: str = "ta"):
         kinds = tuple(SHAPES_REWARDS.values())
@@ -51,4 +54,6 @@ class ShapesVerifierReward:
         res = verify(images.float().cpu(), ps)
         if self.kind == "ta_exact":
             return ta_exact_scores(ps, res.checks, res.objects)
+        if self.kind == "clean":
+            return clean_scores(ps, res.checks, res.objects, stray_light(images.float().cpu(), res.objects))
         return (res.ta if self.kind == "ta" else res.geneval).float()

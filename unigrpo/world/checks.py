@@ -18,7 +18,7 @@ Unclassified components never count as objects. Every check is false on an empty
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from unigrpo.world.prompts import ObjectSpec, Prompt
 
@@ -30,6 +30,8 @@ class Found:
     color: str
     x: float
     y: float
+    box: tuple[int, int, int, int] | None = field(default=None, compare=False)
+    """pixel bounding box (x0, y0, x1, y1), inclusive, of an object seen in an image; None for a layout's"""
 
 
 def _matches(obj: Found, spec: ObjectSpec) -> bool:

@@ -65,6 +65,42 @@ def ta_exact_scores(prompts: list[Prompt], checks: list[dict[str, bool]], object
     return torch.tensor(out, dtype=torch.float32)
 
 
+STRAY_LIT = 128
+"""stray light is a pixel whose brightest channel exceeds this (uint8, half scale). Dimmer light is the tiny
+codec's background haze: at 32 the shipped base's median stray light is 5.6 object boxes and no sample scores
+above 0; at 128 the median is 0 and the reward correlates 0.82 with the strict check (docs/LOG.md 2026-12-02)"""
+
+
+def stray_light(images, objects: list[list[Found]], obj: int = OBJ) -> np.ndarray:
+    """float [B]: lit pixels outside every classified object's box (grown by 1 px for soft edges), in units of
+    one object box (obj² px). Noise, unknown blobs, smears and specks all count; a clean render scores 0."""
+    img = _as_uint8(images)
+    lit = img.max(-1) > STRAY_LIT                                    # [B, H, W]
+    explained = np.zeros_like(lit)
+    h, w = lit.shape[1:]
+    for b, objs in enumerate(objects):
+        for o in objs:
+            if o.shape != "unknown" and o.box is not None:
+                x0, y0, x1, y1 = o.box
+                explained[b, max(0, y0 - 1):min(h, y1 + 2), max(0, x0 - 1):min(w, x1 + 2)] = True
+    return (lit & ~explained).sum((1, 2)) / float(obj * obj)
+
+
+def clean_scores(prompts: list[Prompt], checks: list[dict[str, bool]], objects: list[list[Found]],
+                 stray: np.ndarray) -> torch.Tensor:
+    """The `shapes_clean` reward, partial credit that pays only for what was asked, float32 [B]:
+        TA-style fraction of checks × 1 / (1 + |objects seen − objects asked|) × max(0, 1 − stray light)
+    objects seen include unknown blobs; stray light is in object-box units (stray_light). An exact render
+    scores 1; one extra object halves it; a doubled count (two of two → four) thirds it and fails its
+    "exactly n" check; a speck of stray light costs its area; blank and noise score 0."""
+    out = []
+    for p, c, objs, s in zip(prompts, checks, objects, stray):
+        frac = sum(c.values()) / len(c)
+        count = 1.0 / (1.0 + abs(len(objs) - expected_objects(p)))
+        out.append(frac * count * max(0.0, 1.0 - float(s)))
+    return torch.tensor(out, dtype=torch.float32)
+
+
 def strict_scores(prompts: list[Prompt], geneval: torch.Tensor, objects: list[list[Found]]) -> torch.Tensor:
     """A stricter held-out check than GenEval's presence semantics, used as a reward-hacking indicator (never
     as a reward): all checks pass AND the image holds exactly the number of objects the prompt asks for
@@ -158,7 +194,8 @@ def detect(images, obj: int = OBJ) -> list[list[Found]]:
     for k in np.flatnonzero(keep):
         # centroids in the renderer's frame: pixel (i, j) covers [j, j+1) x [i, i+1)
         found[roots[k] // (hgt * wid)].append(
-            Found(str(shapes[k]), _NAMES[colors[k]], float(cx[k]) + 0.5, float(cy[k]) + 0.5))
+            Found(str(shapes[k]), _NAMES[colors[k]], float(cx[k]) + 0.5, float(cy[k]) + 0.5,
+                  (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k]))))
     return found
 
 
