@@ -43,7 +43,7 @@ from unigrpo.config import config_to_dict
 from unigrpo.distributed.parallelize import DTYPES as DIST_DTYPES
 from unigrpo.distributed import (DistConfig, all_gather_objects, apply_fsdp, full_model_state, full_optimizer_state,
                                  init_distributed, load_full_model_state, load_full_optimizer_state, mean_metrics,
-                                 unsharded)
+                                 optimizer_offloaded, unsharded)
 from unigrpo.model import PackedLayout, Segment, no_text_head, padded_ids
 from unigrpo.model.attention import BACKENDS as ATTN_BACKENDS
 from unigrpo.model.attention import resolve_attention_backend
@@ -52,7 +52,8 @@ from unigrpo.model.codec import PixelCodec
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
 from unigrpo.rewards.surrogate import surrogate_reward
 from unigrpo.rewards.verifier import REWARD_KINDS, ShapesVerifierReward, score
-from unigrpo.rollout.rollout import RolloutConfig, Trajectories, draw_windows, rollout
+from unigrpo.rollout.rollout import (RolloutConfig, Trajectories, check_rollout_batch, draw_windows, rollout,
+                                     rollout_in_batches)
 from unigrpo.world import CATEGORIES, make_prompts
 from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, linear_text_grpo_loss, resolve_backend, sigma_schedule,
                              step_coeffs_batch, token_logprobs)
@@ -298,6 +299,7 @@ class Trainer:
         if cfg.prompts_per_iter % env.world:
             raise ValueError(f"prompts_per_iter={cfg.prompts_per_iter} must be a multiple of the world size "
                              f"{env.world} (each rank rolls out whole groups)")
+        check_rollout_batch(cfg.dist.rollout_batch, cfg.rollout.group_size)
         torch.manual_seed(cfg.seed)
         self.bundle = load_bundle(cfg.base)
         self.policy = self.bundle.model.to(env.device)
@@ -434,9 +436,10 @@ class Trainer:
         mine = slice(env.rank * cfg.prompts_per_iter // env.world, (env.rank + 1) * cfg.prompts_per_iter // env.world)
         prompts = [self.pool[i] for i in picks[mine]]
         self.policy.eval()
-        with unsharded(self.policy):
-            traj = rollout(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc, generator=self.gen,
-                           windows=windows[mine], backend=self.flow_backend)
+        with optimizer_offloaded(self.opt, cfg.dist.offload_optimizer), unsharded(self.policy):
+            traj = rollout_in_batches(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc,
+                                      batch=cfg.dist.rollout_batch, generator=self.gen, windows=windows[mine],
+                                      backend=self.flow_backend)
         self.policy.train()
         t_reward = time.perf_counter()
         images = self.bundle.codec.decode(traj.latents)
