@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from unigrpo.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from unigrpo.config import config_to_dict
-from unigrpo.distributed.parallelize import DTYPES as DIST_DTYPES
-from unigrpo.distributed import (DistConfig, all_gather_objects, apply_fsdp, full_model_state, full_optimizer_state,
+from unigrpo.distributed.loading import load_sharded_bundle
+from unigrpo.distributed import (DistConfig, all_gather_objects, full_model_state, full_optimizer_state,
                                  init_distributed, load_full_model_state, load_full_optimizer_state, mean_metrics,
                                  optimizer_offloaded, unsharded)
 from unigrpo.model import PackedLayout, Segment, no_text_head, padded_ids
@@ -301,8 +301,14 @@ class Trainer:
                              f"{env.world} (each rank rolls out whole groups)")
         check_rollout_batch(cfg.dist.rollout_batch, cfg.rollout.group_size)
         torch.manual_seed(cfg.seed)
-        self.bundle = load_bundle(cfg.base)
-        self.policy = self.bundle.model.to(env.device)
+        need_ref = cfg.loss.reg != "none" or cfg.loss.kl_coef > 0
+        if env.enabled:   # built on meta, sharded, each rank reads only its rows (distributed/loading.py)
+            self.bundle, self.policy, self.ref = load_sharded_bundle(cfg.base, cfg.dist, env.device,
+                                                                     reference=need_ref)
+        else:
+            self.bundle = load_bundle(cfg.base)
+            self.policy = self.bundle.model.to(env.device)
+            self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False) if need_ref else None
         dev = env.device
         self.flow_backend = resolve_backend(cfg.flow_backend, dev, op="flow_grpo_loss")
         self.text_backend = resolve_backend(cfg.text_backend, dev, op="token_logprobs")
@@ -311,14 +317,6 @@ class Trainer:
             raise ValueError("attention_backend='flex' needs a CUDA device (FlexAttention has no CPU backward); "
                              "use 'sdpa' or 'split' on CPU")
         self.policy.train()
-        need_ref = cfg.loss.reg != "none" or cfg.loss.kl_coef > 0
-        self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False) if need_ref else None
-        if env.enabled and self.ref is not None:   # frozen: kept in the dtype FSDP gathers it in
-            self.ref.to(DIST_DTYPES[cfg.dist.param_dtype])
-        if env.enabled:
-            apply_fsdp(self.policy, cfg.dist)
-            if self.ref is not None:
-                apply_fsdp(self.ref, cfg.dist, checkpointing=False)
         if cfg.method == "refl" and env.enabled:
             raise ValueError("method 'refl' is a single-process baseline; run it without torchrun")
         if cfg.method == "refl" and not isinstance(self.bundle.codec, PixelCodec):

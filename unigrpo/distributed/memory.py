@@ -132,10 +132,10 @@ def estimate(cfg: ModelConfig, gpus: int, *, group: int = 24, prompts: int = 32,
 
 
 def load_host_peak(cfg: ModelConfig, world: int, *, reference: bool = True, dtype_bytes: int = 4) -> float:
-    """Peak host bytes per rank of the sharded load (unigrpo/distributed/loading.py) above the interpreter:
-    the policy's local shards (dtype_bytes·P/world), the reference's (2·P/world in bf16, or 4 in an fp32 run:
-    pass dtype_bytes=4 and the same for both), plus one full tensor in flight (the largest, read whole only
-    when the slices are not contiguous) in the file's dtype."""
+    """Peak host bytes per rank of the sharded load (unigrpo/distributed/loading.py) above the interpreter with
+    the model code imported: the policy's local shards (dtype_bytes·P/world; + the reference's 2·P/world in
+    bf16 when `reference`), one full tensor in flight (the largest, fp32: a transform reads it whole), and the
+    unsharded position table (fp32 buffer + its float64 computation: 3 × its fp32 size)."""
     import torch
 
     from unigrpo.model.unified import UnifiedModel
@@ -144,8 +144,8 @@ def load_host_peak(cfg: ModelConfig, world: int, *, reference: bool = True, dtyp
     params = {id(p): p for p in model.parameters()}.values()
     P = sum(p.numel() for p in params)
     largest = max(p.numel() for p in params)
-    ref = P * dtype_bytes / world if reference else 0.0
-    return P * dtype_bytes / world + ref + largest * dtype_bytes
+    ref = 2 * P / world if reference else 0.0
+    return P * dtype_bytes / world + ref + largest * 4 + 3 * model.pos_table.numel() * 4
 
 
 # ------------------------------------------------------------------------------------------------ the plan

@@ -1,0 +1,65 @@
+"""Worker of tests/test_sharded.py and tests/test_dcp.py, launched with torchrun on CPU (gloo). Not collected.
+
+    _shard_worker.py load <out.pt> <base[@image_size]> ...   per base: sharded policy (fp32) + reference (bf16),
+        gathered; rank 0 saves both full states
+    _shard_worker.py rss <base> <out_dir>     sharded policy only: each rank writes rss-<rank>.json (bytes)
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def main():
+    mode = sys.argv[1]
+    from unigrpo.distributed import DistConfig, full_model_state, init_distributed
+    from unigrpo.distributed.loading import build_sharded, open_base
+    env = init_distributed("cpu")
+    dc = DistConfig(param_dtype="fp32", device="cpu")
+    if mode == "load":
+        out = {}
+        for arg in sys.argv[3:]:   # BASE or BASE@IMAGE_SIZE
+            base, _, size = arg.partition("@")
+            cfg, _, _, _, src = open_base(base, image_size=int(size or 1024))
+            policy = build_sharded(cfg, dc, src, device=env.device)
+            ref = build_sharded(cfg, DistConfig(param_dtype="bf16", device="cpu"), src, device=env.device,
+                                dtype=torch.bfloat16, checkpointing=False)
+            out[base] = {"policy": full_model_state(policy), "ref": full_model_state(ref),
+                         "local": {n: p.to_local().shape[0] for n, p in policy.named_parameters() if p.dim()}}
+        if env.is_main:
+            torch.save(out, sys.argv[2])
+    elif mode == "rss":
+        cfg, _, _, _, src = open_base(sys.argv[2])
+        from unigrpo.model.unified import UnifiedModel
+        with torch.device("meta"):   # the first build imports and initialises code: not part of the load
+            UnifiedModel(cfg)
+        try:   # reset the high-water mark to the current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            reset = True
+        except OSError:
+            reset = False
+        before = status_kb("VmRSS")
+        policy = build_sharded(cfg, dc, src, device=env.device)
+        peak = status_kb("VmHWM")
+        local = sum(p.to_local().numel() * p.element_size() for p in policy.parameters())
+        with open(os.path.join(sys.argv[3], f"rss-{env.rank}.json"), "w") as f:
+            json.dump({"before": before * 1024, "peak": peak * 1024, "local_bytes": local, "reset": reset}, f)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
