@@ -3,6 +3,9 @@
     _shard_worker.py load <out.pt> <base[@image_size]> ...   per base: sharded policy (fp32) + reference (bf16),
         gathered; rank 0 saves both full states
     _shard_worker.py rss <base> <out_dir>     sharded policy only: each rank writes rss-<rank>.json (bytes)
+    _shard_worker.py dcp_save <base> <ckpt> <full.pt> sync|async   2 AdamW steps, DCP save; full states to full.pt
+    _shard_worker.py dcp_load <base> <ckpt> <full.pt>   DCP load into this world size; full states to full.pt
+    _shard_worker.py dcp_loop <base> <ckpt> <step.txt>  saves forever (weights = step); killed by the test
 """
 import json
 import os
@@ -18,6 +21,19 @@ def status_kb(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def make_optimizer(model):
+    groups = model.parameter_groups()
+    return torch.optim.AdamW([{"params": groups["text"], "lr": 1e-2, "name": "text"},
+                              {"params": groups["image"], "lr": 3e-2, "name": "image"}], betas=(0.9, 0.95))
+
+
+def fake_step(model, opt):
+    """An AdamW step on gradients that depend on each weight's value (so misplaced shards show)."""
+    for p in model.parameters():
+        p.grad = torch.sin(p.detach() * 3.0) + 0.1
+    opt.step()
 
 
 def main():
@@ -55,6 +71,37 @@ def main():
         local = sum(p.to_local().numel() * p.element_size() for p in policy.parameters())
         with open(os.path.join(sys.argv[3], f"rss-{env.rank}.json"), "w") as f:
             json.dump({"before": before * 1024, "peak": peak * 1024, "local_bytes": local, "reset": reset}, f)
+    elif mode in ("dcp_save", "dcp_load", "dcp_loop"):
+        from unigrpo.distributed import full_optimizer_state
+        from unigrpo.distributed.sharded_checkpoint import load_sharded, save_sharded
+        base, ckpt = sys.argv[2], sys.argv[3]
+        cfg, _, _, _, src = open_base(base)
+        policy = build_sharded(cfg, dc, src, device=env.device)
+        opt = make_optimizer(policy)
+        config = {"model": __import__("dataclasses").asdict(cfg), "tokenizer": {"kind": "byte"}}
+        if mode == "dcp_save":   # two AdamW steps, then a (possibly asynchronous) save at step 2
+            for _ in range(2):
+                fake_step(policy, opt)
+            pending = save_sharded(ckpt, policy, opt, config=config, trainer_state={"step": 2},
+                                   meta={"step": 2}, async_save=sys.argv[5] == "async")
+            pending.finish()
+        elif mode == "dcp_load":
+            _, meta, trainer = load_sharded(ckpt, policy, opt)
+            assert trainer["step"] == meta["step"]
+        else:   # save forever with the weights set to the step number: killed from outside
+            step = 0
+            while True:
+                step += 1
+                with torch.no_grad():
+                    for p in policy.parameters():
+                        p.fill_(float(step))
+                save_sharded(ckpt, policy, opt, config=config, trainer_state={"step": step}, meta={"step": step})
+                if env.is_main:
+                    with open(sys.argv[4], "w") as f:
+                        f.write(str(step))
+        out = {"model": full_model_state(policy), "optim": full_optimizer_state(policy, opt)}
+        if env.is_main:
+            torch.save(out, sys.argv[4])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     dist.barrier()
