@@ -41,6 +41,7 @@ from tqdm import tqdm
 from unigrpo.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from unigrpo.config import config_to_dict
 from unigrpo.distributed.loading import load_sharded_bundle
+from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, load_sharded, save_sharded
 from unigrpo.distributed import (DistConfig, all_gather_objects, full_model_state, full_optimizer_state,
                                  init_distributed, load_full_model_state, load_full_optimizer_state, mean_metrics,
                                  optimizer_offloaded, unsharded)
@@ -291,6 +292,9 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if is_dcp_checkpoint(cfg.base):
+            raise ValueError(f"base {cfg.base!r} is a sharded (DCP) checkpoint; consolidate it first with "
+                             f"`unigrpo export checkpoint={cfg.base} out=DIR` and use DIR as the base")
         if not any(os.path.exists(os.path.join(cfg.base, f)) for f in ("model.safetensors", "llm_config.json")):
             raise FileNotFoundError(f"base checkpoint {cfg.base!r} not found (expected model.safetensors and "
                                     "config.json there, or a BAGEL directory with llm_config.json, ema.safetensors "
@@ -344,41 +348,60 @@ class Trainer:
         self.step = 0
         os.makedirs(cfg.out, exist_ok=True)
         self.ckpt_dir = os.path.join(cfg.out, "checkpoint")
-        if cfg.resume and os.path.exists(os.path.join(self.ckpt_dir, "model.safetensors")):
+        if cfg.resume and (os.path.exists(os.path.join(self.ckpt_dir, "model.safetensors"))
+                           or is_dcp_checkpoint(self.ckpt_dir)):
             self.load(self.ckpt_dir)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | None = None):
-        """A collective under FSDP (every rank gathers the full state); rank 0 writes."""
+        """A collective under FSDP. Under torchrun (dist.checkpoint_format "auto" or "dcp") a DCP checkpoint:
+        every rank writes its shards (in the background with dist.async_save, except the run's last save);
+        otherwise safetensors, gathered, rank 0 writes."""
         env = self.env
-        model_state = full_model_state(self.policy) if env.enabled else self.policy.state_dict()
         gens = all_gather_objects(self.gen.get_state().cpu(), env)
-        state = {"optimizer": full_optimizer_state(self.policy, self.opt), "rng": get_rng_state(), "gen": gens[0],
-                 "gens": gens, "world": env.world, "np_rng": self.rng.bit_generator.state, "step": self.step}
+        state = {"rng": get_rng_state(), "gen": gens[0], "gens": gens, "world": env.world,
+                 "np_rng": self.rng.bit_generator.state, "step": self.step}
+        config = self.bundle.checkpoint_config()
+        config["train"] = config_to_dict(self.cfg)
+        meta = {"kind": "unigrpo", "step": self.step, "world": env.world}
+        fmt = self.cfg.dist.checkpoint_format
+        if fmt == "dcp" or (fmt == "auto" and env.enabled):
+            if getattr(self, "_pending_save", None) is not None:
+                self._pending_save.finish()
+            background = self.cfg.dist.async_save and self.step < self.cfg.iterations
+            self._pending_save = save_sharded(path or self.ckpt_dir, self.policy, self.opt, config=config,
+                                              trainer_state=state, meta=meta, async_save=background)
+            return
+        model_state = full_model_state(self.policy) if env.enabled else self.policy.state_dict()
+        state["optimizer"] = full_optimizer_state(self.policy, self.opt)
         if env.is_main:
-            config = self.bundle.checkpoint_config()
-            config["train"] = config_to_dict(self.cfg)
             save_checkpoint(path or self.ckpt_dir, model_state=model_state, config=config,
-                            trainer_state=state, meta={"kind": "unigrpo", "step": self.step, "world": env.world})
+                            trainer_state=state, meta=meta)
         if env.enabled:
             torch.distributed.barrier()
 
     def load(self, path: str):
+        """Resume from a checkpoint directory: DCP (any world size, resharded) or safetensors."""
         from unigrpo.checkpoint import load_state_strict
 
-        ck = load_checkpoint(path)
-        if ck.trainer_state is None:
-            raise ValueError(f"checkpoint {path} has no trainer state (trainer.pt); cannot resume from it")
         env = self.env
-        if env.enabled:
-            load_full_model_state(self.policy, ck.model_state)
+        if is_dcp_checkpoint(path):
+            _, _, st = load_sharded(path, self.policy, self.opt)
+            if st is None:
+                raise ValueError(f"checkpoint {path} has no trainer state (trainer.pt); cannot resume from it")
         else:
-            load_state_strict(self.policy, ck.model_state)
-        st = ck.trainer_state
-        if all(isinstance(k, str) for k in st["optimizer"]["state"]):   # keyed by parameter name: any world size
-            load_full_optimizer_state(self.policy, self.opt, st["optimizer"])
-        else:
-            self.opt.load_state_dict(st["optimizer"])
+            ck = load_checkpoint(path)
+            if ck.trainer_state is None:
+                raise ValueError(f"checkpoint {path} has no trainer state (trainer.pt); cannot resume from it")
+            if env.enabled:
+                load_full_model_state(self.policy, ck.model_state)
+            else:
+                load_state_strict(self.policy, ck.model_state)
+            st = ck.trainer_state
+            if all(isinstance(k, str) for k in st["optimizer"]["state"]):   # keyed by name: any world size
+                load_full_optimizer_state(self.policy, self.opt, st["optimizer"])
+            else:
+                self.opt.load_state_dict(st["optimizer"])
         set_rng_state(st["rng"])
         if st.get("world", 1) == env.world:
             self.gen.set_state(st.get("gens", [st["gen"]])[env.rank].to(self.gen.get_state().device))
