@@ -63,6 +63,12 @@ def test_save_at_world_4_resumes_at_world_2_and_1_exactly(tmp_path):
     _same_optim(w4["optim"], full_optimizer_state(model, opt))
     state, config = read_full_state(str(ck))
     assert all(torch.equal(state[k], w4["model"][k]) for k in w4["model"]) and "model" in config
+    from unigrpo.checkpoint import load_checkpoint
+    from unigrpo.cli import main
+    assert main(["export", f"checkpoint={ck}", f"out={tmp_path / 'exported'}"]) == 0   # consolidated, exact
+    exported = load_checkpoint(tmp_path / "exported")
+    assert set(exported.model_state) == set(w4["model"]) and exported.meta["world"] == 4
+    assert all(torch.equal(exported.model_state[k], v) for k, v in w4["model"].items())
 
 
 def test_kill_9_during_sharded_save_keeps_previous_checkpoint(tmp_path):
@@ -102,3 +108,40 @@ def test_kill_9_during_sharded_save_keeps_previous_checkpoint(tmp_path):
     save_sharded(str(ck), model, None, config={"model": {}}, meta={"step": step + 1})
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ck")) == ["ck"]
     print(f"killed at step {step}; left behind: {left}")
+
+
+def test_export_round_trip_exact(tmp_path):
+    """A DCP checkpoint (written here in one process) → `unigrpo export` → our safetensors format and BAGEL's
+    layout; both load back bit for bit."""
+    from test_bagel_checkpoint import IMAGE, write_checkpoint
+
+    from unigrpo.checkpoint import load_checkpoint
+    from unigrpo.cli import main
+    from unigrpo.model.bagel import load_bagel
+    from unigrpo.model.build import load_bundle
+    # ours: a small model with moved weights
+    b = small_base(tmp_path / "base", tie=True)
+    save_sharded(str(tmp_path / "ck"), b.model, None, config=b.checkpoint_config(), meta={"step": 7})
+    assert main(["export", f"checkpoint={tmp_path / 'ck'}", f"out={tmp_path / 'out'}"]) == 0
+    got = load_checkpoint(tmp_path / "out")
+    want = b.model.state_dict()
+    assert set(got.model_state) == set(want) and got.meta["step"] == 7 and got.meta["kind"] == "export"
+    for k, v in want.items():
+        assert torch.equal(got.model_state[k], v), k
+    assert got.model_state["lm_head.weight"] is got.model_state["embed.weight"]   # the tie survives
+    assert torch.equal(load_bundle(str(tmp_path / "out")).model.embed.weight, b.model.embed.weight)
+    # BAGEL: load a tiny BAGEL directory, perturb, DCP, export in BAGEL's layout, load with load_bagel
+    src = write_checkpoint(tmp_path / "bagel")
+    bundle = load_bagel(src, dtype=torch.float32, image_size=IMAGE)
+    with torch.no_grad():
+        for p in bundle.model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    save_sharded(str(tmp_path / "bck"), bundle.model, None, config=bundle.checkpoint_config())
+    assert main(["export", f"checkpoint={tmp_path / 'bck'}", f"out={tmp_path / 'bout'}", "layout=bagel"]) == 0
+    again = load_bagel(tmp_path / "bout", dtype=torch.float32, image_size=IMAGE).model.state_dict()
+    for k, v in bundle.model.state_dict().items():
+        assert torch.equal(again[k], v), k
+    # errors name the problem
+    assert main(["export", f"checkpoint={tmp_path / 'ck'}", f"out={tmp_path / 'o2'}", "layout=bagel"]) == 2
+    assert main(["export", f"checkpoint={tmp_path / 'ck'}", f"out={tmp_path / 'o3'}", "layout=zip"]) == 2
+    assert main(["export", f"checkpoint={tmp_path / 'nowhere'}", f"out={tmp_path / 'o4'}"]) == 2

@@ -195,7 +195,24 @@ def read_full_state(path: str) -> tuple[dict, dict]:
     path, config, _, _ = read_meta(path)
     with torch.device("meta"):
         model = UnifiedModel(model_config_of(config, path))
-    model.to_empty(device="cpu")
+    to_empty_keeping_ties(model, "cpu")
     model.reset_buffers()
     load_sharded(path, model)
     return model.state_dict(), config
+
+
+def to_empty_keeping_ties(model: nn.Module, device) -> nn.Module:
+    """module.to_empty(device), then the parameters that were one object before (tied weights, e.g.
+    lm_head.weight = embed.weight) made one object again (plain to_empty gives each name its own storage)."""
+    first: dict[int, str] = {}
+    ties = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    model.to_empty(device=device)
+    for alias, kept in ties:
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(kept))
+    return model
