@@ -15,8 +15,10 @@ Decisions:
   (embeddings, lm_head, image in/out) are gathered for it; the token log-probs run inside it (`text_head`).
   The cached entry points (append_text, append_image, image_velocity) are registered too: FSDP decides which
   module is the root at the first forward it sees, and that must be the root's, not a layer's.
-- Checkpoints store full state dicts keyed by parameter name (model and optimizer), gathered to CPU on every
-  rank with `torch.distributed.checkpoint.state_dict`, so a run saved at one world size loads at any other.
+- Full state dicts keyed by parameter name (model and optimizer), gathered to CPU on every rank with
+  `torch.distributed.checkpoint.state_dict`: the safetensors checkpoints' contents (sharded runs write DCP
+  checkpoints instead, sharded_checkpoint.py) and the tests' reference values.
+- `optimizer_offloaded`: the AdamW moments on the host for the rollout (dist.offload_optimizer).
 """
 from __future__ import annotations
 
