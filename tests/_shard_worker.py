@@ -5,6 +5,8 @@
     _shard_worker.py rss <base> <out_dir>     sharded policy only: each rank writes rss-<rank>.json (bytes)
     _shard_worker.py dcp_save <base> <ckpt> <full.pt> sync|async   2 AdamW steps, DCP save; full states to full.pt
     _shard_worker.py dcp_load <base> <ckpt> <full.pt>   DCP load into this world size; full states to full.pt
+    _shard_worker.py train_rss <cfg.json> <out_dir>    Trainer + iterations: train-rss-<rank>.json, peak RSS above
+        the post-import RSS of each iteration's rollout and of the rest of it (reward, update), bytes
     _shard_worker.py dcp_loop <base> <ckpt> <step.txt>  saves forever (weights = step); killed by the test
 """
 import json
@@ -34,6 +36,12 @@ def fake_step(model, opt):
     for p in model.parameters():
         p.grad = torch.sin(p.detach() * 3.0) + 0.1
     opt.step()
+
+
+def reset_peak():
+    """VmHWM := VmRSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def main():
@@ -102,6 +110,34 @@ def main():
         out = {"model": full_model_state(policy), "optim": full_optimizer_state(policy, opt)}
         if env.is_main:
             torch.save(out, sys.argv[4])
+    elif mode == "train_rss":   # per iteration: peak RSS of the rollout and of the rest, above the post-import RSS
+        import unigrpo.trainer as trainer_mod
+        from unigrpo.config import load_config
+        from unigrpo.model.unified import UnifiedModel
+        from unigrpo.trainer import TrainConfig, Trainer
+        with open(sys.argv[2]) as f:
+            cfg = load_config(TrainConfig, None, [f"{k}={v}" for k, v in json.load(f).items()])
+        mcfg = open_base(cfg.base)[0]
+        with torch.device("meta"):   # imports and first-use initialisation, not part of the run's memory
+            UnifiedModel(mcfg)
+        reset_peak()
+        before = status_kb("VmRSS") * 1024
+        trainer = Trainer(cfg, progress=False)
+        phases = {"init": status_kb("VmHWM") * 1024 - before, "rollout": [], "update": []}
+        inner = trainer_mod.rollout_in_batches
+
+        def measured_rollout(*a, **k):
+            reset_peak()
+            out = inner(*a, **k)
+            phases["rollout"].append(status_kb("VmHWM") * 1024 - before)
+            reset_peak()
+            return out
+        trainer_mod.rollout_in_batches = measured_rollout
+        for _ in range(cfg.iterations):
+            trainer.iteration()
+            phases["update"].append(status_kb("VmHWM") * 1024 - before)
+        with open(os.path.join(sys.argv[3], f"train-rss-{env.rank}.json"), "w") as f:
+            json.dump(phases, f)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     dist.barrier()

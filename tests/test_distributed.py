@@ -99,7 +99,9 @@ def test_checkpoint_from_world_size_2_resumes_at_world_size_1(tmp_path):
     and writes its own checkpoint in the single-process format (safetensors)."""
     from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, read_full_state, read_meta
     tiny_base(tmp_path / "base")
-    ov = _overrides(tmp_path, checkpoint_every=1, iterations=2, **{"dist.async_save": True})
+    ov = _overrides(tmp_path, checkpoint_every=1, iterations=2,   # + the memory plan's settings, in a real run
+                    **{"dist.async_save": True, "dist.offload_optimizer": True, "dist.offload_reference": True,
+                       "dist.rollout_batch": 3})
     with open(tmp_path / "cfg.json", "w") as f:
         json.dump(ov, f)
     _torchrun(tmp_path, "train", tmp_path / "cfg.json", tmp_path / "final.pt")

@@ -31,8 +31,17 @@ def test_components_match_hand_computed_numbers(bagel):
     assert e.rollout_activations == 24 * NI * (6 * H + 3 * I) * 2 == 15_401_484_288
     assert e.trajectories == 8 * 24 * 10 * D * 4 == 2_013_265_920   # 8 groups × 24 rows here, 3W + 1 tensors
     assert e.rollout_weights == 2 * P and e.reference == 2 * P / 4 and e.adam == 8 * P / 4
+    # one decoder layer, both experts: q (+bias), k, v (+bias, 4 KV heads of 128), o, 4 norms, SwiGLU
+    layer = 2 * ((H * H + H) + 2 * (H * 512 + 512) + H * H + (128 + 128 + H + H) + 3 * H * I)
+    root = 2 * 152064 * H + 2 * H + (64 * H + H) + (H * 64 + 64) + (256 * H + H) + (H * H + H)
+    assert layer == 466_116_096 and P == 28 * layer + root == 14_155_484_736
+    assert e.gathered == 2 * (root + 2 * layer)
+    assert e.grad_buffers == 2 * (root + layer) + 4 * layer
+    assert e.buffers == 2 * 64 * 64 * H * 4   # policy's and reference's fp32 64×64 position tables
     assert e.rollout_total == pytest.approx(4 * P / 4 + 8 * P / 4 + 2 * P / 4 + 2 * P + 704_643_072
-                                            + 15_401_484_288 + 2_013_265_920)
+                                            + 15_401_484_288 + 2_013_265_920 + e.buffers)
+    assert e.training_total == pytest.approx(16 * P / 4 + 2 * P / 4 + e.gathered + e.grad_buffers
+                                             + 4_390_912_000 + 2_013_265_920 + e.buffers)
 
 
 def test_options_change_exactly_their_terms(bagel):
@@ -45,6 +54,10 @@ def test_options_change_exactly_their_terms(bagel):
     small = estimate(bagel, 4, rollout_batch=8)
     assert base.kv_cache == 3 * small.kv_cache and base.rollout_activations == 3 * small.rollout_activations
     assert estimate(bagel, 4).kv_cache == 8 * base.kv_cache   # 0 = all 192 rows of this GPU at once
+    ref_off = estimate(bagel, 4, rollout_batch=24, offload_optimizer=True, offload_reference=True)
+    assert off.rollout_total - ref_off.rollout_total == pytest.approx(2 * base.params / 4)
+    assert base.training_total - ref_off.training_total == pytest.approx(2 * base.params / 4)
+    assert ref_off.host_offload == pytest.approx(10 * base.params / 4)
     layer = estimate(bagel, 4, rollout_batch=24, rollout_gather="layer")
     assert layer.rollout_weights == base.gathered < base.rollout_weights / 5
     with pytest.raises(ValueError, match="gpus=3"):
@@ -55,9 +68,11 @@ def test_plan_fits_4_and_8_gpus_of_80_gb(bagel):
     p4 = plan(bagel, 4, gpu_memory=80 * GB, micro_batch=4)
     assert p4.fits and p4.estimate.peak <= 80 * GB
     assert p4.settings["dist.offload_optimizer"] is True and p4.settings["dist.rollout_batch"] == 24
+    assert p4.settings["dist.offload_reference"] is True
     assert "optim.minibatch" in p4.settings and p4.notes   # the training side needs a smaller mini-batch
     p8 = plan(bagel, 8, gpu_memory=80 * GB, micro_batch=4)
     assert p8.fits and "dist.offload_optimizer" not in p8.settings and "optim.minibatch" not in p8.settings
+    assert "dist.offload_reference" not in p8.settings
     # without any option the rollout of all 192 rows at once is far over
     assert estimate(bagel, 4, micro_batch=4, overhead=4 * GB).rollout_total > 2 * 80 * GB
     assert not plan(bagel, 1, gpu_memory=80 * GB).fits
@@ -148,8 +163,9 @@ def test_optimizer_offloaded_frees_grads_and_restores_state():
         assert all(v.device.type == "cpu" for v in opt.state[lin.weight].values())
     for k, v in opt.state[lin.weight].items():
         assert torch.equal(v, before[k]), k
-    with optimizer_offloaded(opt, enabled=False):
-        pass
+    lin(torch.randn(2, 4)).sum().backward()
+    with optimizer_offloaded(opt, enabled=False):   # gradients are freed either way, the state stays
+        assert lin.weight.grad is None and torch.equal(opt.state[lin.weight]["exp_avg"], before["exp_avg"])
     rng = np.random.default_rng(0)
     lin(torch.as_tensor(rng.normal(size=(2, 4)), dtype=torch.float32)).sum().backward()
     opt.step()   # the optimizer still works on the restored state

@@ -88,9 +88,10 @@ def open_base(path: str, *, image_size: int = 1024):
 
 
 def build_sharded(cfg, dist_cfg, source: WeightSource, *, device: torch.device, dtype: torch.dtype = torch.float32,
-                  checkpointing: bool | None = None) -> nn.Module:
-    """A UnifiedModel(cfg) built on meta, sharded with apply_fsdp, materialised on `device` in `dtype` with
-    only this rank's shards, and filled from `source` (see the module docstring)."""
+                  checkpointing: bool | None = None, offload: bool = False) -> nn.Module:
+    """A UnifiedModel(cfg) built on meta, sharded with apply_fsdp, materialised on `device` (on the host with
+    `offload`: CPUOffloadPolicy) in `dtype` with only this rank's shards, and filled from `source` (see the
+    module docstring)."""
     from unigrpo.distributed.parallelize import apply_fsdp
     from unigrpo.model.unified import UnifiedModel
 
@@ -98,8 +99,8 @@ def build_sharded(cfg, dist_cfg, source: WeightSource, *, device: torch.device, 
         model = UnifiedModel(cfg)
     model.to(dtype)
     model.pos_table.data = model.pos_table.data.float()   # the position table stays fp32, as in the full build
-    apply_fsdp(model, dist_cfg, checkpointing=checkpointing)
-    model.to_empty(device=device)
+    apply_fsdp(model, dist_cfg, checkpointing=checkpointing, offload=offload)
+    model.to_empty(device="cpu" if offload else device)
     load_sharded_weights(model, source)
     model.reset_buffers()
     return model
@@ -176,5 +177,5 @@ def load_sharded_bundle(base: str, dist_cfg, device: torch.device, *, reference:
     ref = None
     if reference:
         ref = build_sharded(cfg, dist_cfg, src, device=device, dtype=DTYPES[dist_cfg.param_dtype],
-                            checkpointing=False).eval().requires_grad_(False)
+                            checkpointing=False, offload=dist_cfg.offload_reference).eval().requires_grad_(False)
     return Bundle(policy, tok, codec, spec), policy, ref

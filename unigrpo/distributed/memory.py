@@ -6,11 +6,14 @@
 
 What is counted (bytes per GPU, N GPUs, full sharding; P = all parameters of the policy, both experts):
 - policy master weights fp32 4P/N, gradients fp32 4P/N (training only: freed before the rollout),
-  AdamW moments fp32 8P/N (on the GPU, or on the host during the rollout with dist.offload_optimizer);
+  AdamW moments fp32 8P/N (on the GPU, or on the host during the rollout with dist.offload_optimizer;
+  the gradients are freed before every rollout either way);
 - the frozen reference in the gather dtype (bf16): 2P/N, kept sharded during the rollout (it is not used
-  there); gathering it would cost 2P (shown for comparison);
+  there; gathering it would cost 2P, shown for comparison), or on the host with dist.offload_reference;
 - gathered weights while training: the root (embeddings, lm_head, image in/out: kept gathered) plus two
-  decoder layers (the current one and the prefetched next) in bf16;
+  decoder layers (the current one and the prefetched next) in bf16; their unsharded gradients before the
+  reduce-scatter (the root's for the whole backward, one layer's, in bf16, + that layer's fp32 reduce input);
+- the unsharded fp32 position tables of policy and reference (buffers);
 - training activations of one mini-batch of m trajectories, each one packed sequence of S = text + W·image
   tokens: with per-layer activation checkpointing, each layer's input (S·H bf16) for every layer, plus one
   layer's working set recomputed in the backward (q, k, v, attention output, o: ≈4·S·H; SwiGLU gate, up and
@@ -53,20 +56,25 @@ class MemoryEstimate:
     kv_cache: float
     rollout_activations: float
     trajectories: float
+    grad_buffers: float = 0.0
+    buffers: float = 0.0
     overhead: float = 0.0
     adam_on_gpu_in_rollout: bool = True
+    reference_on_gpu: bool = True
     host_offload: float = 0.0
 
     @property
     def training_total(self) -> float:
-        return (self.weights_fp32 + self.grads + self.adam + self.reference + self.gathered + self.activations
-                + self.trajectories + self.overhead)
+        ref = self.reference if self.reference_on_gpu else 0.0
+        return (self.weights_fp32 + self.grads + self.adam + ref + self.gathered + self.grad_buffers
+                + self.activations + self.trajectories + self.buffers + self.overhead)
 
     @property
     def rollout_total(self) -> float:
         adam = self.adam if self.adam_on_gpu_in_rollout else 0.0   # gradients are freed before the rollout
-        return (self.weights_fp32 + adam + self.reference + self.rollout_weights + self.kv_cache
-                + self.rollout_activations + self.trajectories + self.overhead)
+        ref = self.reference if self.reference_on_gpu else 0.0
+        return (self.weights_fp32 + adam + ref + self.rollout_weights + self.kv_cache
+                + self.rollout_activations + self.trajectories + self.buffers + self.overhead)
 
     @property
     def peak(self) -> float:
@@ -97,12 +105,15 @@ def _count_params(cfg: ModelConfig) -> tuple[int, int, int]:
 
 def estimate(cfg: ModelConfig, gpus: int, *, group: int = 24, prompts: int = 32, window: int = 3,
              text_tokens: int = 512, micro_batch: int = 1, checkpointing: bool = True, rollout_batch: int = 0,
-             offload_optimizer: bool = False, reference_sharded: bool = True, rollout_gather: str = "full",
-             overhead: float = 0.0) -> MemoryEstimate:
+             offload_optimizer: bool = False, offload_reference: bool = False, reference_sharded: bool = True,
+             rollout_gather: str = "full", overhead: float = 0.0, gather_bytes: int = 2) -> MemoryEstimate:
     """Bytes per GPU for one configuration (see the module docstring). group: G; prompts: B (over all GPUs);
     window: W; text_tokens: prompt + reasoning tokens per trajectory; micro_batch: trajectories per training
     mini-batch per GPU; rollout_batch: trajectories rolled out at once per GPU (0 = all G·B/N);
-    rollout_gather: "full" (implemented) or "layer" (for comparison); overhead: bytes added to each peak."""
+    rollout_gather: "full" (implemented) or "layer" (for comparison); overhead: bytes added to each peak;
+    gather_bytes: bytes per element of dist.param_dtype (2 = bf16; 4 for the fp32 CPU runs): the reference,
+    gathered weights and their gradients, activations and the KV cache; offload_optimizer /
+    offload_reference: dist.offload_optimizer / dist.offload_reference."""
     if gpus < 1 or prompts % gpus:
         raise ValueError(f"gpus={gpus} must be >= 1 and divide prompts={prompts}")
     if rollout_gather not in ("full", "layer"):
@@ -110,25 +121,32 @@ def estimate(cfg: ModelConfig, gpus: int, *, group: int = 24, prompts: int = 32,
     P, P_layer, P_root = count_params(cfg)
     H, I = cfg.hidden, cfg.intermediate
     S = text_tokens + window * cfg.image_tokens
-    per_layer_work = (4 * S * H + 3 * S * I) * 2
+    b = gather_bytes
+    per_layer_work = (4 * S * H + 3 * S * I) * b
     if checkpointing:
-        act = micro_batch * (cfg.layers * S * H * 2 + per_layer_work)
+        act = micro_batch * (cfg.layers * S * H * b + per_layer_work)
     else:
         act = micro_batch * cfg.layers * per_layer_work
     rows_here = prompts // gpus * group
     at_once = min(rollout_batch, rows_here) if rollout_batch else rows_here
-    kv = at_once * text_tokens * cfg.layers * 2 * cfg.kv_heads * cfg.head_dim * 2
+    kv = at_once * text_tokens * cfg.layers * 2 * cfg.kv_heads * cfg.head_dim * b
     n_img = cfg.image_tokens
-    rollout_act = at_once * n_img * (2 * H + 4 * H + 3 * I) * 2   # layer input + output, one layer's working set
+    rollout_act = at_once * n_img * (2 * H + 4 * H + 3 * I) * b   # layer input + output, one layer's working set
     D = cfg.latent_channels * cfg.latent_size ** 2
     traj = rows_here * (3 * window + 1) * D * 4
-    gathered = 2 * (P_root + 2 * P_layer)
+    gathered = b * (P_root + 2 * P_layer)
+    # unsharded gradients before their reduce-scatter: the root's (kept gathered: its gradients live through the
+    # whole backward) and one layer's, in the gather dtype, plus that layer's fp32 reduce-scatter input
+    grad_buffers = b * (P_root + P_layer) + 4 * P_layer
+    buffers = 2 * cfg.max_latent_size ** 2 * H * 4   # the unsharded fp32 position table of policy and reference
+    reference = b * P / gpus if reference_sharded else b * P
+    host = (8 * P / gpus if offload_optimizer else 0.0) + (reference if offload_reference else 0.0)
     return MemoryEstimate(gpus=gpus, params=P, weights_fp32=4 * P / gpus, grads=4 * P / gpus, adam=8 * P / gpus,
-                          reference=2 * P / gpus if reference_sharded else 2 * P, gathered=gathered,
-                          activations=act, rollout_weights=2 * P if rollout_gather == "full" else gathered,
-                          kv_cache=kv, rollout_activations=rollout_act, trajectories=traj, overhead=overhead,
-                          adam_on_gpu_in_rollout=not offload_optimizer,
-                          host_offload=8 * P / gpus if offload_optimizer else 0.0)
+                          reference=reference, gathered=gathered,
+                          activations=act, rollout_weights=b * P if rollout_gather == "full" else gathered,
+                          kv_cache=kv, rollout_activations=rollout_act, trajectories=traj, grad_buffers=grad_buffers,
+                          buffers=buffers, overhead=overhead, adam_on_gpu_in_rollout=not offload_optimizer,
+                          reference_on_gpu=not offload_reference, host_offload=host)
 
 
 def load_host_peak(cfg: ModelConfig, world: int, *, reference: bool = True, dtype_bytes: int = 4) -> float:
@@ -164,33 +182,38 @@ def plan(cfg: ModelConfig, gpus: int, *, gpu_memory: float = 80 * GB, group: int
          overhead: float = 4 * GB) -> Plan:
     """The cheapest settings under which the peak (rollout and training) fits `gpu_memory` per GPU. Tried in
     order of cost: activation checkpointing (already on in the paper config); rollout micro-batches (the
-    largest dist.rollout_batch that fits, a divisor or multiple of G: larger batches are faster); offloading AdamW during the rollout
-    (host↔GPU copies of 8P/N bytes per iteration); a smaller training mini-batch (changes the optimizer steps
-    per iteration: reported, never chosen silently)."""
+    largest dist.rollout_batch that fits, a divisor or multiple of G: larger batches are faster); offloading
+    AdamW during the rollout (host↔GPU copies of 8P/N bytes per iteration); the reference on the host
+    (2P/N bytes copied in per reference pass); a smaller training mini-batch (changes the optimizer steps per
+    iteration: reported, never chosen silently)."""
     kw = dict(group=group, prompts=prompts, window=window, text_tokens=text_tokens, overhead=overhead)
     rows_here = prompts // gpus * group
     sizes = sorted({b for b in range(2, rows_here + 1) if rows_here % b == 0 and (group % b == 0 or b % group == 0)},
                    reverse=True)
     notes = []
     settings = {"dist.activation_checkpointing": True} if checkpointing else {}
-    best, offload, rb = None, False, rows_here
-    for offload in (False, True):
-        for rb in sizes:
-            best = estimate(cfg, gpus, micro_batch=micro_batch, checkpointing=checkpointing, rollout_batch=rb,
-                            offload_optimizer=offload, **kw)
-            if best.rollout_total <= gpu_memory:
-                break
-        if best.rollout_total <= gpu_memory:
+
+    def est(mb, rb, off_opt, off_ref):
+        return estimate(cfg, gpus, micro_batch=mb, checkpointing=checkpointing, rollout_batch=rb,
+                        offload_optimizer=off_opt, offload_reference=off_ref, **kw)
+    choice = None
+    for off_opt, off_ref in ((False, False), (True, False), (True, True)):
+        rb = next((rb for rb in sizes if est(micro_batch, rb, off_opt, off_ref).rollout_total <= gpu_memory),
+                  sizes[-1])
+        choice = (rb, off_opt, off_ref)
+        if est(micro_batch, rb, off_opt, off_ref).peak <= gpu_memory:
             break
+    rb, off_opt, off_ref = choice
+    mb = micro_batch
+    while est(mb, rb, off_opt, off_ref).training_total > gpu_memory and mb > 1:
+        mb -= 1
+    best = est(mb, rb, off_opt, off_ref)
     if rb < rows_here:
         settings["dist.rollout_batch"] = rb
-    if offload:
+    if off_opt:
         settings["dist.offload_optimizer"] = True
-    mb = micro_batch
-    while best.training_total > gpu_memory and mb > 1:
-        mb -= 1
-        best = estimate(cfg, gpus, micro_batch=mb, checkpointing=checkpointing, rollout_batch=rb,
-                        offload_optimizer=offload, **kw)
+    if off_ref:
+        settings["dist.offload_reference"] = True
     if mb != micro_batch:
         settings["optim.minibatch"] = mb
         notes.append(f"optim.minibatch {micro_batch} → {mb}: more optimizer steps per iteration (no gradient "
@@ -202,12 +225,13 @@ def plan(cfg: ModelConfig, gpus: int, *, gpu_memory: float = 80 * GB, group: int
 
 
 def markdown_table(cfg: ModelConfig, gpu_counts=(4, 8, 16, 32, 64), **kw) -> str:
-    rows = ["| GPUs | weights fp32 | grads | AdamW | reference bf16 | gathered bf16 | activations | "
-            "rollout copy | KV cache | rollout act. | trajectories | training total | rollout total |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| GPUs | weights fp32 | grads | AdamW | reference bf16 | gathered bf16 | unsharded grads | "
+            "activations | rollout copy | KV cache | rollout act. | trajectories | training total | rollout total |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in gpu_counts:
         e = estimate(cfg, n, **kw)
-        cells = [e.weights_fp32, e.grads, e.adam, e.reference, e.gathered, e.activations, e.rollout_weights,
+        cells = [e.weights_fp32, e.grads, e.adam, e.reference, e.gathered, e.grad_buffers, e.activations,
+                 e.rollout_weights,
                  e.kv_cache, e.rollout_activations, e.trajectories, e.training_total, e.rollout_total]
         rows.append(f"| {n} | " + " | ".join(f"{c / GB:.1f} GB" for c in cells) + " |")
     return "\n".join(rows)
@@ -218,15 +242,16 @@ def format_plan(p: Plan, gpu_memory: float) -> str:
     lines = [f"{p.gpus} GPUs × {gpu_memory / GB:.0f} GB, {e.params / 1e9:.2f}B parameters: "
              f"{'fits' if p.fits else 'DOES NOT FIT'}",
              f"  rollout peak  {e.rollout_total / GB:6.1f} GB  (sharded fp32 weights {e.weights_fp32 / GB:.1f}, "
-             f"AdamW {'on host' if not e.adam_on_gpu_in_rollout else f'{e.adam / GB:.1f}'}, reference sharded "
-             f"{e.reference / GB:.1f}, full bf16 copy {e.rollout_weights / GB:.1f}, KV {e.kv_cache / GB:.1f}, "
+             f"AdamW {'on host' if not e.adam_on_gpu_in_rollout else f'{e.adam / GB:.1f}'}, reference "
+             f"{'on host' if not e.reference_on_gpu else f'sharded {e.reference / GB:.1f}'}, full bf16 copy {e.rollout_weights / GB:.1f}, KV {e.kv_cache / GB:.1f}, "
              f"activations {e.rollout_activations / GB:.1f}, trajectories {e.trajectories / GB:.1f}, "
-             f"overhead {e.overhead / GB:.1f})",
+             f"buffers {e.buffers / GB:.1f}, overhead {e.overhead / GB:.1f})",
              f"  training peak {e.training_total / GB:6.1f} GB  (weights {e.weights_fp32 / GB:.1f}, grads "
-             f"{e.grads / GB:.1f}, AdamW {e.adam / GB:.1f}, reference {e.reference / GB:.1f}, gathered "
-             f"{e.gathered / GB:.1f}, activations {e.activations / GB:.1f}, trajectories {e.trajectories / GB:.1f}, "
+             f"{e.grads / GB:.1f}, AdamW {e.adam / GB:.1f}, reference "
+             f"{'on host' if not e.reference_on_gpu else f'{e.reference / GB:.1f}'}, gathered "
+             f"{e.gathered / GB:.1f}, unsharded grads {e.grad_buffers / GB:.1f}, activations {e.activations / GB:.1f}, trajectories {e.trajectories / GB:.1f}, "
              f"overhead {e.overhead / GB:.1f})",
-             f"  host per rank: {e.host_offload / GB:.1f} GB offloaded AdamW (pinned)",
+             f"  host per rank: {e.host_offload / GB:.1f} GB offloaded (pinned)",
              "  settings: " + (" ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
                                         for k, v in p.settings.items()) or "(none beyond the config)")]
     lines += [f"  note: {n}" for n in p.notes]

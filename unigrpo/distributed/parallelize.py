@@ -49,6 +49,9 @@ class DistConfig:
     multiple of it): bounds the rollout's KV cache and activations (python -m unigrpo.distributed.memory)"""
     offload_optimizer: bool = False
     """keep the AdamW moments on the host during the rollout (frees 8 bytes per parameter / world on the GPU)"""
+    offload_reference: bool = False
+    """keep the frozen reference's shards on the host (FSDP2 CPUOffloadPolicy; under torchrun only): frees
+    2 bytes per parameter / world on the GPU, costs a host→GPU copy of them in every reference forward"""
     checkpoint_format: str = "auto"
     """"auto" (DCP under torchrun, safetensors in one process), "dcp" or "safetensors\""""
     async_save: bool = False
@@ -71,18 +74,22 @@ def _fsdp_modules(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def apply_fsdp(model: nn.Module, cfg: DistConfig, *, checkpointing: bool | None = None) -> nn.Module:
-    """Shard `model` (a UnifiedModel) in place over the default process group and return it."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+def apply_fsdp(model: nn.Module, cfg: DistConfig, *, checkpointing: bool | None = None,
+               offload: bool = False) -> nn.Module:
+    """Shard `model` (a UnifiedModel) in place over the default process group and return it. offload: the
+    shards live in host memory (CPUOffloadPolicy, pinned when CUDA is there), copied in for each gather."""
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
 
     ac = cfg.activation_checkpointing if checkpointing is None else checkpointing
     for layer in model.layers:
         layer.checkpointing = ac
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=torch.float32)
+    off = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in model.layers:
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward, offload_policy=off)
     # the root's parameters are used right after its forward by the backward: keep them gathered
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False, offload_policy=off)
     # entry points other than forward: FSDP's root hooks (lazy init, gathering the root's own parameters)
     # must run before any layer does
     for name in ("forward_packed", "append_text", "append_image", "image_velocity"):
@@ -92,14 +99,15 @@ def apply_fsdp(model: nn.Module, cfg: DistConfig, *, checkpointing: bool | None 
 
 @contextlib.contextmanager
 def optimizer_offloaded(opt: torch.optim.Optimizer, enabled: bool = True):
-    """Free the gradients and move every optimizer state tensor (DTensor shards included) to host memory for
-    the block, then back to where each was (pinned host copies when they came from CUDA). No-op if disabled."""
+    """Free the gradients (always: every backward of the update starts from none), and when `enabled` move
+    every optimizer state tensor (DTensor shards included) to host memory for the block, then back to where
+    each was (pinned host copies when they came from CUDA)."""
+    opt.zero_grad(set_to_none=True)
     if not enabled:
         yield opt
         return
     from torch.distributed.tensor import DTensor
 
-    opt.zero_grad(set_to_none=True)
     homes = {}
     for p, st in opt.state.items():
         for k, v in st.items():
