@@ -97,6 +97,8 @@ def main():
             _, meta, trainer = load_sharded(ckpt, policy, opt)
             assert trainer["step"] == meta["step"]
         else:   # save forever with the weights set to the step number: killed from outside
+            with open(os.path.join(os.path.dirname(sys.argv[4]), f"pid-{env.rank}"), "w") as f:
+                f.write(str(os.getpid()))   # torchrun starts each worker in its own session: the test kills these
             step = 0
             while True:
                 step += 1

@@ -71,6 +71,22 @@ def test_save_at_world_4_resumes_at_world_2_and_1_exactly(tmp_path):
     assert all(torch.equal(exported.model_state[k], v) for k, v in w4["model"].items())
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_kill_9_during_sharded_save_keeps_previous_checkpoint(tmp_path):
     small_base(tmp_path / "base")
     ck, step_file = tmp_path / "ck", tmp_path / "step.txt"
@@ -80,6 +96,7 @@ def test_kill_9_during_sharded_save_keeps_previous_checkpoint(tmp_path):
            str(29000 + (os.getpid() * 7 + 5) % 1000), WORKER, "dcp_loop", tmp_path / "base", ck, step_file]
     proc = subprocess.Popen([str(c) for c in cmd], env=env, cwd=str(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    pid_files = [tmp_path / f"pid-{r}" for r in range(2)]
     try:
         deadline = time.time() + 300
         while not (step_file.exists() and step_file.read_text().strip() not in ("", "1")):
@@ -88,8 +105,17 @@ def test_kill_9_during_sharded_save_keeps_previous_checkpoint(tmp_path):
             time.sleep(0.05)
         time.sleep(random.uniform(0.0, 0.5))   # somewhere inside a later save
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)   # the launcher and both ranks at once, no cleanup
+        # torchrun starts every worker in a session of its own: kill the ranks by pid (no cleanup runs), then
+        # the launcher, and wait until the ranks are really gone before looking at the directory
+        pids = [int(f.read_text()) for f in pid_files if f.exists()]
+        for pid in pids:
+            _kill(pid)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        for pid in pids:
+            while _alive(pid):
+                time.sleep(0.01)
+    assert len(pids) == 2
     left = sorted(os.listdir(tmp_path))
     path = resolve_checkpoint(str(ck))
     assert is_dcp_checkpoint(str(ck)), left
