@@ -3,12 +3,14 @@
     _shard_worker.py load <out.pt> <base[@image_size]> ...   per base: sharded policy (fp32) + reference (bf16),
         gathered; rank 0 saves both full states
     _shard_worker.py rss <base> <out_dir>     sharded policy only: each rank writes rss-<rank>.json (bytes)
-    _shard_worker.py dcp_save <base> <ckpt> <full.pt> sync|async   2 AdamW steps, DCP save; full states to full.pt
+    _shard_worker.py dcp_save <base> <ckpt> <full.pt> sync|async   2 AdamW steps, DCP save, a 3rd step while it
+        is written; the full states at the save to full.pt
     _shard_worker.py dcp_load <base> <ckpt> <full.pt>   DCP load into this world size; full states to full.pt
     _shard_worker.py train_rss <cfg.json> <out_dir>    Trainer + iterations: train-rss-<rank>.json, peak RSS above
         the post-import RSS of each iteration's rollout and of the rest of it (reward, update), bytes
     _shard_worker.py dcp_loop <base> <ckpt> <step.txt>  saves forever (weights = step); killed by the test
 """
+import copy
 import json
 import os
 import sys
@@ -90,9 +92,16 @@ def main():
         if mode == "dcp_save":   # two AdamW steps, then a (possibly asynchronous) save at step 2
             for _ in range(2):
                 fake_step(policy, opt)
+            saved = copy.deepcopy({"model": full_model_state(policy), "optim": full_optimizer_state(policy, opt)})
             pending = save_sharded(ckpt, policy, opt, config=config, trainer_state={"step": 2},
                                    meta={"step": 2}, async_save=sys.argv[5] == "async")
+            fake_step(policy, opt)   # training goes on while the shards are written: they were staged first
             pending.finish()
+            if env.is_main:
+                torch.save(saved, sys.argv[4])
+            dist.barrier()
+            dist.destroy_process_group()
+            return
         elif mode == "dcp_load":
             _, meta, trainer = load_sharded(ckpt, policy, opt)
             assert trainer["step"] == meta["step"]

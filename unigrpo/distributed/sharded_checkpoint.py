@@ -12,7 +12,8 @@ waits for every other, then rank 0 swaps it in (`swap_in`); a kill -9 at any mom
 (or P.old-<id>, which load and the next save recover). The single-process path keeps safetensors.
 
 Asynchronous saving (`dist.async_save`): dcp.async_save stages the shards to host memory, then writes them
-in a background thread over a separate gloo group (so it never interleaves with the training's collectives);
+in a background thread over a separate gloo group (so it never interleaves with the training's collectives;
+tests/test_dcp.py takes an AdamW step while the shards are written and gets the pre-step values back);
 `PendingSave.finish()` (every rank, at the next save) waits for the writes, then does the swap.
 """
 from __future__ import annotations
@@ -130,7 +131,8 @@ def save_sharded(path: str, model: nn.Module, opt: torch.optim.Optimizer | None,
     pending = PendingSave(tmp, os.path.abspath(path), rank0=rank0)
     try:
         if async_save and _is_dist():
-            pending.future = dcp.async_save(state, checkpoint_id=target, process_group=_ckpt_group())
+            pending.future = dcp.async_save(state, checkpoint_id=target,
+                                            process_group=_ckpt_group())
             return pending
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
