@@ -126,6 +126,10 @@ def load_sharded_weights(model: nn.Module, source: WeightSource) -> list[str]:
 
     params = dict(model.named_parameters())   # tied names appear once
     names = {n for n, _ in model.state_dict(keep_vars=True).items()}
+    buffers = sorted(names - {n for n, _ in model.named_parameters(remove_duplicate=False)})
+    if buffers:
+        raise ValueError(f"sharded loading fills parameters only; {type(model).__name__} has persistent buffers "
+                         f"{buffers[:5]} (make them non-persistent and recompute them, as pos_table)")
     path = source.file
     try:
         with safe_open(path, framework="pt") as f:
