@@ -2,8 +2,9 @@
 
     torchrun --nproc_per_node=2 tests/_dist_worker.py update <cfg.json> <traj.pt> <out.pt>
         one FSDP update (K epochs) on this rank's half of saved trajectories; rank 0 saves the full state
-    torchrun --nproc_per_node=2 tests/_dist_worker.py train <cfg.json>
-        Trainer.train() for cfg.iterations (checkpoints written at the world size of the launch)
+    torchrun --nproc_per_node=2 tests/_dist_worker.py train <cfg.json> [<final.pt>]
+        Trainer.train() for cfg.iterations (checkpoints written at the world size of the launch); rank 0 saves
+        the final full model and optimizer states to final.pt
 """
 import json
 import sys
@@ -11,7 +12,7 @@ import sys
 import torch
 
 from unigrpo.config import load_config
-from unigrpo.distributed import full_model_state
+from unigrpo.distributed import full_model_state, full_optimizer_state
 from unigrpo.trainer import TrainConfig, Trainer
 
 
@@ -35,6 +36,10 @@ def main():
             torch.save({"state": state, "metrics": metrics}, sys.argv[4])
     elif mode == "train":
         trainer.train()
+        if len(sys.argv) > 3:   # the final full states, gathered (not through the checkpoint code)
+            state = {"model": full_model_state(trainer.policy), "optim": full_optimizer_state(trainer.policy, trainer.opt)}
+            if env.is_main:
+                torch.save(state, sys.argv[3])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     torch.distributed.destroy_process_group()

@@ -94,26 +94,42 @@ def test_fsdp_update_equals_single_process_update(tmp_path):
 
 
 def test_checkpoint_from_world_size_2_resumes_at_world_size_1(tmp_path):
+    """The issue's done-criterion: a torchrun run at world 2 writes DCP checkpoints (step 1 in the background,
+    the last one synchronously); one process resumes from it with weights and AdamW state exact, trains on,
+    and writes its own checkpoint in the single-process format (safetensors)."""
+    from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, read_full_state, read_meta
     tiny_base(tmp_path / "base")
-    ov = _overrides(tmp_path, checkpoint_every=1)
+    ov = _overrides(tmp_path, checkpoint_every=1, iterations=2,   # + the memory plan's settings, in a real run
+                    **{"dist.async_save": True, "dist.offload_optimizer": True, "dist.offload_reference": True,
+                       "dist.rollout_batch": 3})
     with open(tmp_path / "cfg.json", "w") as f:
         json.dump(ov, f)
-    _torchrun(tmp_path, "train", tmp_path / "cfg.json")
-    ck = load_checkpoint(str(tmp_path / "run" / "checkpoint"))
-    assert ck.trainer_state["world"] == 2 and ck.trainer_state["step"] == 1
+    _torchrun(tmp_path, "train", tmp_path / "cfg.json", tmp_path / "final.pt")
+    ck = tmp_path / "run" / "checkpoint"
+    assert is_dcp_checkpoint(str(ck))
+    assert sorted(f for f in os.listdir(ck / "dcp") if f.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not [f for f in os.listdir(tmp_path / "run") if ".tmp-" in f or ".old-" in f]   # every save swapped in
+    _, _, meta, trainer_state = read_meta(str(ck))
+    assert trainer_state["world"] == 2 and trainer_state["step"] == 2 == meta["step"]
+    final = torch.load(tmp_path / "final.pt", weights_only=False)
+    state, _ = read_full_state(str(ck))
+    assert all(torch.equal(state[k], final["model"][k]) for k in final["model"])
     with pytest.warns(UserWarning, match="world size 2, resuming at 1"):
-        tr = Trainer(_config({**ov, "iterations": 2}), progress=False)
-    assert tr.step == 1
+        tr = Trainer(_config({**ov, "iterations": 3}), progress=False)
+    assert tr.step == 2
     for k, v in tr.policy.state_dict().items():
-        assert torch.equal(v, ck.model_state[k]), k
-    saved = ck.trainer_state["optimizer"]["state"]
+        assert torch.equal(v, final["model"][k]), k
+    saved = final["optim"]["state"]
     names = dict(tr.policy.named_parameters())
     restored = {n: tr.opt.state[p] for n, p in names.items() if p in tr.opt.state}
     assert restored and set(restored) == set(saved)
     for n, st in restored.items():
-        assert torch.equal(st["exp_avg"], saved[n]["exp_avg"]), n
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(st[key], saved[n][key]), (n, key)
     hist = tr.train()
     assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
+    ck1 = load_checkpoint(str(ck))   # the single-process path keeps safetensors
+    assert ck1.trainer_state["step"] == 3 and ck1.trainer_state["world"] == 1 and not is_dcp_checkpoint(str(ck))
 
 
 def test_memory_estimate_counts_the_bagel_7b_parameters():

@@ -83,9 +83,7 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: dict[str, torch.Ten
     from unigrpo import __version__
     meta = {"time": time.time(), "version": __version__, **(meta or {})}
     tensors, tied = _dedup_tensors(model_state)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = f"{path}.tmp-{tag}", f"{path}.old-{tag}"
-    moved_aside = False
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         os.mkdir(tmp)
         save_file(tensors, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt", _TIED_KEY: json.dumps(tied)})
@@ -98,12 +96,35 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: dict[str, torch.Ten
                 f.flush()
                 os.fsync(f.fileno())
         _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_in(tmp, path)
+
+
+def new_temp_dir(path: str) -> str:
+    """Step 1's directory `P.tmp-<id>` (created; stale temp/old directories of `P` recovered first)."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _recover(path)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    os.mkdir(tmp)
+    return tmp
+
+
+def swap_in(tmp: str, path: str) -> None:
+    """Steps 2–4 of the module docstring's sequence for a fully written, fsynced `tmp` = `P.tmp-<id>`: the
+    old `P` aside, `tmp` → `P`, the old one deleted. An exception rolls back and deletes `tmp`."""
+    path = os.path.abspath(os.fspath(path))
+    old = f"{path}.old-{tmp.rsplit('.tmp-', 1)[1]}"
+    moved_aside = False
+    try:
         if os.path.exists(path):
             os.replace(path, old)
             moved_aside = True
         os.replace(tmp, path)
         moved_aside = False
-        _fsync(parent)
+        _fsync(os.path.dirname(path))
     except BaseException:
         if moved_aside and not os.path.exists(path):
             os.replace(old, path)  # roll back step 2

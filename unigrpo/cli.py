@@ -9,6 +9,7 @@
     unigrpo compare  [--config FILE] [key=value ...]  the paper's comparisons: every baseline × seeds → results.md
     unigrpo serve-reward --reward NAME [--port P] [key=value ...]   a reward served over HTTP (rewards/server.py)
     unigrpo export-prompts [--split heldout] [--n N] [--seed S] out=FILE.jsonl   shapes prompts in GenEval's format
+    unigrpo export   checkpoint=DIR out=DIR [layout=unigrpo|bagel]  a sharded (DCP) checkpoint → one safetensors file
 
 --config takes a YAML path or the name of a bundled config (unigrpo/configs/NAME.yaml). Overrides are
 dotted key=value pairs; a bad key or value stops with an error naming it before any work starts.
@@ -189,6 +190,10 @@ def main(argv=None) -> int:
         from unigrpo.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv and argv[0] == "export":  # key=value only (unigrpo export --help)
+        from unigrpo.export import main as export_main
+
+        return export_main(argv[1:])
     ap = argparse.ArgumentParser(prog="unigrpo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, fn in (("pretrain", cmd_pretrain), ("eval", cmd_eval), ("train", cmd_train), ("demo", cmd_demo)):
@@ -222,6 +227,8 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="benchmarks: unigrpo bench [suite ...] [--quick] [--out DIR] (see --help)",
                    add_help=False)
     sub.add_parser("compare", help="the paper's comparisons on the shapes world → results.md (see --help)",
+                   add_help=False)
+    sub.add_parser("export", help="checkpoint=DIR out=DIR: a sharded (DCP) checkpoint → safetensors (see --help)",
                    add_help=False)
     args = ap.parse_args(argv)
     try:

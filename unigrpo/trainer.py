@@ -40,10 +40,11 @@ from tqdm import tqdm
 
 from unigrpo.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from unigrpo.config import config_to_dict
-from unigrpo.distributed.parallelize import DTYPES as DIST_DTYPES
-from unigrpo.distributed import (DistConfig, all_gather_objects, apply_fsdp, full_model_state, full_optimizer_state,
+from unigrpo.distributed.loading import load_sharded_bundle
+from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, load_sharded, save_sharded
+from unigrpo.distributed import (DistConfig, all_gather_objects, full_model_state, full_optimizer_state,
                                  init_distributed, load_full_model_state, load_full_optimizer_state, mean_metrics,
-                                 unsharded)
+                                 optimizer_offloaded, unsharded)
 from unigrpo.model import PackedLayout, Segment, no_text_head, padded_ids
 from unigrpo.model.attention import BACKENDS as ATTN_BACKENDS
 from unigrpo.model.attention import resolve_attention_backend
@@ -53,7 +54,8 @@ from unigrpo.rewards.advantages import group_advantages, group_has_signal
 from unigrpo.data import DataConfig, build_prompt_source, check_prompt_lengths, tag_order
 from unigrpo.rewards.registry import RewardSet, RewardSpec, normalise_rewards
 from unigrpo.rewards.surrogate import check_surrogate_records, surrogate_reward_of
-from unigrpo.rollout.rollout import RolloutConfig, Trajectories, draw_windows, rollout
+from unigrpo.rollout.rollout import (RolloutConfig, Trajectories, check_rollout_batch, draw_windows, rollout,
+                                     rollout_in_batches)
 from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, linear_text_grpo_loss, resolve_backend, sigma_schedule,
                              step_coeffs_batch, token_logprobs)
 from unigrpo_kernels.dispatch import OP_BACKENDS
@@ -291,6 +293,9 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if is_dcp_checkpoint(cfg.base):
+            raise ValueError(f"base {cfg.base!r} is a sharded (DCP) checkpoint; consolidate it first with "
+                             f"`unigrpo export checkpoint={cfg.base} out=DIR` and use DIR as the base")
         if not any(os.path.exists(os.path.join(cfg.base, f)) for f in ("model.safetensors", "llm_config.json")):
             raise FileNotFoundError(f"base checkpoint {cfg.base!r} not found (expected model.safetensors and "
                                     "config.json there, or a BAGEL directory with llm_config.json, ema.safetensors "
@@ -299,9 +304,16 @@ class Trainer:
         if cfg.prompts_per_iter % env.world:
             raise ValueError(f"prompts_per_iter={cfg.prompts_per_iter} must be a multiple of the world size "
                              f"{env.world} (each rank rolls out whole groups)")
+        check_rollout_batch(cfg.dist.rollout_batch, cfg.rollout.group_size)
         torch.manual_seed(cfg.seed)
-        self.bundle = load_bundle(cfg.base)
-        self.policy = self.bundle.model.to(env.device)
+        need_ref = cfg.loss.reg != "none" or cfg.loss.kl_coef > 0
+        if env.enabled:   # built on meta, sharded, each rank reads only its rows (distributed/loading.py)
+            self.bundle, self.policy, self.ref = load_sharded_bundle(cfg.base, cfg.dist, env.device,
+                                                                     reference=need_ref)
+        else:
+            self.bundle = load_bundle(cfg.base)
+            self.policy = self.bundle.model.to(env.device)
+            self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False) if need_ref else None
         dev = env.device
         self.flow_backend = resolve_backend(cfg.flow_backend, dev, op="flow_grpo_loss")
         self.text_backend = resolve_backend(cfg.text_backend, dev, op="token_logprobs")
@@ -310,14 +322,6 @@ class Trainer:
             raise ValueError("attention_backend='flex' needs a CUDA device (FlexAttention has no CPU backward); "
                              "use 'sdpa' or 'split' on CPU")
         self.policy.train()
-        need_ref = cfg.loss.reg != "none" or cfg.loss.kl_coef > 0
-        self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False) if need_ref else None
-        if env.enabled and self.ref is not None:   # frozen: kept in the dtype FSDP gathers it in
-            self.ref.to(DIST_DTYPES[cfg.dist.param_dtype])
-        if env.enabled:
-            apply_fsdp(self.policy, cfg.dist)
-            if self.ref is not None:
-                apply_fsdp(self.ref, cfg.dist, checkpointing=False)
         if cfg.method == "refl" and env.enabled:
             raise ValueError("method 'refl' is a single-process baseline; run it without torchrun")
         if cfg.method == "refl" and not isinstance(self.bundle.codec, PixelCodec):
@@ -349,41 +353,60 @@ class Trainer:
         self.step = 0
         os.makedirs(cfg.out, exist_ok=True)
         self.ckpt_dir = os.path.join(cfg.out, "checkpoint")
-        if cfg.resume and os.path.exists(os.path.join(self.ckpt_dir, "model.safetensors")):
+        if cfg.resume and (os.path.exists(os.path.join(self.ckpt_dir, "model.safetensors"))
+                           or is_dcp_checkpoint(self.ckpt_dir)):
             self.load(self.ckpt_dir)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | None = None):
-        """A collective under FSDP (every rank gathers the full state); rank 0 writes."""
+        """A collective under FSDP. Under torchrun (dist.checkpoint_format "auto" or "dcp") a DCP checkpoint:
+        every rank writes its shards (in the background with dist.async_save, except the run's last save);
+        otherwise safetensors, gathered, rank 0 writes."""
         env = self.env
-        model_state = full_model_state(self.policy) if env.enabled else self.policy.state_dict()
         gens = all_gather_objects(self.gen.get_state().cpu(), env)
-        state = {"optimizer": full_optimizer_state(self.policy, self.opt), "rng": get_rng_state(), "gen": gens[0],
-                 "gens": gens, "world": env.world, "np_rng": self.rng.bit_generator.state, "step": self.step}
+        state = {"rng": get_rng_state(), "gen": gens[0], "gens": gens, "world": env.world,
+                 "np_rng": self.rng.bit_generator.state, "step": self.step}
+        config = self.bundle.checkpoint_config()
+        config["train"] = config_to_dict(self.cfg)
+        meta = {"kind": "unigrpo", "step": self.step, "world": env.world}
+        fmt = self.cfg.dist.checkpoint_format
+        if fmt == "dcp" or (fmt == "auto" and env.enabled):
+            if getattr(self, "_pending_save", None) is not None:
+                self._pending_save.finish()
+            background = self.cfg.dist.async_save and self.step < self.cfg.iterations
+            self._pending_save = save_sharded(path or self.ckpt_dir, self.policy, self.opt, config=config,
+                                              trainer_state=state, meta=meta, async_save=background)
+            return
+        model_state = full_model_state(self.policy) if env.enabled else self.policy.state_dict()
+        state["optimizer"] = full_optimizer_state(self.policy, self.opt)
         if env.is_main:
-            config = self.bundle.checkpoint_config()
-            config["train"] = config_to_dict(self.cfg)
             save_checkpoint(path or self.ckpt_dir, model_state=model_state, config=config,
-                            trainer_state=state, meta={"kind": "unigrpo", "step": self.step, "world": env.world})
+                            trainer_state=state, meta=meta)
         if env.enabled:
             torch.distributed.barrier()
 
     def load(self, path: str):
+        """Resume from a checkpoint directory: DCP (any world size, resharded) or safetensors."""
         from unigrpo.checkpoint import load_state_strict
 
-        ck = load_checkpoint(path)
-        if ck.trainer_state is None:
-            raise ValueError(f"checkpoint {path} has no trainer state (trainer.pt); cannot resume from it")
         env = self.env
-        if env.enabled:
-            load_full_model_state(self.policy, ck.model_state)
+        if is_dcp_checkpoint(path):
+            _, _, st = load_sharded(path, self.policy, self.opt)
+            if st is None:
+                raise ValueError(f"checkpoint {path} has no trainer state (trainer.pt); cannot resume from it")
         else:
-            load_state_strict(self.policy, ck.model_state)
-        st = ck.trainer_state
-        if all(isinstance(k, str) for k in st["optimizer"]["state"]):   # keyed by parameter name: any world size
-            load_full_optimizer_state(self.policy, self.opt, st["optimizer"])
-        else:
-            self.opt.load_state_dict(st["optimizer"])
+            ck = load_checkpoint(path)
+            if ck.trainer_state is None:
+                raise ValueError(f"checkpoint {path} has no trainer state (trainer.pt); cannot resume from it")
+            if env.enabled:
+                load_full_model_state(self.policy, ck.model_state)
+            else:
+                load_state_strict(self.policy, ck.model_state)
+            st = ck.trainer_state
+            if all(isinstance(k, str) for k in st["optimizer"]["state"]):   # keyed by name: any world size
+                load_full_optimizer_state(self.policy, self.opt, st["optimizer"])
+            else:
+                self.opt.load_state_dict(st["optimizer"])
         set_rng_state(st["rng"])
         if st.get("world", 1) == env.world:
             self.gen.set_state(st.get("gens", [st["gen"]])[env.rank].to(self.gen.get_state().device))
@@ -439,9 +462,10 @@ class Trainer:
         mine = slice(env.rank * cfg.prompts_per_iter // env.world, (env.rank + 1) * cfg.prompts_per_iter // env.world)
         prompts = batch_prompts[mine]
         self.policy.eval()
-        with unsharded(self.policy):
-            traj = rollout(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc, generator=self.gen,
-                           windows=windows[mine], backend=self.flow_backend)
+        with optimizer_offloaded(self.opt, cfg.dist.offload_optimizer), unsharded(self.policy):
+            traj = rollout_in_batches(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc,
+                                      batch=cfg.dist.rollout_batch, generator=self.gen, windows=windows[mine],
+                                      backend=self.flow_backend)
         self.policy.train()
         t_reward = time.perf_counter()
         images = self.bundle.codec.decode(traj.latents)

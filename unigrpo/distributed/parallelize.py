@@ -15,8 +15,10 @@ Decisions:
   (embeddings, lm_head, image in/out) are gathered for it; the token log-probs run inside it (`text_head`).
   The cached entry points (append_text, append_image, image_velocity) are registered too: FSDP decides which
   module is the root at the first forward it sees, and that must be the root's, not a layer's.
-- Checkpoints store full state dicts keyed by parameter name (model and optimizer), gathered to CPU on every
-  rank with `torch.distributed.checkpoint.state_dict`, so a run saved at one world size loads at any other.
+- Full state dicts keyed by parameter name (model and optimizer), gathered to CPU on every rank with
+  `torch.distributed.checkpoint.state_dict`: the safetensors checkpoints' contents (sharded runs write DCP
+  checkpoints instead, sharded_checkpoint.py) and the tests' reference values.
+- `optimizer_offloaded`: the AdamW moments on the host for the rollout (dist.offload_optimizer).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["DTYPES", "DistConfig", "apply_fsdp", "unsharded", "full_model_state", "full_optimizer_state",
+__all__ = ["DTYPES", "DistConfig", "apply_fsdp", "unsharded", "optimizer_offloaded", "full_model_state", "full_optimizer_state",
            "load_full_model_state", "load_full_optimizer_state"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -42,8 +44,25 @@ class DistConfig:
     """free gathered layer weights after each forward (ZeRO-3); false keeps them until the backward (ZeRO-2)"""
     device: str = "auto"
     """"auto" (cuda:<local rank> when CUDA is available), "cpu" or "cuda\""""
+    rollout_batch: int = 0
+    """trajectories rolled out at once per rank (0 = all of them; else a divisor >= 2 of rollout.group_size or a
+    multiple of it): bounds the rollout's KV cache and activations (python -m unigrpo.distributed.memory)"""
+    offload_optimizer: bool = False
+    """keep the AdamW moments on the host during the rollout (frees 8 bytes per parameter / world on the GPU)"""
+    offload_reference: bool = False
+    """keep the frozen reference's shards on the host (FSDP2 CPUOffloadPolicy; under torchrun only): frees
+    2 bytes per parameter / world on the GPU, costs a host→GPU copy of them in every reference forward"""
+    checkpoint_format: str = "auto"
+    """"auto" (DCP under torchrun, safetensors in one process), "dcp" or "safetensors\""""
+    async_save: bool = False
+    """DCP checkpoints written in the background (dcp.async_save); the next save or the end of the run waits"""
 
     def __post_init__(self):
+        if self.rollout_batch < 0:
+            raise ValueError(f"dist.rollout_batch={self.rollout_batch} must be >= 0 (0 = all at once)")
+        if self.checkpoint_format not in ("auto", "dcp", "safetensors"):
+            raise ValueError(f"dist.checkpoint_format={self.checkpoint_format!r}; expected 'auto', 'dcp' or "
+                             "'safetensors'")
         if self.param_dtype not in DTYPES:
             raise ValueError(f"dist.param_dtype={self.param_dtype!r}; expected one of {tuple(DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -55,23 +74,64 @@ def _fsdp_modules(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def apply_fsdp(model: nn.Module, cfg: DistConfig, *, checkpointing: bool | None = None) -> nn.Module:
-    """Shard `model` (a UnifiedModel) in place over the default process group and return it."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+def apply_fsdp(model: nn.Module, cfg: DistConfig, *, checkpointing: bool | None = None,
+               offload: bool = False) -> nn.Module:
+    """Shard `model` (a UnifiedModel) in place over the default process group and return it. offload: the
+    shards live in host memory (CPUOffloadPolicy, pinned when CUDA is there), copied in for each gather."""
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
 
     ac = cfg.activation_checkpointing if checkpointing is None else checkpointing
     for layer in model.layers:
         layer.checkpointing = ac
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=torch.float32)
+    off = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in model.layers:
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward, offload_policy=off)
     # the root's parameters are used right after its forward by the backward: keep them gathered
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False, offload_policy=off)
     # entry points other than forward: FSDP's root hooks (lazy init, gathering the root's own parameters)
     # must run before any layer does
     for name in ("forward_packed", "append_text", "append_image", "image_velocity"):
         register_fsdp_forward_method(model, name)
     return model
+
+
+@contextlib.contextmanager
+def optimizer_offloaded(opt: torch.optim.Optimizer, enabled: bool = True):
+    """Free the gradients (always: every backward of the update starts from none), and when `enabled` move
+    every optimizer state tensor (DTensor shards included) to host memory for the block, then back to where
+    each was (pinned host copies when they came from CUDA)."""
+    opt.zero_grad(set_to_none=True)
+    if not enabled:
+        yield opt
+        return
+    from torch.distributed.tensor import DTensor
+
+    homes = {}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue   # AdamW's step counter stays
+            local = v.to_local() if isinstance(v, DTensor) else v
+            spec = (v.device_mesh, v.placements, v.shape, v.stride()) if isinstance(v, DTensor) else None
+            host = torch.empty_like(local, device="cpu", pin_memory=local.is_cuda)
+            host.copy_(local, non_blocking=True)
+            homes[(id(p), k)] = (local.device, spec)
+            st[k] = host
+    try:
+        yield opt
+    finally:
+        for p, st in opt.state.items():
+            for k, v in st.items():
+                if (id(p), k) not in homes:
+                    continue
+                dev, spec = homes[(id(p), k)]
+                back = v.to(dev, non_blocking=True)
+                if spec is not None:
+                    mesh, placements, shape, stride = spec
+                    back = DTensor.from_local(back, mesh, placements, run_check=False, shape=shape, stride=stride)
+                st[k] = back
 
 
 @contextlib.contextmanager

@@ -40,6 +40,19 @@ def build_from_preset(name: str, **overrides) -> Bundle:
     return build_bundle(preset(name, **overrides))
 
 
+def model_config_of(config: dict, path: str) -> ModelConfig:
+    """The ModelConfig recorded in a checkpoint's config.json contents (errors name `path` and the bad keys)."""
+    model_dict = config.get("model")
+    if not isinstance(model_dict, dict):
+        raise ValueError(f"checkpoint {path}: config.json has no 'model' mapping (keys: {sorted(config)})")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(model_dict) - known)
+    if unknown:
+        raise ValueError(f"checkpoint {path}: unknown model config keys {unknown}; expected a subset of "
+                         f"{sorted(known)}")
+    return ModelConfig(**model_dict)
+
+
 def load_bundle(path: str, device: str | torch.device = "cpu", *, image_size: int = 1024) -> Bundle:
     """Rebuild the model recorded in a checkpoint directory and load its weights (strictly: a missing,
     unexpected or wrongly shaped tensor is an error naming it). A BAGEL checkpoint directory (llm_config.json,
@@ -49,15 +62,7 @@ def load_bundle(path: str, device: str | torch.device = "cpu", *, image_size: in
         from unigrpo.model.bagel import load_bagel
         return load_bagel(path, dtype=torch.float32, device=device, image_size=image_size)
     ckpt = load_checkpoint(path)
-    model_dict = ckpt.config.get("model")
-    if not isinstance(model_dict, dict):
-        raise ValueError(f"checkpoint {path}: config.json has no 'model' mapping (keys: {sorted(ckpt.config)})")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(model_dict) - known)
-    if unknown:
-        raise ValueError(f"checkpoint {path}: unknown model config keys {unknown}; expected a subset of "
-                         f"{sorted(known)}")
-    bundle = build_bundle(ModelConfig(**model_dict), ckpt.config.get("tokenizer"))
+    bundle = build_bundle(model_config_of(ckpt.config, path), ckpt.config.get("tokenizer"))
     load_state_strict(bundle.model, ckpt.model_state)
     bundle.model.to(device)
     return bundle

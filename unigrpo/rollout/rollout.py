@@ -18,6 +18,7 @@ Legend: R = B·G trajectories (rows), W window steps, C/h/w latent dims, T reaso
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -162,3 +163,54 @@ def rollout(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, ge
     timing = {"rollout_text": t1 - t0, "rollout_image": time.perf_counter() - t1}
     return Trajectories(texts, reasoning, k0, out.x_RW, out.x_next_RW, out.noise_RW, out.logp_RW, out.latents, G,
                         timing)
+
+
+def concat_trajectories(parts: list[Trajectories], group_size: int) -> Trajectories:
+    """Rows of `parts` in order as one Trajectories of groups of `group_size` (reasoning tensors padded to the
+    longest T: tokens 0, log-probs 0, mask False); timings summed."""
+    T = max(p.reasoning.tokens_BT.shape[1] for p in parts)
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
+    rs = [p.reasoning for p in parts]
+    reasoning = Reasoning(prompt_ids=[i for r in rs for i in r.prompt_ids],
+                          tokens_BT=torch.cat([pad(r.tokens_BT, 0) for r in rs]),
+                          logp_BT=torch.cat([pad(r.logp_BT, 0.0) for r in rs]),
+                          mask_BT=torch.cat([pad(r.mask_BT, False) for r in rs]),
+                          texts=[t for r in rs for t in r.texts], cache=None)
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    timing = {k: sum(p.timing[k] for p in parts) for k in parts[0].timing}
+    return Trajectories([t for p in parts for t in p.prompt_texts], reasoning, cat("window_k0"), cat("x_RW"),
+                        cat("x_next_RW"), cat("noise_RW"), cat("logp_RW"), cat("latents"), group_size, timing)
+
+
+def check_rollout_batch(batch: int, group_size: int) -> None:
+    """dist.rollout_batch must be 0 (all rows at once), a divisor >= 2 of G or a multiple of G."""
+    if batch and not (batch >= 2 and group_size % batch == 0 or batch % group_size == 0):
+        raise ValueError(f"dist.rollout_batch={batch} must be 0 (all at once), a divisor >= 2 of "
+                         f"rollout.group_size={group_size} or a multiple of it")
+
+
+def rollout_in_batches(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, batch: int,
+                       generator: torch.Generator, windows, backend: str = "auto") -> Trajectories:
+    """`rollout` of the same rows, at most `batch` trajectories at a time (0 = all at once): whole groups
+    when batch is a multiple of G, else G/batch pieces of each group (same window k0). Peak memory of the
+    KV cache and the denoising activations scales with `batch`; the sampled values differ from one call
+    (the generator is consumed in another order), their distribution does not."""
+    G = cfg.group_size
+    check_rollout_batch(batch, G)
+    if not batch or batch >= len(prompt_texts) * G:
+        return rollout(model, tokenizer, prompt_texts, cfg, generator=generator, windows=windows, backend=backend)
+    parts = []
+    if batch % G == 0:
+        per = batch // G
+        for i in range(0, len(prompt_texts), per):
+            parts.append(rollout(model, tokenizer, prompt_texts[i:i + per], cfg, generator=generator,
+                                 windows=windows[i:i + per], backend=backend))
+    else:
+        piece = dataclasses.replace(cfg, group_size=batch)
+        for text, k0 in zip(prompt_texts, windows):
+            for _ in range(G // batch):
+                parts.append(rollout(model, tokenizer, [text], piece, generator=generator, windows=[k0],
+                                     backend=backend))
+    return concat_trajectories(parts, G)
