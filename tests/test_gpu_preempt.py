@@ -1,0 +1,171 @@
+"""What would fail first on a GPU, caught on the CPU (issue 17): each test here runs in CI without a GPU.
+
+- Device placement: every kernel test that calls a Triton (or CUDA) backend builds its inputs on the device
+  the backend runs on. On CPU the interpreter accepts CPU tensors, so a test that forgets the move passes
+  here and is refused by `resolve_backend` on a CUDA machine; an AST read of the test files catches it.
+"""
+import ast
+import os
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------------------------------- device placement
+
+def _is_backend_kw(kw: ast.keyword) -> bool:
+    return kw.arg == "backend" and isinstance(kw.value, ast.Constant) and kw.value.value in ("triton", "cuda")
+
+
+def _calls_a_kernel_backend(fn: ast.FunctionDef) -> bool:
+    """The function calls an op with backend="triton"/"cuda", a module helper (`_name`) with "triton" as a
+    positional argument, a tuple / list of backend names holding "triton", the `_triton` helper, or a torch.ops.unigrpo_kernels op directly."""
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Call):
+            if any(_is_backend_kw(kw) for kw in node.keywords):
+                return True
+            helper = isinstance(node.func, ast.Name) and node.func.id.startswith("_")
+            if helper and any(isinstance(a, ast.Constant) and a.value == "triton" for a in node.args):
+                return True
+        if isinstance(node, (ast.Tuple, ast.List)) and any(     # `for be in ("torch", "triton")`
+                isinstance(e, ast.Constant) and e.value == "triton" for e in node.elts):
+            return True
+            if isinstance(node.func, ast.Name) and node.func.id == "_triton":
+                return True
+        if isinstance(node, ast.Attribute) and node.attr == "unigrpo_kernels" and \
+                isinstance(node.value, ast.Attribute) and node.value.attr == "ops":
+            return True
+    return False
+
+
+def _places_on_device(fn: ast.FunctionDef, placing_helpers: set[str]) -> bool:
+    """The function names the test device (DEV), takes a `device` argument, builds its inputs with a helper
+    whose default device is DEV, or names "cuda" other than as a backend (a GPU-only test)."""
+    if any(a.arg == "device" for a in fn.args.args + fn.args.kwonlyargs):
+        return True
+    names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+    backend_values = {id(kw.value) for n in ast.walk(fn) if isinstance(n, ast.Call) for kw in n.keywords
+                      if _is_backend_kw(kw)}
+    cuda = any(isinstance(n, ast.Constant) and n.value == "cuda" and id(n) not in backend_values
+               for n in ast.walk(fn))
+    cuda = cuda or any(isinstance(n, ast.Attribute) and n.attr == "cuda" and isinstance(n.ctx, ast.Load)
+                       and not (isinstance(n.value, ast.Name) and n.value.id == "torch") for n in ast.walk(fn))
+    return "DEV" in names or bool(names & placing_helpers) or cuda
+
+
+def _device_helpers(tree: ast.Module) -> set[str]:
+    """Module functions with a `device` parameter defaulting to DEV."""
+    out = set()
+    for fn in tree.body:
+        if isinstance(fn, ast.FunctionDef):
+            args = fn.args.args + fn.args.kwonlyargs
+            defaults = dict(zip([a.arg for a in fn.args.args][::-1], fn.args.defaults[::-1]))
+            defaults.update({a.arg: d for a, d in zip(fn.args.kwonlyargs, fn.args.kw_defaults) if d is not None})
+            if any(a.arg == "device" and isinstance(defaults.get("device"), ast.Name)
+                   and defaults["device"].id == "DEV" for a in args):
+                out.add(fn.name)
+    return out
+
+
+def unplaced_kernel_calls(source: str) -> list[str]:
+    """Names of the top-level functions in `source` that call a kernel backend without placing inputs on DEV."""
+    tree = ast.parse(source)
+    helpers = _device_helpers(tree)
+    return [fn.name for fn in tree.body if isinstance(fn, ast.FunctionDef) and fn.name.startswith("test")
+            and _calls_a_kernel_backend(fn) and not _places_on_device(fn, helpers)]
+
+
+@pytest.mark.parametrize("name", ["test_ops_token_kernels.py", "test_ops_flow_kernels.py"])
+def test_kernel_tests_put_inputs_on_the_backend_device(name):
+    with open(os.path.join(TESTS, name)) as f:
+        bad = unplaced_kernel_calls(f.read())
+    assert not bad, (f"{name}: {bad} call a kernel backend on tensors never moved to DEV: they pass on CPU "
+                     "(the interpreter takes CPU tensors) and are refused on a CUDA machine")
+
+
+def test_the_placement_check_can_fail():
+    """The check flags a function that calls backend="triton" on CPU-built tensors, and accepts the fix."""
+    bad = ("def test_x():\n    h = torch.randn(3, 4)\n    TK.token_logprobs(h, w, t, backend='triton')\n")
+    good = bad.replace("torch.randn(3, 4)", "torch.randn(3, 4).to(DEV)")
+    helper = ("def _case(seed, device=DEV):\n    return 1\n"
+              "def test_y():\n    c = _case(1)\n    _run(c, 'triton')\n")
+    assert unplaced_kernel_calls(bad) == ["test_x"]
+    assert unplaced_kernel_calls(good) == []
+    assert unplaced_kernel_calls(helper) == []
+    assert unplaced_kernel_calls(helper.replace("device=DEV", "device='cpu'")) == ["test_y"]
+    loop = "def test_z():\n    for be in ('torch', 'triton'):\n        op(x, backend=be)\n"
+    assert unplaced_kernel_calls(loop) == ["test_z"]
+
+
+# ------------------------------------------------------------------------- compile variants of a GPU run
+
+def _spec(arg):
+    """Triton's specialisation of one launch argument (what its JIT cache key holds): ints by == 1 and
+    % 16 == 0, tensors by dtype and 16-byte alignment, floats by type; constexpr values as they are."""
+    import numpy as np
+    import torch
+
+    if isinstance(arg, torch.Tensor):
+        return (str(arg.dtype), arg.data_ptr() % 16 == 0)
+    if isinstance(arg, (bool, str)) or arg is None:
+        return arg
+    if isinstance(arg, (int, np.integer)):
+        v = int(arg)
+        return "1" if v == 1 else ("D" if v % 16 == 0 else "i")
+    if isinstance(arg, float):
+        return "f"
+    raise TypeError(f"unexpected launch argument {arg!r}")
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kw)` records the specialisation key and
+    launches nothing."""
+
+    def __init__(self, name, keys):
+        self.name, self.keys = name, keys
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.keys.add((self.name, tuple(_spec(a) for a in args), tuple(sorted((k, _spec(v)) for k, v in kw.items()))))
+        return launch
+
+
+def gpu_token_compiles(shapes, monkeypatch) -> set:
+    """The distinct (kernel, specialisation) pairs a CUDA device would compile for the fused token op's
+    forward (with and without entropy) and backward (logp only / with entropy) at `shapes` (T, H, V), fp32:
+    the launchers run with the GPU launch config and recording kernels (nothing executes)."""
+    import torch
+
+    from unigrpo_kernels.triton import token as K
+
+    keys: set = set()
+    for name in ("_token_fwd_kernel", "_token_merge_kernel", "_token_bwd_kernel", "_token_mm_kernel"):
+        monkeypatch.setattr(K, name, _Recorder(name, keys))
+    real_config = K._config
+    monkeypatch.setattr(K, "_config", lambda V, dot_f32, device: real_config(V, dot_f32, torch.device("cuda")))
+    for T, H, V in shapes:
+        h, w, tgt = torch.randn(T, H), torch.randn(V, H), torch.randint(0, V, (T,))
+        g = torch.randn(T)
+        for with_ent in (False, True):
+            _, ent, lse = K.token_forward(h, w, tgt, 1.0, with_ent)
+            K.token_backward(g, g if with_ent else None, h, w, tgt, lse, lse if with_ent else None, 1.0)
+    return keys
+
+
+def test_fp32_property_test_compiles_few_variants_on_gpu(monkeypatch):
+    """The fp32 property test's GPU shapes compile at most 36 kernel variants (measured 35: ~8 per shape, 12 for
+    the one past the 4096-column split; the 128×128 tiles take ~1-2 s each, so ~1 min of the device check's
+    token-test budget); T, H, V drawn as on the CPU compile more (measured 48 on 30 draws, the GPU example
+    count: the integer patterns saturate there)."""
+    pytest.importorskip("triton")
+    import random
+
+    import test_ops_token_kernels as TT
+
+    few = gpu_token_compiles(TT.GPU_SHAPES, monkeypatch)
+    rng = random.Random(0)
+    drawn = [(rng.randint(1, 40), rng.randint(1, 70), rng.randint(2, 300)) for _ in range(30)]
+    many = gpu_token_compiles(drawn, monkeypatch)
+    assert len(few) <= 36, f"{len(few)} compiled variants for GPU_SHAPES {TT.GPU_SHAPES}"
+    assert len(many) > len(few) + 8, (len(many), len(few))   # the counter does see shape-driven variants
