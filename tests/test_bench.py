@@ -144,3 +144,19 @@ def test_attention_quick_checks_split_against_dense_sdpa(tmp_path):
         assert pairs == int(visible.sum())
         L = suite.causal_length(pairs)
         assert abs(L * (L + 1) // 2 - pairs) <= L
+
+
+def test_quick_shrinks_the_gpu_shapes():
+    """On a CUDA device --quick must fit a short lease: the token and attention suites run fewer and smaller
+    GPU cases (the shapes are pure functions of the context: no GPU needed to read them)."""
+    import torch
+
+    from bench.suites import attention, token
+
+    full, quick = (harness.Context(device=torch.device("cuda"), quick=q) for q in (False, True))
+    tv = lambda cases: sum(B * L * H * V for B, L, H, V, _ in cases)  # noqa: E731 - the GEMM work, ∝ T·H·V
+    assert token.shapes(full)[0][2:4] == (3584, 152_064)          # the paper's model in the full run
+    assert len(token.shapes(quick)) < len(token.shapes(full)) and tv(token.shapes(quick)) * 4 < tv(token.shapes(full))
+    toks = lambda specs: sum(t + w * n for s in specs for row in s["rows"] for t, w, n in row)  # noqa: E731
+    assert len(attention.shapes(quick)) < len(attention.shapes(full))
+    assert toks(attention.shapes(quick)) * 2 < toks(attention.shapes(full))
