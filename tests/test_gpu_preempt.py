@@ -169,3 +169,45 @@ def test_fp32_property_test_compiles_few_variants_on_gpu(monkeypatch):
     many = gpu_token_compiles(drawn, monkeypatch)
     assert len(few) <= 36, f"{len(few)} compiled variants for GPU_SHAPES {TT.GPU_SHAPES}"
     assert len(many) > len(few) + 8, (len(many), len(few))   # the counter does see shape-driven variants
+
+
+# ------------------------------------------------------------------------ "auto" never falls back silently
+
+@pytest.fixture
+def fake_cuda_machine(monkeypatch):
+    """A CUDA machine as dispatch sees it: torch reports a device, Triton compiles for it, and the CUDA
+    library is missing (its probe is False, its status the loader's own message)."""
+    import torch
+
+    from unigrpo_kernels import cuda_lib, dispatch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(dispatch._PROBES, "triton", lambda dev: dev is None or dev.type == "cuda")
+    monkeypatch.setitem(dispatch._PROBES, "cuda", lambda dev: False)
+    monkeypatch.setattr(cuda_lib, "cuda_library_status",
+                        lambda device=None: "unavailable: libunigrpo_cuda.so not loaded (x: no such file)")
+    monkeypatch.setattr(dispatch, "_logged", set())
+    return dispatch
+
+
+def test_auto_warns_when_the_cuda_library_is_missing(fake_cuda_machine, caplog):
+    dispatch = fake_cuda_machine
+    with pytest.warns(RuntimeWarning, match=r"falls back to 'triton': cuda unavailable: libunigrpo_cuda.so not loaded"):
+        assert dispatch.resolve_backend("auto", "cuda", op="sde_step") == "triton"
+    assert any("falls back" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # once per (device, op): the second call is quiet
+        assert dispatch.resolve_backend("auto", "cuda", op="sde_step") == "triton"
+        assert dispatch.resolve_backend("auto", "cuda", op="token_logprobs") == "triton"   # no cuda backend: no loss
+        assert dispatch.resolve_backend("auto", "cpu", op="sde_step") == "torch"           # CPU: torch is the plan
+    with pytest.raises(ValueError, match="not available"):   # an explicit request still refuses
+        dispatch.resolve_backend("cuda", "cuda", op="sde_step")
+
+
+def test_auto_warns_when_triton_is_missing_too(fake_cuda_machine, monkeypatch):
+    dispatch = fake_cuda_machine
+    monkeypatch.setitem(dispatch._PROBES, "triton", lambda dev: False)
+    with pytest.warns(RuntimeWarning, match=r"falls back to 'torch': cuda unavailable.*; triton "):
+        assert dispatch.resolve_backend("auto", "cuda:0", op="flow_grpo_loss") == "torch"
