@@ -100,73 +100,31 @@ def test_the_placement_check_can_fail():
 
 # ------------------------------------------------------------------------- compile variants of a GPU run
 
-def _spec(arg):
-    """Triton's specialisation of one launch argument (what its JIT cache key holds): ints by == 1 and
-    % 16 == 0, tensors by dtype and 16-byte alignment, floats by type; constexpr values as they are."""
-    import numpy as np
-    import torch
-
-    if isinstance(arg, torch.Tensor):
-        return (str(arg.dtype), arg.data_ptr() % 16 == 0)
-    if isinstance(arg, (bool, str)) or arg is None:
-        return arg
-    if isinstance(arg, (int, np.integer)):
-        v = int(arg)
-        return "1" if v == 1 else ("D" if v % 16 == 0 else "i")
-    if isinstance(arg, float):
-        return "f"
-    raise TypeError(f"unexpected launch argument {arg!r}")
-
-
-class _Recorder:
-    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kw)` records the specialisation key and
-    launches nothing."""
-
-    def __init__(self, name, keys):
-        self.name, self.keys = name, keys
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            self.keys.add((self.name, tuple(_spec(a) for a in args), tuple(sorted((k, _spec(v)) for k, v in kw.items()))))
-        return launch
-
-
-def gpu_token_compiles(shapes, monkeypatch) -> set:
-    """The distinct (kernel, specialisation) pairs a CUDA device would compile for the fused token op's
+def gpu_token_compiles(shapes) -> list:
+    """The distinct launches (kernel, specialisation) a CUDA device would compile for the fused token op's
     forward (with and without entropy) and backward (logp only / with entropy) at `shapes` (T, H, V), fp32:
-    the launchers run with the GPU launch config and recording kernels (nothing executes)."""
-    import torch
+    tests/_triton_aot.py runs the launchers with the GPU launch config on meta tensors, recording only."""
+    import _triton_aot as aot
 
-    from unigrpo_kernels.triton import token as K
-
-    keys: set = set()
-    for name in ("_token_fwd_kernel", "_token_merge_kernel", "_token_bwd_kernel", "_token_mm_kernel"):
-        monkeypatch.setattr(K, name, _Recorder(name, keys))
-    real_config = K._config
-    monkeypatch.setattr(K, "_config", lambda V, dot_f32, device: real_config(V, dot_f32, torch.device("cuda")))
-    for T, H, V in shapes:
-        h, w, tgt = torch.randn(T, H), torch.randn(V, H), torch.randint(0, V, (T,))
-        g = torch.randn(T)
-        for with_ent in (False, True):
-            _, ent, lse = K.token_forward(h, w, tgt, 1.0, with_ent)
-            K.token_backward(g, g if with_ent else None, h, w, tgt, lse, lse if with_ent else None, 1.0)
-    return keys
+    cases = [(f"{T}x{H}x{V}", op, dict(T=T, H=H, V=V, dtype="fp32", entropy=ent))
+             for T, H, V in shapes for ent in (False, True) for op in ("token_fwd", "token_bwd")]
+    return aot.record(cases)
 
 
-def test_fp32_property_test_compiles_few_variants_on_gpu(monkeypatch):
+def test_fp32_property_test_compiles_few_variants_on_gpu():
     """The fp32 property test's GPU shapes compile at most 36 kernel variants (measured 35: ~8 per shape, 12 for
     the one past the 4096-column split; the 128×128 tiles take ~1-2 s each, so ~1 min of the device check's
-    token-test budget); T, H, V drawn as on the CPU compile more (measured 48 on 30 draws, the GPU example
-    count: the integer patterns saturate there)."""
+    token-test budget); T, H, V drawn as on the CPU compile more (measured 54 on 30 draws, the GPU example
+    count: the integer and alignment patterns saturate there)."""
     pytest.importorskip("triton")
     import random
 
     import test_ops_token_kernels as TT
 
-    few = gpu_token_compiles(TT.GPU_SHAPES, monkeypatch)
+    few = gpu_token_compiles(TT.GPU_SHAPES)
     rng = random.Random(0)
     drawn = [(rng.randint(1, 40), rng.randint(1, 70), rng.randint(2, 300)) for _ in range(30)]
-    many = gpu_token_compiles(drawn, monkeypatch)
+    many = gpu_token_compiles(drawn)
     assert len(few) <= 36, f"{len(few)} compiled variants for GPU_SHAPES {TT.GPU_SHAPES}"
     assert len(many) > len(few) + 8, (len(many), len(few))   # the counter does see shape-driven variants
 
@@ -211,3 +169,5 @@ def test_auto_warns_when_triton_is_missing_too(fake_cuda_machine, monkeypatch):
     monkeypatch.setitem(dispatch._PROBES, "triton", lambda dev: False)
     with pytest.warns(RuntimeWarning, match=r"falls back to 'torch': cuda unavailable.*; triton "):
         assert dispatch.resolve_backend("auto", "cuda:0", op="flow_grpo_loss") == "torch"
+
+
