@@ -171,3 +171,72 @@ def test_auto_warns_when_triton_is_missing_too(fake_cuda_machine, monkeypatch):
         assert dispatch.resolve_backend("auto", "cuda:0", op="flow_grpo_loss") == "torch"
 
 
+
+# ------------------------------------------------------------- FlexAttention at 1024 px: buckets, recompiles
+
+def _dynamo_limit() -> int:
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    return getattr(cfg, "recompile_limit", None) or cfg.cache_size_limit
+
+
+def test_1024px_training_stays_within_the_flex_recompile_limit():
+    """One training iteration of the paper config (configs/paper.yaml: 32 prompts × G = 24 over 8 ranks, mini-
+    batches of 4 trajectories, W = 3 image blocks of 4,096 tokens at 1024 px, text 1–1,024 tokens): the
+    compiled flex kernel sees one (rows B, bucket, grad mode) combination per distinct case — the trainer's
+    mini-batch sizes (its own `_chunks`, plus the FSDP dummy mini-batch of one row when ranks differ) × the
+    buckets of S = text + 3·4,096 × {no_grad (old / reference recompute), grad (the update)} — and their count
+    stays within dynamo's recompile limit (past it flex would fall back to eager, materialising the scores)."""
+    import yaml
+
+    from unigrpo.model.attention import flex_bucket
+    from unigrpo.trainer import _chunks
+
+    with open(os.path.join(os.path.dirname(TESTS), "unigrpo", "configs", "paper.yaml")) as f:
+        paper = yaml.safe_load(f)
+    world, image_tokens = 8, 4096                     # the yaml's torchrun line; BAGEL at 1024 px: 64 × 64 latents
+    rows = paper["prompts_per_iter"] * paper["rollout"]["group_size"] // world
+    B_sizes = {len(mb) for mb in _chunks(list(range(rows)), paper["optim"]["minibatch"])}
+    if rows % world:
+        B_sizes.add(1)                                # _balanced_chunks' dummy mini-batch ([0])
+    W = paper["rollout"]["window_size"]
+    buckets = {flex_bucket(text + W * image_tokens) for text in range(1, 1025)}
+    combos = {(B, L, grad) for B in B_sizes for L in buckets for grad in (False, True)}
+    assert B_sizes == {4} and buckets == {13312}
+    assert len(combos) <= _dynamo_limit(), (combos, _dynamo_limit())
+    # past 1,024 text tokens a second bucket starts: still within the limit with both grad modes
+    assert flex_bucket(1025 + W * image_tokens) == 14336 and 2 * 2 <= _dynamo_limit()
+
+
+def test_flex_block_mask_at_1024px_and_no_recompile_within_a_bucket():
+    """The block mask of the 1024-px bucket builds on the CPU (13,312 tokens = 104 tiles of 128: shape and
+    sparsity checked), and the compiled flex call — torch.compile(fullgraph=True) with dynamo's compile
+    counter as the backend, run on a small layout family with the same bucket logic — compiles once per grad
+    mode and B, never per batch: three batches of different text lengths in one bucket add no frame."""
+    import torch
+    from torch._dynamo.testing import CompileCounter
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from unigrpo.model import attention as A
+    from unigrpo.model.layout import PackedLayout, Segment
+
+    lay = PackedLayout.build([[[Segment("text", 640)] + [Segment("noise", 4096)] * 3]])
+    bm = A.packed_attention_inputs(lay, "flex")["block_mask"]
+    assert tuple(bm.seq_lengths) == (13312, 13312) and bm.kv_num_blocks.shape == (1, 1, 104)
+    assert 0 < int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()) < 104 * 104   # sparse: noise blocks
+
+    cnt = CompileCounter()
+    fn = torch.compile(lambda q, k, v, block_mask: flex_attention(q, k, v, block_mask=block_mask),
+                       backend=cnt, fullgraph=True, dynamic=False)
+    torch._dynamo.reset()
+    for grad in (False, True):
+        for text in (150, 200, 250):                  # one bucket: flex_bucket(text + 2·256) == 768
+            layout = PackedLayout.build([[[Segment("text", text)] + [Segment("noise", 256)] * 2]] * 2)
+            assert A.flex_bucket(layout.shape[1]) == 768
+            L = 768
+            bm = A.packed_attention_inputs(layout, "flex")["block_mask"]
+            q, k, v = (torch.randn(2, 2, L, 16) for _ in range(3))   # CPU flex has no backward: the grad
+            with torch.set_grad_enabled(grad):                           # mode alone is what dynamo guards on
+                fn(q, k, v, bm)
+    assert cnt.frame_count == 2, f"{cnt.frame_count} compiled frames for 2 grad modes × 3 batches in one bucket"
