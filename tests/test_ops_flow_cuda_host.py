@@ -1,7 +1,10 @@
 """The CUDA flow library's host side, pre-empting GPU failures on the CPU (issue 17):
 
 - it launches on torch's current stream, and an error a launch returns is raised (kernels/cuda_lib.py with the
-  C entry points stubbed); flow.cu checks cudaGetLastError after every kernel launch (a source read).
+  C entry points stubbed); flow.cu checks cudaGetLastError after every kernel launch (a source read);
+- non-contiguous, offset and misaligned inputs through the public flow ops with backend="cuda": contiguous
+  copies where needed, misaligned pointers passed through to the library's scalar path, a clear error on a
+  direct call with a non-contiguous tensor.
 """
 import os
 import re
@@ -140,3 +143,43 @@ def test_every_cuda_launch_is_checked_for_errors():
     broken = src.replace("    flow_sums_bwd_dispatch<TV, false>(p, use_old, use_ref, grid, stream);\n  }\n  return launched();",
                          "    flow_sums_bwd_dispatch<TV, false>(p, use_old, use_ref, grid, stream);\n  }\n  return cudaSuccess;")
     assert broken != src and unchecked_launches(broken) == ["flow_sums_bwd_dispatch"]
+
+
+# --------------------------------------------- CUDA flow ops on non-contiguous, offset and misaligned inputs
+
+def test_cuda_flow_ops_take_strided_offset_and_misaligned_inputs(fake_cuda_lib, monkeypatch):
+    """Through the public ops with backend="cuda" (the C entry points stubbed): non-contiguous inputs (a
+    transpose, a column slice, channels-last latents) reach the library as contiguous copies — its own check
+    would refuse them otherwise (tests/test_ops_flow_cuda.py names that error) — while a contiguous view at
+    an odd storage offset (a pointer 4 bytes past a 16-byte boundary) is passed as it is: flow.cu picks its
+    scalar path from the pointers' alignment, and the host emulation there runs that path misaligned."""
+    import torch
+
+    from unigrpo_kernels import flow as F
+
+    cl, Lib = fake_cuda_lib
+    monkeypatch.setattr(F, "resolve_backend", lambda name, device=None, op=None: "cuda")
+    B, C, H, W = 3, 4, 5, 6
+    D = C * H * W
+    x = torch.randn(B, C, H, W).to(memory_format=torch.channels_last)     # non-contiguous [B, ...]
+    v = torch.randn(B, W, H, C).permute(0, 3, 2, 1).to(torch.bfloat16)     # a permutation: strides (120, 1, 4, 20)
+    xi = torch.randn(B * D + 1)[1:].view(B, C, H, W)                      # contiguous, 4 bytes off alignment
+    assert not x.is_contiguous() and not v.is_contiguous() and xi.is_contiguous() and xi.data_ptr() % 16 != 0
+    F.sde_step(x, v, a_B=1.0, b_B=0.5, std_B=0.1, noise_BD=xi, backend="cuda")
+    (name, args), = Lib.calls
+    assert name == "unigrpo_sde_step_fwd"
+    ptrs = dict(zip(("x", "v", "xi"), args[:3]))
+    assert ptrs["xi"] == xi.data_ptr(), "the misaligned contiguous noise was copied (or moved)"
+    assert ptrs["x"] != x.data_ptr() and ptrs["v"] != v.data_ptr()       # made contiguous first
+    Lib.calls.clear()
+    g = torch.randn(B * D + 1)[1:].view(B, D)                              # misaligned v_old
+    loss_in = dict(v_BD=torch.randn(D, B).t(), xi_BD=torch.randn(B, D), v_old_BD=g, v_ref_BD=torch.randn(B, D),
+                   adv_B=torch.randn(B), b_B=torch.full((B,), 0.5), std_B=torch.full((B,), 0.1),
+                   h_B=torch.full((B,), 0.1))
+    monkeypatch.setattr(F, "_finalize_impl", lambda mod: None)   # the stub's sums are zeros: torch finalize
+    F.flow_grpo_loss(**loss_in, clip_eps=0.2, backend="cuda")
+    names = [c[0] for c in Lib.calls]
+    assert names == ["unigrpo_flow_sums_fwd"], names
+    assert Lib.calls[0][1][2] == g.data_ptr()                              # v_old passed as it is
+    with pytest.raises(ValueError, match=r"v_BD must be contiguous"):      # the library's own check, direct call
+        cl.flow_sums_fwd(torch.zeros(D, B).t(), torch.zeros(B, D), torch.zeros(B, D), torch.zeros(B, D))
