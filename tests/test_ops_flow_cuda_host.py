@@ -149,7 +149,7 @@ def test_every_cuda_launch_is_checked_for_errors():
 
 def test_cuda_flow_ops_take_strided_offset_and_misaligned_inputs(fake_cuda_lib, monkeypatch):
     """Through the public ops with backend="cuda" (the C entry points stubbed): non-contiguous inputs (a
-    transpose, a column slice, channels-last latents) reach the library as contiguous copies — its own check
+    transpose, a column slice) reach the library as contiguous copies — its own check
     would refuse them otherwise (tests/test_ops_flow_cuda.py names that error) — while a contiguous view at
     an odd storage offset (a pointer 4 bytes past a 16-byte boundary) is passed as it is: flow.cu picks its
     scalar path from the pointers' alignment, and the host emulation there runs that path misaligned."""
@@ -159,11 +159,10 @@ def test_cuda_flow_ops_take_strided_offset_and_misaligned_inputs(fake_cuda_lib, 
 
     cl, Lib = fake_cuda_lib
     monkeypatch.setattr(F, "resolve_backend", lambda name, device=None, op=None: "cuda")
-    B, C, H, W = 3, 4, 5, 6
-    D = C * H * W
-    x = torch.randn(B, C, H, W).to(memory_format=torch.channels_last)     # non-contiguous [B, ...]
-    v = torch.randn(B, W, H, C).permute(0, 3, 2, 1).to(torch.bfloat16)     # a permutation: strides (120, 1, 4, 20)
-    xi = torch.randn(B * D + 1)[1:].view(B, C, H, W)                      # contiguous, 4 bytes off alignment
+    B, D = 3, 120
+    x = torch.randn(D, B).t()                                              # a transpose: strides (1, B)
+    v = torch.randn(B, D + 3, dtype=torch.bfloat16)[:, 1:D + 1]            # a column slice: row stride D + 3
+    xi = torch.randn(B * D + 1)[1:].view(B, D)                             # contiguous, 4 bytes off alignment
     assert not x.is_contiguous() and not v.is_contiguous() and xi.is_contiguous() and xi.data_ptr() % 16 != 0
     F.sde_step(x, v, a_B=1.0, b_B=0.5, std_B=0.1, noise_BD=xi, backend="cuda")
     (name, args), = Lib.calls
