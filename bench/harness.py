@@ -15,7 +15,9 @@ Protocol (docs/DESIGN.md "Benchmarks", STYLE.md item 14; METHOD.md of the lent G
    the L2 flushed with a 256 MB write before each call, warm-up and call count sized from a 5-call estimate,
    p20/p50/p80 over ~200 ms of calls (40 ms with --quick) — written out here so that each call can have an
    untimed setup: backward-only timing then gets a fresh graph every call instead of retain_graph, which
-   torch.compile's backward refuses (donated buffers). CPU: time.perf_counter around each call,
+   torch.compile's backward refuses (donated buffers). GPU op rows also get `kernel_ms`: the device time of
+   the call's own kernels (torch.profiler's CUDA activity; see `kernel_ms`), so a fused op of tens of µs
+   shows how much of its end-to-end time is host dispatch. CPU: time.perf_counter around each call,
    p20/p50/p80 of 5–100 calls; CPU inputs at these shapes stay in cache, so CPU figures are smoke tests of
    the harness, not claims.
 4. One long-format row per (suite, op, provider, mode, shape, dtype); see ROW_FIELDS and bench/README.md.
@@ -57,7 +59,7 @@ TEST_PROVIDERS: dict[str, dict[str, Callable]] = {}
 ROW_FIELDS = (
     "suite", "op", "provider", "mode", "shape", "dtype",
     "ms_p20", "ms_p50", "ms_p80", "unit", "value", "ceiling", "ceiling_frac",
-    "speedup_vs_torch", "speedup_vs_compile", "peak_mem_mib", "check_ratio", "ok", "note", "extra",
+    "speedup_vs_torch", "speedup_vs_compile", "peak_mem_mib", "kernel_ms", "check_ratio", "ok", "note", "extra",
     "device", "device_kind", "torch", "triton", "cuda", "commit",
 )
 
@@ -118,6 +120,8 @@ class Row:
     speedup_vs_torch: float | None = None
     speedup_vs_compile: float | None = None
     peak_mem_mib: float | None = None
+    kernel_ms: float | None = None
+    """GPU op rows: mean device time of the call's kernels per call (profiler), host dispatch excluded"""
     check_ratio: float | None = None
     """largest (error / tolerance) over the checked outputs; ≤ 1 passes; 0 for the reference itself"""
     ok: bool = True
@@ -133,7 +137,8 @@ class Row:
 
 def make_row(ctx: Context, *, suite: str, op: str, provider: str, mode: str, shape: str, dtype: str,
              ms: tuple[float, float, float] | None = None, work: float | None = None, unit: str | None = None,
-             ceiling: str | None = None, peak_mem_mib: float | None = None, check_ratio: float | None = None,
+             ceiling: str | None = None, peak_mem_mib: float | None = None, kernel_ms: float | None = None,
+             check_ratio: float | None = None,
              ok: bool = True, note: str = "", extra: dict | None = None) -> Row:
     """A Row with the throughput computed from `work` (bytes for unit "GB/s", FLOPs for "TFLOP/s") over the
     median time, its fraction of the measured `ceiling`, and the run's environment fields."""
@@ -148,7 +153,8 @@ def make_row(ctx: Context, *, suite: str, op: str, provider: str, mode: str, sha
     return Row(suite=suite, op=op, provider=provider, mode=mode, shape=shape, dtype=dtype,
                ms_p20=ms[0] if ms else None, ms_p50=ms[1] if ms else None, ms_p80=ms[2] if ms else None,
                unit=unit, value=value, ceiling=ceiling if value is not None else None, ceiling_frac=frac,
-               peak_mem_mib=peak_mem_mib, check_ratio=check_ratio, ok=ok, note=note, extra=dict(extra or {}),
+               peak_mem_mib=peak_mem_mib, kernel_ms=kernel_ms, check_ratio=check_ratio, ok=ok, note=note,
+               extra=dict(extra or {}),
                device=env.get("device", str(ctx.device)), device_kind=ctx.device.type,
                torch=env.get("torch", ""), triton=env.get("triton", ""), cuda=env.get("cuda") or "",
                commit=env.get("commit", ""))
@@ -254,6 +260,52 @@ def peak_mem_mib(ctx: Context, fn: Callable[[Any], Any], *, setup: Callable[[], 
     peak = torch.cuda.max_memory_allocated()
     del out, state
     return (peak - before) / 2**20
+
+
+_MARK = "unigrpo_bench_timed"
+
+
+def attribute_device_time(events, marker: str = _MARK) -> tuple[float, int]:
+    """(total µs of device events that start inside a host `marker` range, number of marker ranges).
+    events: (name, on_device, start_us, end_us) tuples on the profiler's one clock. Device events named
+    `marker` (the profiler's GPU-side copy of the annotation, spanning the kernels) are not counted."""
+    wins = sorted((s, e) for name, dev, s, e in events if name == marker and not dev)
+    total = 0.0
+    for name, dev, s, e in events:
+        if dev and name != marker and any(a <= s <= b for a, b in wins):
+            total += e - s
+    return total, len(wins)
+
+
+def kernel_ms(ctx: Context, fn: Callable[[Any], Any], *, setup: Callable[[], Any] | None = None,
+              reps: int = 5) -> float | None:
+    """GPU: mean device time (ms) of the kernels, memsets and copies that fn(setup()) launches, over `reps`
+    calls profiled with torch.profiler's CUDA activity; host time between launches is excluded. Each call
+    runs inside a host range opened after setup's work has finished and closed after a synchronize, so the
+    setup's kernels (the forward of a backward-only mode) are not counted. None on CPU (no device timeline)
+    or when the profiler yields no device events (e.g. CUPTI unavailable)."""
+    if not ctx.is_cuda:
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    setup = setup or (lambda: None)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                state = setup()
+                torch.cuda.synchronize()
+                with record_function(_MARK):
+                    fn(state)
+                    torch.cuda.synchronize()
+                del state
+        events = [(e.name, e.device_type == DeviceType.CUDA, e.time_range.start, e.time_range.end)
+                  for e in prof.events()]
+    except Exception as err:  # noqa: BLE001 - a profiler that cannot run must not fail the bench
+        ctx.log(f"  kernel time unavailable: {type(err).__name__}: {err}")
+        return None
+    total_us, n = attribute_device_time(events)
+    return total_us / n / 1e3 if n and total_us > 0 else None
 
 
 # --------------------------------------------------------------------------------------------- ceilings
@@ -422,6 +474,7 @@ def run_op_case(case: OpCase, ctx: Context) -> list[Row]:
             call, setup = _timed_callable(case, fn, inputs, mode)
             ms = time_ms(ctx, call, setup=setup)
             mem = peak_mem_mib(ctx, call, setup=setup)
+            kms = kernel_ms(ctx, call, setup=setup, reps=3 if ms[1] > 20 else 5)
             if mode in case.bytes:
                 work, unit, ceiling = case.bytes[mode], "GB/s", "copy"
             elif mode in case.flops:
@@ -432,7 +485,7 @@ def run_op_case(case: OpCase, ctx: Context) -> list[Row]:
             if name == "triton" and not ctx.is_cuda:
                 note = "Triton CPU interpreter (TRITON_INTERPRET=1): not a speed figure"
             row = make_row(ctx, mode=mode, ms=ms, work=work, unit=unit, ceiling=ceiling, peak_mem_mib=mem,
-                           check_ratio=ratio, note=note, **kw)
+                           kernel_ms=kms, check_ratio=ratio, note=note, **kw)
             ctx.log(f"  {case.name} [{name}] {mode}: {ms[1]:.4g} ms"
                     + (f", {row.value:.4g} {unit} ({row.ceiling_frac:.1%} of {ceiling})" if row.value else ""))
             rows.append(row)
@@ -587,12 +640,12 @@ def _row_md(r: Row) -> str:
     extra = "; ".join([f"{k} {_fmt(v) if isinstance(v, float) else v}" for k, v in r.extra.items()]
                       + ([r.note] if r.ok and r.note and r.ms_p50 is not None else []))
     cells = [r.op, r.provider, r.mode, r.shape, r.dtype, time_s, thr, frac, _fmt(r.speedup_vs_torch, ".2f"),
-             _fmt(r.speedup_vs_compile, ".2f"), _fmt(r.peak_mem_mib, ".1f"), status, extra]
+             _fmt(r.speedup_vs_compile, ".2f"), _fmt(r.peak_mem_mib, ".1f"), _fmt(r.kernel_ms, ".4g"), status, extra]
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
 MD_HEADER = ("| op | provider | mode | shape | dtype | ms p50 [p20, p80] | throughput | of ceiling | × torch "
-             "| × compile | peak MiB | check (err/tol) | extra |\n|" + "---|" * 13)
+             "| × compile | peak MiB | kernel ms | check (err/tol) | extra |\n|" + "---|" * 14)
 
 
 def render_markdown(result: dict, rows: list[Row]) -> str:

@@ -4,7 +4,10 @@ Backends: "torch" (the reference math in kernels/reference, any device), "triton
 devices, or CPU tensors when TRITON_INTERPRET=1 is set — the interpreter, for tests only) and "cuda"
 (kernels/cuda, a ctypes-loaded library built by CMake: CUDA devices only). Each op declares the backends it
 implements (`OP_BACKENDS`); "auto" picks the first available of them in `_AUTO_ORDER` (fastest first), and
-never picks the Triton interpreter (so on CPU "auto" is always "torch"). An explicit name that the op lacks,
+never picks the Triton interpreter (so on CPU "auto" is always "torch"). On a CUDA device, "auto" passing
+over a faster backend the op has (the CUDA library not built or not loadable, triton missing) warns once
+(RuntimeWarning and logger.warning, with the reason): the CUDA library is built locally and git-ignored, so
+a fresh checkout would otherwise run the Triton path without anyone noticing. An explicit name that the op lacks,
 or that is unavailable on the device, is an error naming both. No import-time magic: callers pass the name
 (from their config) and get a plain string back; tests force each backend by name.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -65,6 +69,23 @@ _PROBES: dict[str, Callable[[torch.device | None], bool]] = {
     "torch": lambda dev: True, "triton": _triton_ok, "cuda": _cuda_ok}
 
 
+def _why_unavailable(name: str, dev: torch.device | None) -> str:
+    """One line: why backend `name` is unavailable on `dev` (never raises)."""
+    if name == "cuda":
+        try:
+            from .cuda_lib import cuda_library_status
+
+            return cuda_library_status(dev)
+        except Exception as err:  # noqa: BLE001 - a status line must not break backend selection
+            return f"status unknown ({type(err).__name__}: {err})"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        return "TRITON_INTERPRET=1 is set (the interpreter never runs CUDA tensors)" if triton_interpreted() else \
+            "not usable on this device"
+    return "unavailable"
+
+
 def available_backends(device=None, op: str | None = None) -> list[str]:
     """The backends usable on `device` (None = no device constraint) for `op` (None = any op), in
     auto-preference order."""
@@ -91,6 +112,16 @@ def resolve_backend(name: str = "auto", device=None, op: str | None = None) -> s
     if req == "auto":
         native = [b for b in avail if not (b == "triton" and (dev is None or dev.type != "cuda"))]
         chosen = native[0] if native else "torch"
+        on_gpu = dev.type == "cuda" if dev is not None else torch.cuda.is_available()
+        implemented = OP_BACKENDS[op] if op is not None else KNOWN_BACKENDS
+        passed = [b for b in _AUTO_ORDER[:_AUTO_ORDER.index(chosen)] if b in implemented and b not in avail]
+        key = ("fallback", str(dev), op, chosen)
+        if on_gpu and passed and key not in _logged and not torch.compiler.is_compiling():
+            _logged.add(key)
+            msg = (f"unigrpo_kernels: backend 'auto' for {op or 'ops'} on {dev or 'cuda'} falls back to {chosen!r}: "
+                   + "; ".join(f"{b} {_why_unavailable(b, dev)}" for b in passed))
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
     elif req in avail:
         chosen = req
     else:

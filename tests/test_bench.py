@@ -53,6 +53,7 @@ def test_flow_and_step_quick_write_results(tmp_path):
                 assert r["unit"] == "GB/s" and r["value"] > 0 and r["ceiling_frac"] > 0
                 assert r["speedup_vs_torch"] > 0 and r["speedup_vs_compile"] > 0
                 assert r["check_ratio"] <= 1.0
+                assert r["kernel_ms"] is None          # no device timeline on CPU
     step = {r["mode"]: r for r in rows if r["suite"] == "step" and r["provider"] == "torch"}
     assert set(step) == {"iteration", "rollout_text", "rollout_image", "reward", "train"}
     assert all(r["ms_p50"] > 0 for r in step.values())
@@ -144,3 +145,37 @@ def test_attention_quick_checks_split_against_dense_sdpa(tmp_path):
         assert pairs == int(visible.sum())
         L = suite.causal_length(pairs)
         assert abs(L * (L + 1) // 2 - pairs) <= L
+
+
+def test_quick_shrinks_the_gpu_shapes():
+    """On a CUDA device --quick must fit a short lease: the token and attention suites run fewer and smaller
+    GPU cases (the shapes are pure functions of the context: no GPU needed to read them)."""
+    import torch
+
+    from bench.suites import attention, token
+
+    full, quick = (harness.Context(device=torch.device("cuda"), quick=q) for q in (False, True))
+    tv = lambda cases: sum(B * L * H * V for B, L, H, V, _ in cases)  # noqa: E731 - the GEMM work, ∝ T·H·V
+    assert token.shapes(full)[0][2:4] == (3584, 152_064)          # the paper's model in the full run
+    assert len(token.shapes(quick)) < len(token.shapes(full)) and tv(token.shapes(quick)) * 4 < tv(token.shapes(full))
+    toks = lambda specs: sum(t + w * n for s in specs for row in s["rows"] for t, w, n in row)  # noqa: E731
+    assert len(attention.shapes(quick)) < len(attention.shapes(full))
+    assert toks(attention.shapes(quick)) * 2 < toks(attention.shapes(full))
+
+
+def test_kernel_time_counts_only_the_timed_calls_device_events():
+    """kernel_ms's attribution: device events starting inside a host marker range count (the GPU-side copy
+    of the marker does not), events of the untimed setup outside every range do not; None on CPU."""
+    import torch
+
+    M = harness._MARK
+    events = [("setup_fwd_kernel", True, 0.0, 50.0),        # the setup's kernel, before the range opens
+              (M, False, 60.0, 200.0), (M, True, 61.0, 190.0),
+              ("k1", True, 70.0, 100.0), ("memset", True, 100.0, 104.0), ("cpu_op", False, 65.0, 80.0),
+              (M, False, 300.0, 400.0), ("k1", True, 310.0, 330.0),
+              ("late", True, 500.0, 510.0)]
+    total, n = harness.attribute_device_time(events)
+    assert n == 2 and total == (30 + 4) + 20
+    ctx = harness.Context(device=torch.device("cpu"))
+    assert harness.kernel_ms(ctx, lambda _: torch.ones(3).sum()) is None
+    assert "| kernel ms |" in harness.MD_HEADER and "kernel_ms" in harness.ROW_FIELDS

@@ -81,6 +81,10 @@ needs_gpu = pytest.mark.skipif(_GPU_SKIP is not None, reason=_GPU_SKIP or "")
 
 # ------------------------------------------------------------------------------------ compile (CPU)
 
+_HDR = (CUDA_DIR / "flow_thread.cuh").read_text()
+STREAM_REGS = 65536 // (int(re.search(r"kThreads = (\d+)", _HDR).group(1))
+                        * int(re.search(r"kMinBlocksPerSm = (\d+)", _HDR).group(1))) // 8 * 8
+"""the register cap __launch_bounds__(kThreads, kMinBlocksPerSm) puts on the streaming kernels (80)"""
 ARCH_FLAGS = {"sm_80": "-gencode=arch=compute_80,code=sm_80", "sm_90a": "-gencode=arch=compute_90a,code=sm_90a"}
 
 
@@ -104,6 +108,12 @@ def test_cuda_sources_compile_for_sm80_and_sm90a_without_spills(tmp_path):
         bad = [(k, p) for (k, _), p in zip(kernels, props) if any(int(n) for n in p)]
         assert not bad, f"{name} {arch}: stack frame / spills (bytes frame, stores, loads): {bad}"
         assert "warning" not in out.lower(), f"{name} {arch}: compiler warnings:\n{out[-4000:]}"
+        # registers as __launch_bounds__(kThreads, kMinBlocksPerSm) caps them: 65,536 / (256 · 3) rounded down
+        # to the allocation unit of 8 = 80 for the streaming kernels; the 32-thread reduction has no floor
+        regs = [int(n) for n in re.findall(r"Used (\d+) registers", out)]
+        assert len(regs) == len(kernels), f"{name} {arch}: {len(regs)} register reports for {len(kernels)} kernels"
+        over = [(k, r) for (k, _), r in zip(kernels, regs) if r > (255 if "reduce_partials" in k else STREAM_REGS)]
+        assert not over, f"{name} {arch}: registers per thread over the launch-bounds cap {STREAM_REGS}: {over}"
 
 
 # ----------------------------------------------------------------------------- host emulation (CPU)

@@ -19,6 +19,7 @@ Shapes (GPU, BAGEL-7B's attention at 1024 px, bf16): 28 query heads, 4 KV heads,
 is ~512 text tokens (prompt + reasoning) then W = 3 noise blocks of 4096 image tokens.
 - "rows": the trainer's packing, one trajectory per row, B = 2 (texts 512 and 448, so row 2 is padded);
 - "docs": two trajectories packed in one row as two documents (texts 512 and 384).
+--quick on GPU: "rows" only, with W = 1 noise block per trajectory.
 CPU (marked CPU figures, smoke test of the suite): 4 heads / 2 KV, head dim 32, blocks of 64 tokens
 (16 with --quick), fp32.
 
@@ -85,6 +86,8 @@ def shapes(ctx) -> list[dict]:
     heads, kv_heads, hd, dtype."""
     if ctx.is_cuda:
         model = dict(heads=28, kv_heads=4, hd=128, dtype=torch.bfloat16)
+        if ctx.quick:   # one noise block per trajectory: ~4.6k tokens a row instead of ~12.8k (short GPU lease)
+            return [dict(name="rows", rows=[[(512, 1, 4096)], [(448, 1, 4096)]], **model)]
         return [dict(name="rows", rows=[[(512, 3, 4096)], [(448, 3, 4096)]], **model),
                 dict(name="docs", rows=[[(512, 3, 4096), (384, 3, 4096)]], **model)]
     n, t = (16, 12) if ctx.quick else (64, 48)

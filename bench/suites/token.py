@@ -11,7 +11,7 @@ library, not a dependency: it is never installed by this project. On CPU only th
 
 Shapes: GPU — the paper's (ALGORITHM.md §10; DESIGN.md: T = 12,288 reasoning tokens = 24 sequences × 512,
 hidden 3584, vocabulary 152,064; bf16 hidden and lm_head) and short reasoning (T = 2,048 = 8 × 256, same
-model). CPU — T=64, H=64, V=512 fp32 (T=32, H=32, V=256 with --quick).
+model; --quick runs only this one). CPU — T=64, H=64, V=512 fp32 (T=32, H=32, V=256 with --quick).
 
 FLOPs counted (unit TFLOP/s against the bf16 matmul ceiling measured in the same run):
     fwd  2·T·H·V   (the logits GEMM; the softmax statistics are O(T·V) and not counted)
@@ -52,8 +52,9 @@ _LOSS_KW = dict(eps_lo=0.2, eps_hi=0.28, aggregation="sequence")
 
 def shapes(ctx) -> list[tuple[int, int, int, int, torch.dtype]]:
     """(B sequences, L tokens each, H hidden, V vocabulary, dtype) of this device's cases; T = B·L."""
-    if ctx.is_cuda:
-        return [(24, 512, 3584, 152_064, torch.bfloat16), (8, 256, 3584, 152_064, torch.bfloat16)]
+    if ctx.is_cuda:   # --quick: the short-reasoning case only (fits a short GPU lease)
+        short = [(8, 256, 3584, 152_064, torch.bfloat16)]
+        return short if ctx.quick else [(24, 512, 3584, 152_064, torch.bfloat16)] + short
     return [(4, 8, 32, 256, torch.float32)] if ctx.quick else [(4, 16, 64, 512, torch.float32)]
 
 

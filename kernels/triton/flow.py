@@ -51,6 +51,17 @@ def _config(D: int, device: torch.device) -> tuple[int, int, int, int]:
     return block, iters, chunks, warps
 
 
+def _finalize_blocks(B: int, C: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_B rows, BLOCK_C partials) per step of the finalize kernel; smaller on the interpreter. On GPU the
+    [BLOCK_B, BLOCK_C] partial tile is capped at 2,048 elements (16 fp32 registers a thread at 4 warps): compiled
+    for sm_90a (tests/test_triton_aot.py) a 1024 × 64 tile (B ≥ 1024 rows) spilled ~200 KB a thread, a
+    64 × 64 one still 716 bytes; 32 × 64 uses 189 registers and does not spill."""
+    cuda = device.type == "cuda"
+    block_c = min(max(triton.next_power_of_2(C), 2), 64 if cuda else 8)
+    block_b = min(max(triton.next_power_of_2(B), 16), max(16, 2048 // block_c) if cuda else 64)
+    return block_b, block_c
+
+
 # ----------------------------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -283,8 +294,7 @@ def flow_loss_finalize(part_BC3: Tensor, adv_B: Tensor, b_B: Tensor, std_B: Tens
     loss = torch.empty((), dtype=torch.float32, device=dev)
     metrics = torch.empty(len(FLOW_METRICS), dtype=torch.float32, device=dev)
     coef = torch.empty(B, 3, dtype=torch.float32, device=dev)
-    block_b = min(max(triton.next_power_of_2(B), 16), 1024 if dev.type == "cuda" else 64)
-    block_c = min(max(triton.next_power_of_2(C), 2), 64 if dev.type == "cuda" else 8)
+    block_b, block_c = _finalize_blocks(B, C, dev)
     _flow_loss_finalize_kernel[(1,)](part_BC3, C, adv_B, b_B, std_B, h_B, loss, metrics, coef, B, float(D),
                                      float(lo), float(hi), float(beta), RATIO_NORM=bool(ratio_norm),
                                      REWEIGHT=bool(grad_reweight), REG=int(reg), BLOCK_B=block_b, BLOCK_C=block_c,

@@ -38,9 +38,11 @@ Decisions:
 - Launch configs come from `_config` (fixed: the interpreter cannot run @triton.autotune; tiny blocks
   there so the tests cross every block, split and chunk boundary). No autotuning on GPU either: a T-keyed
   autotune would break batch invariance, and the GEMM tiles below (128×128×64, 8 warps, 3 stages) are the
-  usual bf16 choice on sm_80/sm_90. Compiled ahead of time for sm_90 by triton 3.6 (no GPU needed; a test
-  does it): the bf16 kernels use wgmma with a 3-stage 96 KB smem ring and do not spill (the forward, with its
-  softmax epilogue on a 128×128 fp32 tile, uses all 255 registers). Not yet run or tuned on a GPU.
+  usual bf16 choice on sm_80/sm_90. Every launch variant is compiled ahead of time for sm_90a at the paper's
+  and the tests' extreme shapes by tests/test_triton_aot.py (no GPU needed; triton 3.9 and 3.6): the bf16
+  kernels use wgmma with a 3-stage 96 KB smem ring and do not spill (the forward, with its softmax epilogue
+  on a 128×128 fp32 tile, uses all 255 registers); fp32 dots and unaligned rows use 64-row tiles (`_config`).
+  Not yet run or tuned on a GPU.
 """
 from __future__ import annotations
 
@@ -76,20 +78,27 @@ class _Config:
     vb: int           # backward vocabulary block (any size: tiles are masked)
     tc: int           # backward token chunk
     merge: int        # rows per program of the merge
+    merge_warps: int
 
 
-def _config(V: int, dot_f32: bool, device: torch.device) -> _Config:
-    """Launch configuration; depends on V, the dot dtype and the device only (never on T: batch invariance)."""
+def _config(V: int, dot_f32: bool, device: torch.device, aligned: bool = True) -> _Config:
+    """Launch configuration; depends on V, the dot dtype, the device and whether the hidden / weight rows are
+    16-byte aligned (H·itemsize % 16 == 0) only — never on T (batch invariance)."""
     if device.type != "cuda":   # the interpreter: small tiles, many boundaries crossed by small shapes
         cfg = _Config(16, 64, 64, split=128, warps=1, stages=1, mm_m=32, mm_n=64, mm_k=64, mm_warps=1,
-                      mm_stages=1, vb=128, tc=32, merge=64)
+                      mm_stages=1, vb=128, tc=32, merge=64, merge_warps=1)
     else:
         bh = 32 if dot_f32 else 64        # fp32 tiles are twice the bytes: keep the smem ring at ~96 KB
         # 4096-column splits: the paper's V = 152,064 gives 38 splits, with T = 12,288 3,648 programs on 132 SMs
         # (the last split holds 640 columns: 27 of its 32 tiles are fully masked, 2.2% of the forward's GEMMs).
         # Vb = 4096 and Tc = 16,384: a 128 MiB bf16 scratch, and one token chunk up to T = 16,384.
         cfg = _Config(128, 128, bh, split=4096, warps=8, stages=3, mm_m=128, mm_n=128, mm_k=bh, mm_warps=8,
-                      mm_stages=3, vb=4096, tc=16384, merge=256)
+                      mm_stages=3, vb=4096, tc=16384, merge=256, merge_warps=4)
+        # compiled for sm_90a (tests/test_triton_aot.py), the 128-row logit tile spills registers with fp32 dots
+        # (28–1,624 bytes) and with bf16 rows that are not 16-byte aligned (odd H: no async copies, ~340
+        # bytes); 64 rows (and 64 columns for unaligned fp32) do not spill. The aligned bf16 path is unchanged.
+        if dot_f32 or not aligned:
+            cfg = dataclasses.replace(cfg, block_t=64, block_v=64 if (dot_f32 and not aligned) else 128)
     # a small vocabulary: one split / one block of just enough tiles (no fully masked tiles)
     round_v = triton.cdiv(V, cfg.block_v) * cfg.block_v
     return dataclasses.replace(cfg, split=min(cfg.split, round_v), vb=min(cfg.vb, round_v))
@@ -270,6 +279,11 @@ def _rowmajor(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _aligned(hidden_TH: Tensor, weight_VH: Tensor) -> bool:
+    """Whether every row of hidden and weight starts 16-byte aligned (their row strides in bytes)."""
+    return all(t.stride(0) * t.element_size() % 16 == 0 for t in (hidden_TH, weight_VH))
+
+
 def _dot_f32(hidden_TH: Tensor, weight_VH: Tensor) -> bool:
     """fp32 dots unless both operands share a 16-bit dtype (and always on the interpreter)."""
     return (triton_interpreted() or hidden_TH.dtype != weight_VH.dtype or hidden_TH.dtype == torch.float32)
@@ -290,7 +304,7 @@ def token_forward(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, tempe
     if T == 0:
         return logp, ent, lse
     dot_f32 = _dot_f32(hidden_TH, weight_VH)
-    cfg = _config(V, dot_f32, dev)
+    cfg = _config(V, dot_f32, dev, _aligned(hidden_TH, weight_VH))
     S = triton.cdiv(V, cfg.split)
     part = torch.empty(4, S, T, dtype=torch.float32, device=dev)
     _token_fwd_kernel[(triton.cdiv(T, cfg.block_t), S)](
@@ -300,7 +314,7 @@ def token_forward(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, tempe
         num_warps=cfg.warps, num_stages=cfg.stages)
     _token_merge_kernel[(triton.cdiv(T, cfg.merge),)](
         part, logp, ent if want_entropy else logp, lse, T, S, _trip(S), WANT_ENT=want_entropy, BLOCK=cfg.merge,
-        num_warps=4 if dev.type == "cuda" else 1)
+        num_warps=cfg.merge_warps)
     return logp, ent, lse
 
 
@@ -338,7 +352,7 @@ def token_backward(grad_logp_T: Tensor, grad_entropy_T: Tensor | None, hidden_TH
             dw.zero_()
         return dh, dw
     dot_f32 = _dot_f32(hidden_TH, weight_VH)
-    cfg = _config(V, dot_f32, dev)
+    cfg = _config(V, dot_f32, dev, _aligned(hidden_TH, weight_VH))
     vb, tc = min(cfg.vb, V), min(cfg.tc, T)
     n_vb, n_tc = triton.cdiv(V, vb), triton.cdiv(T, tc)
     dz = torch.empty(tc, vb, dtype=torch.float32 if dot_f32 else hidden_TH.dtype, device=dev)
