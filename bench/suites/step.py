@@ -138,10 +138,12 @@ def model_flops(mcfg, counts: dict, *, steps: int, window: int, epochs: int, cfg
 
 @contextlib.contextmanager
 def capture_rollout_counts(sink: list):
-    """Wrap unigrpo.trainer's `rollout` so each iteration's token counts land in `sink`; restored on exit."""
+    """Wrap the rollout entry unigrpo.trainer calls (`rollout_in_batches`, or `rollout`) so each iteration's token
+    counts land in `sink`; restored on exit."""
     import unigrpo.trainer as tr
 
-    orig = getattr(tr, "rollout", None)
+    name = "rollout_in_batches" if hasattr(tr, "rollout_in_batches") else "rollout"
+    orig = getattr(tr, name, None)
     if orig is None:  # the trainer was refactored: no exact counts, no FLOPs
         yield
         return
@@ -152,11 +154,11 @@ def capture_rollout_counts(sink: list):
                      "reasoning": traj.reasoning.mask_BT.sum(1).tolist()})
         return traj
 
-    tr.rollout = wrapped
+    setattr(tr, name, wrapped)
     try:
         yield
     finally:
-        tr.rollout = orig
+        setattr(tr, name, orig)
 
 
 # ------------------------------------------------------------------------------------------------- run
