@@ -152,10 +152,12 @@ def _name(r):
 
 def _spill_allowance(r) -> int:
     """Bytes of spills tolerated: none, except the one-program flow finalize at B ≥ 1024 rows ("many"), where
-    triton 3.9 spills 24 B in one flag combination at 168 registers (3.6: none; 16 B elsewhere with a 1,024-
+    triton ≥ 3.7 may spill there (3.9: 24 B in one flag combination at 168 registers; 3.6, the GPU machine's,
+    spills none and is held to none; 16 B elsewhere with a 1,024-
     element tile, so it follows the code, not the tile size). That kernel runs one program per loss call over
     [B, chunks, 3] partials: a few bytes of local memory there cost nothing measurable."""
-    return 64 if r["kernel"] == "_flow_loss_finalize_kernel" and "many" in r["cases"] else 0
+    newer = tuple(int(x) for x in str(r["triton"]).split(".")[:2]) >= (3, 7)   # the GPU machine's 3.6: none
+    return 64 if newer and r["kernel"] == "_flow_loss_finalize_kernel" and "many" in r["cases"] else 0
 
 
 def test_every_variant_compiles_without_spills_within_shared_memory(compiled):
