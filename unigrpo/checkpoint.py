@@ -222,6 +222,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for alias, kept in tied.items():
         state[alias] = state[kept]
 
+    config, meta, trainer_state = read_side_files(path, map_location, weights_only)
+    return Checkpoint(model_state=state, config=config, trainer_state=trainer_state, meta=meta, path=path)
+
+
+def read_side_files(path: str, map_location="cpu", weights_only: bool = True) -> tuple[dict, dict, dict | None]:
+    """(config.json, meta.json or {}, trainer.pt or None) of a checkpoint directory, any format."""
     config = read_json_object(os.path.join(path, CONFIG_FILE))
     meta_file = os.path.join(path, META_FILE)
     meta = read_json_object(meta_file) if os.path.isfile(meta_file) else {}
@@ -233,7 +239,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         except Exception as err:
             raise ValueError(f"corrupt checkpoint file {trainer_file} (or, with weights_only=True, it holds "
                              f"objects beyond tensors and plain types): {err}") from None
-    return Checkpoint(model_state=state, config=config, trainer_state=trainer_state, meta=meta, path=path)
+    return config, meta, trainer_state
 
 
 def read_json_object(file: str, what: str = "corrupt checkpoint file") -> dict:

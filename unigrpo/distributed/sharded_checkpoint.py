@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unigrpo.checkpoint import (CONFIG_FILE, META_FILE, MODEL_FILE, TRAINER_FILE, _fsync, _write_json,
-                                new_temp_dir, read_json_object, swap_in)
+from unigrpo.checkpoint import (CONFIG_FILE, META_FILE, MODEL_FILE, TRAINER_FILE, _fsync, _write_json, new_temp_dir,
+                                read_side_files, swap_in)
 
 __all__ = ["DCP_DIR", "is_dcp_checkpoint", "resolve_checkpoint", "save_sharded", "load_sharded",
            "PendingSave", "read_full_state"]
@@ -153,16 +153,7 @@ def read_meta(path: str) -> tuple[str, dict, dict, dict | None]:
         raise FileNotFoundError(f"{path} is not a DCP checkpoint (no {DCP_DIR}/.metadata; found {have}"
                                 + (f"; it holds {MODEL_FILE}: a safetensors checkpoint" if MODEL_FILE in have
                                    else "") + ")")
-    config = read_json_object(os.path.join(path, CONFIG_FILE))
-    meta_file = os.path.join(path, META_FILE)
-    meta = read_json_object(meta_file) if os.path.isfile(meta_file) else {}
-    trainer_file = os.path.join(path, TRAINER_FILE)
-    trainer = None
-    if os.path.isfile(trainer_file):
-        try:
-            trainer = torch.load(trainer_file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"corrupt checkpoint file {trainer_file}: {err}") from None
+    config, meta, trainer = read_side_files(path)
     return path, config, meta, trainer
 
 
