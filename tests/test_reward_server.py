@@ -95,7 +95,7 @@ class _Bad(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self):
-        n = len(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["images"])
+        n = len(json.loads(self.rfile.read(int(self.headers["Content-Length"]))).get("images", [None]))
         type(self).hits += 1
         m = self.mode
         if m == "sleep":
@@ -226,3 +226,11 @@ def test_serve_reward_command_serves_and_refuses_bad_options():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_vlm_judge_transport_faults_are_retried_then_named(bad_server):
+    _Bad.mode, _Bad.hits = "500", 0
+    judge = VlmJudgeReward(bad_server.rstrip("/") + "/v1", retries=1, backoff=0.01, label="judge")
+    with pytest.raises(RewardError, match=r"reward 'judge' at .*/v1/chat/completions: sample 0 .*after 2 attempts: HTTP 500"):
+        score(judge, torch.zeros(1, 3, 8, 8), ["a cat"], [{}], label="judge")
+    assert _Bad.hits == 2

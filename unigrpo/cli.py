@@ -132,7 +132,7 @@ def cmd_train(args) -> int:
 
 def cmd_export_prompts(args) -> int:
     """The shapes world's prompts as a GenEval-format JSONL file (one {prompt, tag, include[, exclude]} a line)."""
-    from unigrpo.data import shapes_records, write_prompt_file
+    from unigrpo.data.prompts import shapes_record, shapes_records, write_prompt_file
     from unigrpo.world import CATEGORIES
     from unigrpo.world.prompts import split_prompts
 
@@ -145,15 +145,7 @@ def cmd_export_prompts(args) -> int:
     if args.n:
         records = shapes_records(args.split, args.n, args.seed)
     else:   # every distinct prompt of the split, once (GenEval's own files list each prompt once)
-        from unigrpo.data.prompts import PromptRecord
-        from unigrpo.world.geneval import to_geneval
-
-        records = []
-        for c in CATEGORIES:
-            for p in split_prompts(c, args.split):
-                meta = to_geneval(p)
-                del meta["prompt"]
-                records.append(PromptRecord(p.text, c, meta))
+        records = [shapes_record(p) for c in CATEGORIES for p in split_prompts(c, args.split)]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_prompt_file(out, records)
     print(f"{len(records)} {args.split} prompts written to {out}")

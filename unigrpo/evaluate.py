@@ -26,7 +26,7 @@ from tqdm import tqdm
 from unigrpo.data import DataConfig, PromptRecord, build_prompt_source, check_prompt_lengths, tag_order
 from unigrpo.report import write_text_atomic
 from unigrpo.rewards.registry import RewardSet, RewardSpec
-from unigrpo.rewards.verifier import shapes_prompts
+from unigrpo.rewards.verifier import records_to_prompts
 from unigrpo.rollout.generate import sample
 from unigrpo.viz import save_image_grid
 from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify
@@ -243,7 +243,7 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
                                    cfg_scale=cfg.cfg_scale, generator=gen)
         images = images.float().cpu()
         if rewards is None:
-            res = verify(images, make_prompts_of(chunk))
+            res = verify(images, records_to_prompts(chunk))
             shapes.append((res.ta.numpy(), res.geneval.numpy(), res.strict.numpy()))
         else:
             total, each, _ = rewards(images, [r.text for r in chunk], [r.metadata for r in chunk])
@@ -266,11 +266,6 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     summary["overall"]["plan_valid"] = float(np.mean([parse_plan(t) is not None for t in texts]))
     summary["overall"]["images"] = image_statistics(images)
     return EvalResult(tags, ta_a, ge_a, [r.text for r in records], texts, images, summary, st_a)
-
-
-def make_prompts_of(records: list[PromptRecord]):
-    """The shapes world's Prompts of shapes records (their GenEval metadata)."""
-    return shapes_prompts([r.text for r in records], [r.metadata for r in records], [r.where for r in records])
 
 
 def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:

@@ -34,8 +34,8 @@ from unigrpo.world import CATEGORIES, make_prompts
 from unigrpo.world.geneval import to_geneval
 
 __all__ = ["PROMPT_SUFFIXES", "DataConfig", "PromptRecord", "PromptFileError", "load_prompt_file",
-           "write_prompt_file", "FilePromptSource", "ShapesPromptSource", "build_prompt_source", "shapes_records",
-           "check_prompt_lengths", "tag_order"]
+           "write_prompt_file", "FilePromptSource", "ShapesPromptSource", "build_prompt_source", "shapes_record",
+           "shapes_records", "check_prompt_lengths", "tag_order"]
 
 PROMPT_SUFFIXES = (".jsonl", ".txt", ".csv")
 SHAPES = "shapes"
@@ -176,12 +176,14 @@ def tag_order(tags: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- sources
 def shapes_records(split: str, n: int, seed: int) -> list[PromptRecord]:
     """n prompts of the shapes world's split as records (make_prompts' order), with GenEval metadata."""
-    out = []
-    for p in make_prompts(split, n, seed=seed):
-        meta = to_geneval(p)
-        del meta["prompt"]
-        out.append(PromptRecord(p.text, p.category, meta, f"shapes:{split}"))
-    return out
+    return [shapes_record(p, split) for p in make_prompts(split, n, seed=seed)]
+
+
+def shapes_record(prompt, split: str = "") -> PromptRecord:
+    """One shapes-world Prompt as a record: its text, its category as the tag, its GenEval metadata."""
+    meta = to_geneval(prompt)
+    del meta["prompt"]
+    return PromptRecord(prompt.text, prompt.category, meta, f"shapes:{split}" if split else "")
 
 
 class ShapesPromptSource:

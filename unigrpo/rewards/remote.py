@@ -28,7 +28,7 @@ from PIL import Image
 
 from unigrpo.rewards.base import RewardError
 
-__all__ = ["RemoteReward", "encode_png", "decode_png", "images_to_png", "pngs_to_images", "parse_scores"]
+__all__ = ["RemoteReward", "RetryingPost", "RetriesExhausted", "encode_png", "decode_png", "images_to_png", "pngs_to_images", "parse_scores"]
 
 
 def encode_png(image_HW3: np.ndarray) -> str:
@@ -76,6 +76,53 @@ def parse_scores(body: object, n: int) -> list[float]:
     return [float(s) for s in scores]
 
 
+class RetriesExhausted(Exception):
+    """Every attempt of a RetryingPost failed; `last` says how the last one did."""
+
+    def __init__(self, attempts: int, last: str):
+        super().__init__(last)
+        self.attempts, self.last = attempts, last
+
+
+class RetryingPost:
+    """POST a JSON body to `url` until `read(answer)` accepts the decoded answer: 1 + `retries` attempts, the k-th
+    retry after backoff·2^(k−1) s, `timeout` s each; requests' sessions are per thread. Any transport error, HTTP
+    status other than 200, non-JSON body, or exception from `read` (ValueError, KeyError, IndexError, TypeError)
+    is a failed attempt; after the last one, RetriesExhausted."""
+
+    def __init__(self, url: str, *, timeout: float, retries: int, backoff: float):
+        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        self._local = threading.local()
+        self.sent = 0
+
+    def post(self, body: dict, read):
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            self.sent += 1
+            try:
+                r = self._local.session.post(self.url, json=body, timeout=self.timeout)
+                if r.status_code != 200:
+                    raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
+                try:
+                    answer = r.json()
+                except ValueError:
+                    raise ValueError(f"the answer is not JSON: {r.text[:200]!r}") from None
+                return read(answer)
+            except requests.Timeout:
+                last = f"no answer within the timeout of {self.timeout} s"
+            except requests.RequestException as err:
+                last = f"{type(err).__name__}: {err}"
+            except ValueError as err:
+                last = str(err)
+            except (KeyError, IndexError, TypeError) as err:
+                last = f"unexpected answer ({type(err).__name__}: {err})"
+        raise RetriesExhausted(self.retries + 1, last)
+
+
 class RemoteReward:
     """HTTP client of a reward server (module docstring). float32 [B]."""
 
@@ -83,37 +130,19 @@ class RemoteReward:
                  backoff: float = 1.0, concurrency: int = 4, label: str = "remote"):
         self.url, self.batch_size, self.timeout = url, batch_size, timeout
         self.retries, self.backoff, self.concurrency, self.label = retries, backoff, concurrency, label
-        self._local = threading.local()
-        self.requests_sent = 0
+        self.http = RetryingPost(url, timeout=timeout, retries=retries, backoff=backoff)
 
-    def _session(self) -> requests.Session:
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        return self._local.session
+    @property
+    def requests_sent(self) -> int:
+        return self.http.sent
 
     def _post(self, start: int, pngs: list[str], prompts: list[str], metadata: list[dict]) -> list[float]:
         body = {"images": pngs, "prompts": prompts, "metadata": metadata}
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            self.requests_sent += 1
-            try:
-                r = self._session().post(self.url, json=body, timeout=self.timeout)
-                if r.status_code != 200:
-                    raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
-                try:
-                    answer = r.json()
-                except ValueError:
-                    raise ValueError(f"the answer is not JSON: {r.text[:200]!r}") from None
-                return parse_scores(answer, len(pngs))
-            except requests.Timeout:
-                last = f"no answer within the timeout of {self.timeout} s"
-            except (requests.RequestException, ValueError) as err:
-                last = f"{type(err).__name__}: {err}" if isinstance(err, requests.RequestException) else str(err)
-        end = start + len(pngs) - 1
-        raise RewardError(f"reward {self.label!r} at {self.url}: samples {start}..{end} (first prompt "
-                          f"{prompts[0][:60]!r}) failed after {self.retries + 1} attempts: {last}")
+        try:
+            return self.http.post(body, lambda answer: parse_scores(answer, len(pngs)))
+        except RetriesExhausted as err:
+            raise RewardError(f"reward {self.label!r} at {self.url}: samples {start}..{start + len(pngs) - 1} (first "
+                              f"prompt {prompts[0][:60]!r}) failed after {err.attempts} attempts: {err.last}") from None
 
     def __call__(self, images, prompts, metadata):
         pngs = images_to_png(images)

@@ -112,6 +112,6 @@ def surrogate_reward_of(images_B3HW: torch.Tensor, prompts: Sequence[str], metad
 
 def check_surrogate_records(records) -> None:
     """The surrogate scores only shapes-world prompts: fail up front, naming the first other one's line."""
-    from unigrpo.rewards.verifier import shapes_prompts
+    from unigrpo.rewards.verifier import records_to_prompts
 
-    shapes_prompts([r.text for r in records], [r.metadata for r in records], [r.where for r in records])
+    records_to_prompts(records)

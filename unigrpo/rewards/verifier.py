@@ -18,7 +18,7 @@ from unigrpo.world.geneval import from_geneval
 from unigrpo.world.prompts import Prompt
 from unigrpo.world.verify import clean_scores, stray_light, ta_exact_scores
 
-__all__ = ["SHAPES_REWARDS", "ShapesVerifierReward", "shapes_prompts"]
+__all__ = ["SHAPES_REWARDS", "ShapesVerifierReward", "records_to_prompts", "shapes_prompts"]
 
 SHAPES_REWARDS = {"shapes_ta": "ta", "shapes_geneval": "geneval", "shapes_exact": "ta_exact",
                   "shapes_clean": "clean"}
@@ -36,6 +36,12 @@ def shapes_prompts(prompts: Sequence[str], metadata: Sequence[dict], where: Sequ
     return out
 
 
+def records_to_prompts(records) -> list[Prompt]:
+    """The world's Prompt of each PromptRecord; ValueError naming the first record's file line that is not about
+    the shapes world."""
+    return shapes_prompts([r.text for r in records], [r.metadata for r in records], [r.where for r in records])
+
+
 class ShapesVerifierReward:
     """One of SHAPES_REWARDS' verifier scores ("ta", "geneval", "ta_exact" or "clean"), float32 [B]."""
 
@@ -47,7 +53,7 @@ class ShapesVerifierReward:
 
     def check_records(self, records) -> None:
         """Fail before training when a prompt's metadata is not about the shapes world (names its line)."""
-        shapes_prompts([r.text for r in records], [r.metadata for r in records], [r.where for r in records])
+        records_to_prompts(records)
 
     def __call__(self, images, prompts, metadata):
         ps = shapes_prompts(prompts, metadata)

@@ -14,14 +14,12 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import requests
 import torch
 
 from unigrpo.rewards.base import RewardError
-from unigrpo.rewards.remote import images_to_png
+from unigrpo.rewards.remote import RetriesExhausted, RetryingPost, images_to_png
 
 __all__ = ["VlmJudgeReward", "DEFAULT_TEMPLATE", "DEFAULT_PATTERN"]
 
@@ -30,6 +28,14 @@ log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = ("You judge how well an image matches its caption.\nCaption: {prompt}\n"
                     "Rate the match from 0 (unrelated) to 10 (exact). Reply with one line: Score: <number>")
 DEFAULT_PATTERN = r"[Ss]core\s*[:=]\s*(-?\d+(?:\.\d+)?)"
+
+
+def _content(answer) -> str:
+    """choices[0].message.content of a chat-completions answer (KeyError / TypeError when absent)."""
+    text = answer["choices"][0]["message"]["content"]
+    if not isinstance(text, str):
+        raise ValueError(f"choices[0].message.content is {type(text).__name__}, not text")
+    return text
 
 
 class VlmJudgeReward:
@@ -58,7 +64,7 @@ class VlmJudgeReward:
         self.max_tokens, self.timeout, self.retries, self.backoff = max_tokens, timeout, retries, backoff
         self.concurrency, self.label = concurrency, label
         self.unparsed = 0
-        self._local = threading.local()
+        self.http = RetryingPost(self.url, timeout=timeout, retries=retries, backoff=backoff)
         self._lock = threading.Lock()
 
     def parse(self, answer: str) -> float:
@@ -79,27 +85,11 @@ class VlmJudgeReward:
                 "temperature": 0.0, "max_tokens": self.max_tokens}
         if self.model:
             body["model"] = self.model
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                r = self._local.session.post(self.url, json=body, timeout=self.timeout)
-                if r.status_code != 200:
-                    raise ValueError(f"HTTP {r.status_code}: {r.text[:200]}")
-                answer = r.json()["choices"][0]["message"]["content"]
-                if not isinstance(answer, str):
-                    raise ValueError(f"choices[0].message.content is {type(answer).__name__}, not text")
-                break
-            except requests.Timeout:
-                last = f"no answer within the timeout of {self.timeout} s"
-            except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as err:
-                last = f"{type(err).__name__}: {err}"
-        else:
+        try:
+            answer = self.http.post(body, _content)
+        except RetriesExhausted as err:
             raise RewardError(f"reward {self.label!r} at {self.url}: sample {i} (prompt {prompt[:60]!r}) failed "
-                              f"after {self.retries + 1} attempts: {last}")
+                              f"after {err.attempts} attempts: {err.last}") from None
         s = self.parse(answer)
         if s != s:
             with self._lock:
