@@ -1,6 +1,7 @@
 """unigrpo: a kernel-accelerated UniGRPO trainer.
 
-Packages: `unigrpo` (the trainer library) and `unigrpo_kernels` (the fused ops, sources in kernels/).
+Packages: `unigrpo` (the trainer library), `unigrpo_kernels` (the fused ops, sources in kernels/) and
+`unigrpo_experiments` (the paper's comparisons behind `unigrpo compare`, sources in experiments/).
 The kernels folder is installed under the namespaced name `unigrpo_kernels`: a bare top-level `kernels`
 module would be mistaken by transformers for the Hugging Face kernels-hub package.
 
@@ -18,9 +19,15 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 
+# source folder → installed package name: bare top-level names like `kernels` or `experiments` would clash
+# with other distributions' packages
+PACKAGE_DIRS = {"kernels": "unigrpo_kernels", "experiments": "unigrpo_experiments"}
+
+
 def _find_packages():
     pkgs = find_packages(include=["unigrpo", "unigrpo.*"])
-    pkgs += ["unigrpo_kernels" + p[len("kernels"):] for p in find_packages(include=["kernels", "kernels.*"])]
+    for folder, name in PACKAGE_DIRS.items():
+        pkgs += [name + p[len(folder):] for p in find_packages(include=[folder, folder + ".*"])]
     return pkgs
 
 
@@ -80,7 +87,7 @@ setup(
     description="Kernel-accelerated UniGRPO: joint GRPO on reasoning tokens and FlowGRPO on denoising steps",
     python_requires=">=3.10",
     packages=_find_packages(),
-    package_dir={"unigrpo_kernels": "kernels"},
+    package_dir={name: folder for folder, name in PACKAGE_DIRS.items()},
     package_data={"unigrpo": ["configs/*.yaml", "assets/tiny_base/*"]},
     install_requires=[
         # torch is required but not pinned here: on CPU machines install it first with

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from unigrpo.compare import BASE, METHODS, CompareConfig, run_dir, train_overrides
-from unigrpo.compare_report import DISCUSSION, load_results, paired, verdict, write_results
+from unigrpo_experiments.compare import BASE, METHODS, CompareConfig, run_dir, train_overrides
+from unigrpo_experiments.report import DISCUSSION, load_results, paired, verdict, write_results
 from unigrpo.config import load_config
 from unigrpo.world import CATEGORIES
 
@@ -143,7 +143,7 @@ def test_miniature_compare_end_to_end(tmp_path):
 def test_intervals_are_over_prompts_not_over_seed_copies():
     """Seeds share the held-out prompts: three identical seeds carry no more evidence than one, so the
     interval must not narrow (treating 3 × n scores as independent would shrink it by √3)."""
-    from unigrpo.compare_report import pooled
+    from unigrpo_experiments.report import pooled
     from unigrpo.evaluate import mean_ci
 
     r = _fake(np.random.default_rng(3), 120, 0.5, [0])[0]

@@ -191,7 +191,7 @@ def test_1024px_training_stays_within_the_flex_recompile_limit():
     import yaml
 
     from unigrpo.model.attention import flex_bucket
-    from unigrpo.trainer import _chunks
+    from unigrpo.losses.packing import chunks as _chunks
 
     with open(os.path.join(os.path.dirname(TESTS), "unigrpo", "configs", "paper.yaml")) as f:
         paper = yaml.safe_load(f)

@@ -42,6 +42,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from unigrpo import __version__
+from unigrpo.config import config_to_dict
+from unigrpo.io import fsync
+
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_state_strict", "get_rng_state",
            "set_rng_state", "MODEL_FILE", "CONFIG_FILE", "TRAINER_FILE", "META_FILE"]
 
@@ -78,28 +82,39 @@ def save_checkpoint(path: str | os.PathLike, *, model_state: dict[str, torch.Ten
     os.makedirs(parent, exist_ok=True)
     _recover(path)
     if is_dataclass(config) and not isinstance(config, type):
-        from unigrpo.config import config_to_dict
         config = config_to_dict(config)
-    from unigrpo import __version__
     meta = {"time": time.time(), "version": __version__, **(meta or {})}
     tensors, tied = _dedup_tensors(model_state)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         os.mkdir(tmp)
         save_file(tensors, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt", _TIED_KEY: json.dumps(tied)})
-        _fsync(os.path.join(tmp, MODEL_FILE))
-        _write_json(os.path.join(tmp, CONFIG_FILE), config, "config")
-        _write_json(os.path.join(tmp, META_FILE), meta, "meta")
+        fsync(os.path.join(tmp, MODEL_FILE))
+        write_json(os.path.join(tmp, CONFIG_FILE), config, "config")
+        write_json(os.path.join(tmp, META_FILE), meta, "meta")
         if trainer_state is not None:
             with open(os.path.join(tmp, TRAINER_FILE), "wb") as f:
                 torch.save(trainer_state, f)
                 f.flush()
                 os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     swap_in(tmp, path)
+
+
+def write_json(file: str, obj: Any, what: str) -> None:
+    """`obj` as JSON into a file of a checkpoint's temporary directory, fsynced (the directory swap is
+    the atomic step). A value JSON cannot hold is a ValueError naming `what`."""
+    try:
+        text = json.dumps(obj, indent=2)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {what} is not JSON-serialisable: {err}") from None
+    with open(file, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def new_temp_dir(path: str) -> str:
@@ -124,7 +139,7 @@ def swap_in(tmp: str, path: str) -> None:
             moved_aside = True
         os.replace(tmp, path)
         moved_aside = False
-        _fsync(os.path.dirname(path))
+        fsync(os.path.dirname(path))
     except BaseException:
         if moved_aside and not os.path.exists(path):
             os.replace(old, path)  # roll back step 2
@@ -165,31 +180,6 @@ def _dedup_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
             storages.add(sptr)
         out[name] = t.to("cpu").contiguous()
     return out, tied
-
-
-def _write_json(file: str, obj: Any, what: str) -> None:
-    try:
-        text = json.dumps(obj, indent=2)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"checkpoint {what} is not JSON-serialisable: {err}") from None
-    with open(file, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(p: str) -> None:
-    """fsync a file or a directory (directories: best effort, not every OS allows it)."""
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------

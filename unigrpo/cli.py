@@ -21,22 +21,8 @@ import os
 import sys
 import time
 
-from unigrpo.config import load_config
+from unigrpo.config import load_config, resolve_config_path
 from unigrpo.rewards.base import RewardError
-
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
-SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
-
-
-def resolve_config_path(name: str | None) -> str | None:
-    if name is None or os.path.exists(name):
-        return name
-    bundled = os.path.join(CONFIG_DIR, f"{name}.yaml")
-    if os.path.exists(bundled):
-        return bundled
-    avail = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
-    raise ValueError(f"config {name!r} is neither a file nor a bundled config; bundled: {avail}")
-
 
 def cmd_pretrain(args) -> int:
     """Supervised pre-training of a base checkpoint (bundled config: tiny_pretrain)."""
@@ -100,23 +86,12 @@ def cmd_demo(args) -> int:
     95% intervals. The base: <base> if it exists, else the one shipped in unigrpo/assets/tiny_base (made by
     `unigrpo pretrain --config tiny_pretrain`, recorded in its config.json), else pre-trained now.
     Overrides apply to the training config (configs/tiny.yaml)."""
-    import shutil
-
-    from unigrpo.pretrain import PretrainConfig, run_pretrain
+    from unigrpo.pretrain import ensure_base
     from unigrpo.train import run
     from unigrpo.trainer import TrainConfig
 
     cfg = load_config(TrainConfig, resolve_config_path("tiny"), args.overrides)
-    pcfg = load_config(PretrainConfig, resolve_config_path("tiny_pretrain"), [f"out={cfg.base}", "eval_samples=0"])
-    if os.path.exists(os.path.join(cfg.base, "model.safetensors")) and not args.pretrain:
-        print(f"using the base checkpoint at {cfg.base}")
-    elif os.path.exists(os.path.join(SHIPPED_BASE, "model.safetensors")) and not args.pretrain:
-        print(f"copying the shipped base checkpoint ({SHIPPED_BASE}) to {cfg.base}")
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.base)), exist_ok=True)
-        shutil.copytree(SHIPPED_BASE, cfg.base, dirs_exist_ok=True)
-    else:
-        print(f"pre-training a base checkpoint at {cfg.base} ({pcfg.steps} steps)")
-        run_pretrain(pcfg)
+    ensure_base(cfg.base, pretrain=args.pretrain)
     run(cfg)
     return 0
 
@@ -179,7 +154,7 @@ def main(argv=None) -> int:
 
         return serve_reward(argv[1:])
     if argv and argv[0] == "compare":  # its own argument parser (unigrpo compare --help)
-        from unigrpo.compare import main as compare_main
+        from unigrpo_experiments.compare import main as compare_main
 
         return compare_main(argv[1:])
     if argv and argv[0] == "export":  # key=value only (unigrpo export --help)

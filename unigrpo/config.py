@@ -36,12 +36,28 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigFileNotFoundError", "load_config", "config_from_dict", "config_to_dict", "save_config",
+__all__ = ["ConfigFileNotFoundError", "CONFIG_DIR", "resolve_config_path", "load_config", "config_from_dict", "config_to_dict", "save_config",
            "check", "require_positive", "require_min", "require_range", "require_in"]
 
 
 class ConfigFileNotFoundError(FileNotFoundError, ValueError):
     """A config file that does not exist (catchable as ValueError or FileNotFoundError)."""
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+"""the bundled configs (unigrpo/configs/NAME.yaml)"""
+
+
+def resolve_config_path(name: str | None) -> str | None:
+    """`name` itself when it is an existing file (or None), else the bundled config unigrpo/configs/NAME.yaml;
+    a ValueError listing the bundled names when it is neither."""
+    if name is None or os.path.exists(name):
+        return name
+    bundled = os.path.join(CONFIG_DIR, f"{name}.yaml")
+    if os.path.exists(bundled):
+        return bundled
+    avail = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+    raise ValueError(f"config {name!r} is neither a file nor a bundled config; bundled: {avail}")
 
 
 # ---------------------------------------------------------------------------------------------------------

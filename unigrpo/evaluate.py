@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from unigrpo.data import DataConfig, PromptRecord, build_prompt_source, check_prompt_lengths, tag_order
-from unigrpo.report import write_text_atomic
+from unigrpo.io import write_text_atomic
 from unigrpo.rewards.registry import RewardSet, RewardSpec
 from unigrpo.rewards.verifier import records_to_prompts
 from unigrpo.rollout.generate import sample
@@ -32,6 +32,9 @@ from unigrpo.viz import save_image_grid
 from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify
 from unigrpo.world.geneval import is_shapes_metadata
 from unigrpo.world.render import to_uint8
+from unigrpo.model import PackedLayout, Segment, no_text_head, padded_ids
+from unigrpo.world.data import pretrain_example
+from unigrpo.world.render import to_float
 
 TOTAL = "total"
 """the weighted sum of the rewards, in reward tables"""
@@ -303,9 +306,6 @@ def velocity_drift(model, ref_model, tokenizer, codec, samples: int = 64, seed: 
     on a fixed probe set: held-out prompts with a correct plan (pretraining format, no flaws) and the render
     of that plan, noised to each σ with seeded noise (x_σ = (1−σ)·x0 + σ·ε). 0 for the reference itself;
     the same probe for every model evaluated with the same (samples, seed)."""
-    from unigrpo.model import PackedLayout, Segment, no_text_head, padded_ids
-    from unigrpo.world.data import pretrain_example
-    from unigrpo.world.render import to_float
 
     prompts = make_prompts("heldout", samples, seed=seed)
     rng = np.random.default_rng(seed)

@@ -17,6 +17,16 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from unigrpo.checkpoint import load_checkpoint
+from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, read_full_state, read_meta
+from unigrpo.checkpoint import save_checkpoint
+from unigrpo.model.bagel import POS_EMBED_KEY, bagel_key_map, patch_permutation
+from unigrpo.model.unified import sincos_2d_table
+from unigrpo.checkpoint import new_temp_dir, swap_in
+from unigrpo.io import fsync
+from unigrpo.model.bagel import EMA_FILE, LLM_CONFIG, VAE_FILE
+from unigrpo.model.build import model_config_of
+from unigrpo.config import load_config
 
 __all__ = ["ExportConfig", "export", "main"]
 
@@ -38,8 +48,6 @@ class ExportConfig:
 
 
 def _read(path: str) -> tuple[dict, dict, dict]:
-    from unigrpo.checkpoint import load_checkpoint
-    from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, read_full_state, read_meta
     if is_dcp_checkpoint(path):
         state, config = read_full_state(path)
         return state, config, read_meta(path)[2]
@@ -49,7 +57,6 @@ def _read(path: str) -> tuple[dict, dict, dict]:
 
 def export(cfg: ExportConfig) -> str:
     """Write the export; returns the output directory."""
-    from unigrpo.checkpoint import save_checkpoint
     if not cfg.checkpoint or not cfg.out:
         raise ValueError(f"export needs checkpoint=DIR and out=DIR (got checkpoint={cfg.checkpoint!r}, "
                          f"out={cfg.out!r})")
@@ -67,8 +74,6 @@ def export(cfg: ExportConfig) -> str:
 
 def to_bagel_state(state: dict[str, torch.Tensor], mcfg) -> dict[str, torch.Tensor]:
     """Our parameter names → BAGEL's ema.safetensors keys (the inverse of load_bagel's mapping)."""
-    from unigrpo.model.bagel import POS_EMBED_KEY, bagel_key_map, patch_permutation
-    from unigrpo.model.unified import sincos_2d_table
     inv = torch.argsort(patch_permutation(mcfg.latent_channels, mcfg.patch))
     undo = {"patch_in": lambda t: t[:, inv], "patch_out": lambda t: t[inv]}
     out = {}
@@ -82,9 +87,6 @@ def to_bagel_state(state: dict[str, torch.Tensor], mcfg) -> dict[str, torch.Tens
 def _export_bagel(state: dict, config: dict, out: str, source: str) -> None:
     from safetensors.torch import save_file
 
-    from unigrpo.checkpoint import _fsync, new_temp_dir, swap_in
-    from unigrpo.model.bagel import EMA_FILE, LLM_CONFIG, VAE_FILE
-    from unigrpo.model.build import model_config_of
     mcfg = model_config_of(config, source)
     base = (config.get("tokenizer") or {}).get("path")
     if mcfg.codec != "flux-vae" or not base or not os.path.isfile(os.path.join(base, LLM_CONFIG)):
@@ -100,8 +102,8 @@ def _export_bagel(state: dict, config: dict, out: str, source: str) -> None:
                                                              or "token" in name or name in ("vocab.json", "merges.txt")):
                 shutil.copyfile(src, os.path.join(tmp, name))
         for name in os.listdir(tmp):
-            _fsync(os.path.join(tmp, name))
-        _fsync(tmp)
+            fsync(os.path.join(tmp, name))
+        fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,7 +114,6 @@ def main(argv=None) -> int:
     """`unigrpo export checkpoint=DIR out=DIR [layout=unigrpo|bagel]`."""
     import sys
 
-    from unigrpo.config import load_config
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from unigrpo.checkpoint import save_checkpoint
-from unigrpo.config import config_to_dict
+from unigrpo.config import config_to_dict, load_config, resolve_config_path
 from unigrpo.model import PackedLayout, Segment, preset
 from unigrpo.model.build import build_bundle
 from unigrpo.world import make_prompts, pretrain_example
@@ -164,3 +165,25 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     save_checkpoint(cfg.out, model_state=model.state_dict(), config=config,
                     meta={"kind": "base", "steps": cfg.steps, "train_time_s": round(train_time, 1)})
     return {"checkpoint": cfg.out, "train_time_s": train_time, "log": log_path}
+
+
+SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
+"""the tiny base checkpoint shipped with the package (made by `unigrpo pretrain --config tiny_pretrain`)"""
+
+
+def ensure_base(base: str, *, pretrain: bool = False) -> str:
+    """Make sure a tiny base checkpoint exists at `base`: kept when it is there (unless `pretrain`), else
+    the shipped one copied there (unless `pretrain`), else pre-trained now with configs/tiny_pretrain.yaml.
+    Returns what was done: "existing", "copied" or "pretrained"."""
+    if os.path.exists(os.path.join(base, "model.safetensors")) and not pretrain:
+        print(f"using the base checkpoint at {base}", flush=True)
+        return "existing"
+    if os.path.exists(os.path.join(SHIPPED_BASE, "model.safetensors")) and not pretrain:
+        print(f"copying the shipped base checkpoint ({SHIPPED_BASE}) to {base}", flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+        shutil.copytree(SHIPPED_BASE, base, dirs_exist_ok=True)
+        return "copied"
+    pcfg = load_config(PretrainConfig, resolve_config_path("tiny_pretrain"), [f"out={base}", "eval_samples=0"])
+    print(f"pre-training a base checkpoint at {base} ({pcfg.steps} steps)", flush=True)
+    run_pretrain(pcfg)
+    return "pretrained"

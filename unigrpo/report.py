@@ -7,24 +7,8 @@ import os
 
 import numpy as np
 
-
-def write_text_atomic(path: str, text: str) -> str:
-    """Write `text` to path.tmp, then rename over path (readers never see half a file). Returns path."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def save_figure(fig, path: str, dpi: int = 110) -> str:
-    """Save a matplotlib figure atomically (temp file, rename) and close it. Returns path."""
-    import matplotlib.pyplot as plt
-
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+from unigrpo.evaluate import format_summary, is_reward_summary
+from unigrpo.io import save_figure, write_text_atomic
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -65,8 +49,6 @@ def plot_reward_curve(history: list[dict], path: str, evals: list[tuple[int, flo
 def write_report(out_dir: str, *, before: dict | None, after: dict | None, history: list[dict],
                  config: dict, extra: str = "") -> str:
     """report.md in out_dir; `before`/`after` are evaluate.summarize() or summarize_rewards() dicts."""
-    from unigrpo.evaluate import format_summary, is_reward_summary
-
     lines = ["# UniGRPO run report", ""]
     if before and after and is_reward_summary(after):
         b, a = before["overall"]["rewards"], after["overall"]["rewards"]

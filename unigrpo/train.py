@@ -14,17 +14,21 @@ import torch
 from unigrpo.config import config_to_dict, load_config
 from unigrpo.rewards.base import RewardError
 from unigrpo.trainer import TrainConfig, Trainer
+from unigrpo.evaluate import EvalConfig, evaluate, write_eval
+from unigrpo.distributed import unsharded
+from unigrpo.evaluate import format_summary, headline
+from unigrpo.report import plot_reward_curve, read_metrics, write_report
+from unigrpo.evaluate import is_reward_summary
+from unigrpo.config import resolve_config_path
 
 
 def _evaluate(trainer: Trainer, tag: str) -> dict:
-    from unigrpo.evaluate import EvalConfig, evaluate, write_eval
 
     cfg = trainer.cfg
     # the shapes world has its own table (the verifier's); a prompt file is scored with the training rewards
     ecfg = EvalConfig(checkpoint=cfg.base, samples=cfg.eval_samples, steps=cfg.eval_steps,
                       cfg_scale=cfg.eval_cfg_scale, temperature=cfg.rollout.temperature, data=cfg.data,
                       rewards=[] if cfg.data.eval == "shapes" else list(cfg.rewards))
-    from unigrpo.distributed import unsharded
 
     # under FSDP every rank gathers the weights and runs the same evaluation (it is seeded); rank 0 writes
     with unsharded(trainer.policy), torch.no_grad():
@@ -36,8 +40,6 @@ def _evaluate(trainer: Trainer, tag: str) -> dict:
 
 def run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Base eval → training → final eval → report. Returns {"before", "after", "history", "report"}."""
-    from unigrpo.evaluate import format_summary, headline
-    from unigrpo.report import plot_reward_curve, read_metrics, write_report
 
     t0 = time.time()
     trainer = Trainer(cfg, progress=progress)
@@ -76,7 +78,6 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
 
 def change_line(before: dict, after: dict) -> str:
     """Before → after of the overall scores, one line."""
-    from unigrpo.evaluate import is_reward_summary
 
     b, a = before["overall"], after["overall"]
     if is_reward_summary(after) and is_reward_summary(before):
@@ -91,7 +92,6 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="tiny", help="YAML file or bundled config name (tiny, paper)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr_image=1e-4")
     args = ap.parse_args(argv)
-    from unigrpo.cli import resolve_config_path
 
     try:
         cfg = load_config(TrainConfig, resolve_config_path(args.config), args.overrides)

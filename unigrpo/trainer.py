@@ -32,259 +32,34 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from unigrpo.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from unigrpo.checkpoint import get_rng_state, load_checkpoint, load_state_strict, save_checkpoint, set_rng_state
 from unigrpo.config import config_to_dict
+from unigrpo.data import build_prompt_source, check_prompt_lengths, tag_order
+from unigrpo.distributed import (all_gather_objects, full_model_state, full_optimizer_state, init_distributed,
+                                 load_full_model_state, load_full_optimizer_state, mean_metrics, optimizer_offloaded,
+                                 unsharded)
 from unigrpo.distributed.loading import load_sharded_bundle
 from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, load_sharded, save_sharded
-from unigrpo.distributed import (DistConfig, all_gather_objects, full_model_state, full_optimizer_state,
-                                 init_distributed, load_full_model_state, load_full_optimizer_state, mean_metrics,
-                                 optimizer_offloaded, unsharded)
-from unigrpo.model import PackedLayout, Segment, no_text_head, padded_ids
-from unigrpo.model.attention import BACKENDS as ATTN_BACKENDS
+from unigrpo.losses.config import LossConfig, ReFLConfig
+from unigrpo.losses.packing import PackedBatch, chunks, pack, pack_unconditional
+from unigrpo.model import no_text_head
 from unigrpo.model.attention import resolve_attention_backend
 from unigrpo.model.build import load_bundle
 from unigrpo.model.codec import PixelCodec
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
-from unigrpo.data import DataConfig, build_prompt_source, check_prompt_lengths, tag_order
-from unigrpo.rewards.registry import RewardSet, RewardSpec, normalise_rewards
+from unigrpo.rewards.registry import RewardSet
 from unigrpo.rewards.surrogate import check_surrogate_records, surrogate_reward_of
-from unigrpo.rollout.rollout import (RolloutConfig, Trajectories, check_rollout_batch, draw_windows, rollout,
-                                     rollout_in_batches)
+from unigrpo.rollout.rollout import Trajectories, check_rollout_batch, draw_windows, rollout_in_batches
+from unigrpo.train_config import OptimConfig, TrainConfig
 from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, linear_text_grpo_loss, resolve_backend, sigma_schedule,
                              step_coeffs_batch, token_logprobs)
-from unigrpo_kernels.dispatch import OP_BACKENDS
 
-AGGREGATIONS = ("sequence", "token", "constant")
-REGS = ("mse", "latent_kl", "none")
-METHODS = ("grpo", "refl")
-
-
-@dataclass
-class LossConfig:
-    eps_lo: float = 0.2
-    """text clip range below 1"""
-    eps_hi: float = 0.2
-    """text clip range above 1"""
-    aggregation: str = "sequence"
-    """text loss normaliser: "sequence", "token" or "constant" (§6)"""
-    kl_coef: float = 0.0
-    """weight of the k3 text KL to the reference (paper: 0)"""
-    flow_clip: float = 1e-6
-    """ε_f: flow ratio clip range"""
-    beta: float = 1.5e-5
-    """β: weight of the velocity regulariser"""
-    reg: str = "mse"
-    """regulariser: "mse" (velocity MSE), "latent_kl" or "none" (§8)"""
-    ratio_norm: bool = True
-    """RatioNorm on the flow ratio (§7)"""
-    grad_reweight: bool = False
-    """w_j = 1/h_j on flow steps (GRPO-Guard)"""
-    flow_weight: float = 1.0
-    """λ: weight of L_flow"""
-    train_text: bool = True
-    """train the text expert with L_text (false = FlowGRPO only)"""
-    train_image: bool = True
-    """train the image expert with L_flow (false = TextGRPO only)"""
-
-    def __post_init__(self):
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.reg not in REGS:
-            raise ValueError(f"loss.reg {self.reg!r} is not a known regulariser; expected one of {REGS}")
-        for name in ("eps_lo", "eps_hi", "flow_clip", "beta", "kl_coef", "flow_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.train_text or (self.train_image and self.flow_weight > 0)):
-            raise ValueError("nothing would be trained: need loss.train_text, or loss.train_image with "
-                             f"loss.flow_weight > 0 (got train_text={self.train_text}, "
-                             f"train_image={self.train_image}, flow_weight={self.flow_weight})")
-
-
-@dataclass
-class OptimConfig:
-    lr_text: float = 1e-6
-    """AdamW lr of the text expert + embeddings + lm_head"""
-    lr_image: float = 3e-5
-    """AdamW lr of the image expert + in/out projections + time embedding"""
-    beta1: float = 0.9
-    """AdamW β1"""
-    beta2: float = 0.999
-    """AdamW β2"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    grad_clip: float = 1.0
-    """global gradient-norm clip"""
-    epochs: int = 2
-    """K: PPO epochs over each batch"""
-    minibatch: int = 16
-    """trajectories per mini-batch"""
-
-    def __post_init__(self):
-        for name in ("lr_text", "lr_image"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
-        if self.epochs < 1 or self.minibatch < 1:
-            raise ValueError(f"optim.epochs and optim.minibatch must be >= 1, got {self.epochs}, {self.minibatch}")
-        if not self.grad_clip > 0:
-            raise ValueError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
-
-
-@dataclass
-class ReFLConfig:
-    late_steps: int = 10
-    """the gradient step is drawn uniformly from the last `late_steps` denoising steps"""
-    softness: float = 16.0
-    """edge width of the surrogate's soft colour membership (RGB distance units, unigrpo/rewards/surrogate.py)"""
-
-    def __post_init__(self):
-        if self.late_steps < 1:
-            raise ValueError(f"refl.late_steps must be >= 1, got {self.late_steps}")
-        if not self.softness > 0:
-            raise ValueError(f"refl.softness must be > 0, got {self.softness}")
-
-
-@dataclass
-class TrainConfig:
-    base: str = "runs/tiny/base"
-    """base checkpoint directory: the initial policy and the frozen reference"""
-    out: str = "runs/tiny/unigrpo"
-    """run directory (checkpoint, metrics.jsonl, evals, report.md)"""
-    iterations: int = 60
-    """training iterations (rollout + update)"""
-    prompts_per_iter: int = 8
-    """B: prompts per iteration (each rolled out G times)"""
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    method: str = "grpo"
-    """"grpo" (UniGRPO and its ablations) or "refl" (the ReFL baseline: the image expert trained through a
-    differentiable surrogate of the verifier at one late step; the text expert is not trained)"""
-    refl: ReFLConfig = field(default_factory=ReFLConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    """prompts: data.train and data.eval, "shapes" (the built-in world) or a .jsonl / .txt / .csv file"""
-    rewards: list[RewardSpec | str] = field(default_factory=lambda: [RewardSpec("shapes_ta")])
-    """the rewards, [{name, weight, ...}] (unigrpo/rewards/registry.py); their weighted sum trains"""
-    adv_scope: str = "group"
-    """advantage std over the "group" or the whole "batch" (§5)"""
-    skip_zero_std: bool = True
-    """drop groups whose rewards are all equal before training"""
-    recompute_old: bool = True
-    """recompute old log-probs with the training code path"""
-    flow_backend: str = "auto"
-    """kernel backend of sde_step and flow_grpo_loss: "auto", "torch", "triton" or "cuda\""""
-    text_backend: str = "auto"
-    """kernel backend of token_logprobs and text_grpo_loss: "auto", "torch" or "triton\""""
-    attention_backend: str = "auto"
-    """packed training attention: "auto" (flex on CUDA, sdpa on CPU), "sdpa", "flex", "split" or "flash"
-    (needs flash-attn)"""
-    seed: int = 0
-    """seed of prompts, windows and sampling"""
-    threads: int = 0
-    """torch CPU threads (0 = default)"""
-    checkpoint_every: int = 20
-    """iterations between checkpoints (and one at the end)"""
-    eval_every: int = 0
-    """iterations between held-out evaluations (0 = only before/after in the demo)"""
-    eval_samples: int = 256
-    """held-out samples per evaluation"""
-    eval_steps: int = 50
-    """ODE steps of evaluation sampling"""
-    eval_cfg_scale: float = 1.0
-    """CFG scale of evaluation sampling"""
-    resume: bool = True
-    """continue from <out>/checkpoint when it exists"""
-
-    def __post_init__(self):
-        if self.iterations < 0 or self.prompts_per_iter < 1:
-            raise ValueError(f"iterations must be >= 0 and prompts_per_iter >= 1, got {self.iterations}, "
-                             f"{self.prompts_per_iter}")
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} unknown; expected one of {METHODS}")
-        if self.method == "refl":
-            if self.refl.late_steps > self.rollout.steps:
-                raise ValueError(f"refl.late_steps={self.refl.late_steps} exceeds rollout.steps={self.rollout.steps}")
-            if self.loss.reg == "latent_kl":
-                raise ValueError("method 'refl' regularises velocities: loss.reg must be 'mse' or 'none', "
-                                 "got 'latent_kl' (a per-step Gaussian KL needs SDE transitions)")
-            if self.rollout.cfg_scale != 1.0:
-                raise ValueError(f"method 'refl' samples without CFG; got rollout.cfg_scale={self.rollout.cfg_scale}")
-            if not self.loss.train_image:
-                raise ValueError("method 'refl' trains the image expert; loss.train_image must be true")
-            if self.rollout.sde_kind != "sde":
-                raise ValueError("method 'refl' puts its step window at the last steps, where 'cps' has no noise; "
-                                 f"use rollout.sde_kind=sde (got {self.rollout.sde_kind!r})")
-        self.rewards = normalise_rewards(self.rewards)
-        if self.adv_scope not in ("group", "batch"):
-            raise ValueError(f"adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
-        if self.attention_backend not in ("auto",) + ATTN_BACKENDS:
-            raise ValueError(f"attention_backend={self.attention_backend!r}; expected one of "
-                             f"{('auto',) + ATTN_BACKENDS}")
-        for name, op in (("flow_backend", "flow_grpo_loss"), ("text_backend", "token_logprobs")):
-            allowed = ("auto",) + OP_BACKENDS[op]
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not a backend of {op}; expected one of {allowed}")
-        if self.checkpoint_every < 1 or self.eval_every < 0 or self.eval_samples < 1:
-            raise ValueError("checkpoint_every must be >= 1, eval_every >= 0 and eval_samples >= 1")
-
-
-# ---------------------------------------------------------------------------------------------- packing
-@dataclass
-class PackedBatch:
-    layout: PackedLayout
-    ids_BS: torch.Tensor  # long [R, S]
-    text_pos: torch.Tensor  # long [n]: flat index (row·S + position) of the hidden state predicting each token
-    text_tgt: torch.Tensor  # long [n]: the reasoning token predicted there
-    text_slot: torch.Tensor  # long [n]: flat index (row·T + t) into [R, T] reasoning-token tensors
-    latents_M: torch.Tensor  # fp32 [M, C, h, w]: x_j of every (row, window step), row-major
-    sigma_M: torch.Tensor  # fp32 [M]
-
-
-def pack(traj: Trajectories, rows: list[int], sigmas: torch.Tensor, image_tokens: int, pad_id: int) -> PackedBatch:
-    """The packed training batch of the given trajectory rows (§9)."""
-    rs = traj.reasoning
-    W = traj.x_RW.shape[1]
-    T = rs.tokens_BT.shape[1]
-    seqs, segs, pos, tgt, slot = [], [], [], [], []
-    for i, r in enumerate(rows):
-        p_ids = rs.prompt_ids[r]
-        n = int(rs.mask_BT[r].sum())
-        o_ids = rs.tokens_BT[r, :n].tolist()
-        seqs.append(p_ids + o_ids)
-        segs.append([[Segment("text", len(p_ids) + n)] + [Segment("noise", image_tokens)] * W])
-        base = len(p_ids) - 1
-        pos.append(torch.arange(base, base + n))
-        tgt.append(torch.tensor(o_ids, dtype=torch.long))
-        slot.append(torch.arange(n) + i * T)
-    dev = traj.x_RW.device   # index tensors are built on the host, then moved once
-    layout = PackedLayout.build(segs, device=dev)
-    R, S = layout.shape
-    ids = padded_ids(seqs, (R, S), pad_id)
-    text_pos = torch.cat([p + i * S for i, p in enumerate(pos)])
-    idx = torch.tensor(rows, device=dev)
-    lat = traj.x_RW[idx].flatten(0, 1)
-    sig = sigmas.to(dev)[traj.window_steps[idx].flatten()].float()
-    return PackedBatch(layout, ids.to(dev), text_pos.to(dev), torch.cat(tgt).to(dev), torch.cat(slot).to(dev),
-                       lat, sig)
-
-
-def pack_unconditional(batch: PackedBatch, uncond_ids: list[int], image_tokens: int, pad_id: int) -> PackedBatch:
-    """The same image blocks as `batch` against the unconditional context `uncond_ids` (CFG's other branch):
-    each row is [uncond text] + its W noise blocks; no text targets."""
-    R, M = batch.ids_BS.shape[0], batch.latents_M.shape[0]
-    W = M // R
-    dev = batch.latents_M.device
-    layout = PackedLayout.build([[[Segment("text", len(uncond_ids))] + [Segment("noise", image_tokens)] * W]] * R,
-                                device=dev)
-    ids = padded_ids([uncond_ids] * R, layout.shape, pad_id)
-    none = torch.zeros(0, dtype=torch.long, device=dev)
-    return PackedBatch(layout, ids.to(dev), none, none, none, batch.latents_M, batch.sigma_M)
+__all__ = ["Trainer", "TrainConfig", "OptimConfig", "LossConfig", "ReFLConfig"]
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -387,7 +162,6 @@ class Trainer:
 
     def load(self, path: str):
         """Resume from a checkpoint directory: DCP (any world size, resharded) or safetensors."""
-        from unigrpo.checkpoint import load_state_strict
 
         env = self.env
         if is_dcp_checkpoint(path):
@@ -509,15 +283,15 @@ class Trainer:
         backwards as the others: a rank with fewer mini-batches runs dummy ones (row 0, weight 0), and the
         real ones are weighted world / (ranks with a real mini-batch at this index), so the gradient FSDP
         averages over ranks is the mean over the real mini-batches. weight is 1 in a single process."""
-        chunks = list(_chunks(rows, n))
+        batches = list(chunks(rows, n))
         env = self.env
         if not env.enabled:
-            yield from ((mb, 1.0) for mb in chunks)
+            yield from ((mb, 1.0) for mb in batches)
             return
-        counts = all_gather_objects(len(chunks), env)
+        counts = all_gather_objects(len(batches), env)
         for i in range(max(counts)):
             real = sum(c > i for c in counts)
-            yield (chunks[i], env.world / real) if i < len(chunks) else ([0], 0.0)
+            yield (batches[i], env.world / real) if i < len(batches) else ([0], 0.0)
 
     def _update(self, traj: Trajectories, rows: list[int], adv_R: torch.Tensor) -> dict:
         cfg, lc, oc, rc = self.cfg, self.cfg.loss, self.cfg.optim, self.cfg.rollout
@@ -650,7 +424,7 @@ class Trainer:
         v_ref = torch.zeros_like(traj.x_RW[:, 0])
         if use_ref:
             with torch.no_grad():
-                for mb in _chunks(list(range(R)), oc.minibatch):
+                for mb in chunks(list(range(R)), oc.minibatch):
                     b = pack(traj, mb, self.sigmas, n_img, pad)
                     _, v_r = self.ref.forward_packed(b.layout, b.ids_BS, b.latents_M, b.sigma_M,
                                                      backend=self.attn_backend, text_head=no_text_head)
@@ -659,7 +433,7 @@ class Trainer:
         count, gnorm, skipped = 0, 0.0, 0.0
         for _ in range(oc.epochs):
             order = [int(i) for i in self.rng.permutation(R)]
-            for mb in _chunks(order, oc.minibatch):
+            for mb in chunks(order, oc.minibatch):
                 batch = pack(traj, mb, self.sigmas, n_img, pad)
                 _, v = self.policy.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
                                                   backend=self.attn_backend, text_head=no_text_head)
@@ -729,11 +503,6 @@ def _grad_norm(params) -> float:
     if not g:
         return 0.0
     return _local(torch.linalg.vector_norm(torch.stack([_local(torch.linalg.vector_norm(x)) for x in g]))).item()
-
-
-def _chunks(items: list, n: int):
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
 
 
 def _tensorboard(out: str):

@@ -1,10 +1,10 @@
 """Pictures people would rather look at than read: image grids with captions (PIL only)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image, ImageDraw
+
+from unigrpo.io import save_png
 
 
 def save_image_grid(images_BHW3: np.ndarray, captions: list[str], path: str, *, ncol: int = 8,
@@ -30,8 +30,4 @@ def save_image_grid(images_BHW3: np.ndarray, captions: list[str], path: str, *, 
         chars = max(8, tile // 6)
         lines = [text[:chars], text[chars:2 * chars]]
         draw.text((x0 + pad, y0 + tile + 2 * pad), "\n".join(lines), fill=(0, 0, 0))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    grid.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_png(grid, path)

@@ -38,6 +38,7 @@ from .common import check_choice, clip_active, clipped_surrogate, compute_dtype,
 __all__ = ["token_logprobs", "text_grpo_loss", "k3_kl", "check_token_args"]
 
 _AGGREGATIONS = ("sequence", "token", "constant")
+AGGREGATIONS = _AGGREGATIONS
 
 
 def check_token_args(hidden_TH, weight_VH, targets_T, temperature) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from unigrpo.report import write_text_atomic
+from unigrpo.io import write_text_atomic
 from unigrpo.world import CATEGORIES, make_prompts
 from unigrpo.world.geneval import to_geneval
 

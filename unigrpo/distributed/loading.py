@@ -30,6 +30,15 @@ import torch
 from torch import nn
 
 from unigrpo.checkpoint import CONFIG_FILE, MODEL_FILE, _TIED_KEY, key_problems, read_json_object
+from unigrpo.model.build import model_config_of
+from unigrpo.model.codec import build_codec
+from unigrpo.model.tokenizer import build_tokenizer
+from unigrpo.model.bagel import (EMA_FILE, IGNORED_PREFIXES, POS_EMBED_KEY, bagel_key_map,
+                                 bagel_model_config, patch_permutation)
+from unigrpo.distributed.parallelize import apply_fsdp
+from unigrpo.model.unified import UnifiedModel
+from unigrpo.distributed.parallelize import DTYPES
+from unigrpo.model.bundle import Bundle
 
 __all__ = ["WeightSource", "open_base", "build_sharded", "load_sharded_weights", "load_sharded_bundle"]
 
@@ -52,13 +61,8 @@ def open_base(path: str, *, image_size: int = 1024):
     """(ModelConfig, tokenizer, codec, tokenizer spec, WeightSource) of a base directory: ours (config.json +
     model.safetensors) or BAGEL's (llm_config.json + ema.safetensors + ae.safetensors). Reads no weights
     except BAGEL's position table (checked) and the VAE."""
-    from unigrpo.model.build import model_config_of
-    from unigrpo.model.codec import build_codec
-    from unigrpo.model.tokenizer import build_tokenizer
 
     if os.path.exists(os.path.join(path, "llm_config.json")):
-        from unigrpo.model.bagel import (EMA_FILE, IGNORED_PREFIXES, POS_EMBED_KEY, bagel_key_map,
-                                         bagel_model_config, patch_permutation)
         cfg = bagel_model_config(path, image_size=image_size)
         spec = {"kind": "hf", "path": os.path.abspath(path)}
         key_map = bagel_key_map(cfg)
@@ -92,8 +96,6 @@ def build_sharded(cfg, dist_cfg, source: WeightSource, *, device: torch.device, 
     """A UnifiedModel(cfg) built on meta, sharded with apply_fsdp, materialised on `device` (on the host with
     `offload`: CPUOffloadPolicy) in `dtype` with only this rank's shards, and filled from `source` (see the
     module docstring)."""
-    from unigrpo.distributed.parallelize import apply_fsdp
-    from unigrpo.model.unified import UnifiedModel
 
     with torch.device("meta"):
         model = UnifiedModel(cfg)
@@ -174,8 +176,6 @@ def load_sharded_weights(model: nn.Module, source: WeightSource) -> list[str]:
 def load_sharded_bundle(base: str, dist_cfg, device: torch.device, *, reference: bool, image_size: int = 1024):
     """(Bundle with the sharded fp32 policy as its model, policy, frozen sharded reference in
     dist.param_dtype or None): the trainer's FSDP start, each rank reading only its rows of `base`."""
-    from unigrpo.distributed.parallelize import DTYPES
-    from unigrpo.model.build import Bundle
     cfg, tok, codec, spec, src = open_base(base, image_size=image_size)
     policy = build_sharded(cfg, dist_cfg, src, device=device)
     ref = None

@@ -34,6 +34,11 @@ import argparse
 from dataclasses import dataclass
 
 from unigrpo.model.config import ModelConfig, preset
+from unigrpo.model.unified import UnifiedModel
+from unigrpo.config import resolve_config_path
+from unigrpo.config import load_config
+from unigrpo.train_config import TrainConfig
+from unigrpo.checkpoint import read_json_object
 
 GB = 1e9
 
@@ -95,7 +100,6 @@ _COUNTS: dict[str, tuple[int, int, int]] = {}
 def _count_params(cfg: ModelConfig) -> tuple[int, int, int]:
     import torch
 
-    from unigrpo.model.unified import UnifiedModel
     with torch.device("meta"):
         model = UnifiedModel(cfg)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -156,7 +160,6 @@ def load_host_peak(cfg: ModelConfig, world: int, *, reference: bool = True, dtyp
     unsharded position table (fp32 buffer + its float64 computation: 3 × its fp32 size)."""
     import torch
 
-    from unigrpo.model.unified import UnifiedModel
     with torch.device("meta"):
         model = UnifiedModel(cfg)
     params = {id(p): p for p in model.parameters()}.values()
@@ -263,13 +266,9 @@ def _from_config(name: str | None):
     base's when it is a local checkpoint, else bagel-7b (the paper's) or tiny for the tiny config."""
     import os
 
-    from unigrpo.cli import resolve_config_path
-    from unigrpo.config import load_config
-    from unigrpo.trainer import TrainConfig
     tc = load_config(TrainConfig, resolve_config_path(name), [])
     model = preset("tiny") if name == "tiny" else preset("bagel-7b")
     if os.path.exists(os.path.join(tc.base, "config.json")):
-        from unigrpo.checkpoint import read_json_object
         model = ModelConfig(**read_json_object(os.path.join(tc.base, "config.json"))["model"])
     kw = dict(group=tc.rollout.group_size, prompts=tc.prompts_per_iter, window=tc.rollout.window_size,
               micro_batch=tc.optim.minibatch, checkpointing=tc.dist.activation_checkpointing)

@@ -29,8 +29,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unigrpo.checkpoint import (CONFIG_FILE, META_FILE, MODEL_FILE, TRAINER_FILE, _fsync, _write_json, new_temp_dir,
-                                read_side_files, swap_in)
+from unigrpo.checkpoint import (CONFIG_FILE, META_FILE, MODEL_FILE, TRAINER_FILE, new_temp_dir, read_side_files,
+                                swap_in, write_json)
+from unigrpo.io import fsync
+from unigrpo import __version__
+from unigrpo.model.build import model_config_of
+from unigrpo.model.unified import UnifiedModel
 
 __all__ = ["DCP_DIR", "is_dcp_checkpoint", "resolve_checkpoint", "save_sharded", "load_sharded",
            "PendingSave", "read_full_state"]
@@ -96,9 +100,9 @@ class PendingSave:
             dist.barrier(group=_ckpt_group())
         if self.rank0:
             for f in glob.glob(os.path.join(self.tmp, DCP_DIR, "*")):
-                _fsync(f)
-            _fsync(os.path.join(self.tmp, DCP_DIR))
-            _fsync(self.tmp)
+                fsync(f)
+            fsync(os.path.join(self.tmp, DCP_DIR))
+            fsync(self.tmp)
             swap_in(self.tmp, self.path)
         if _is_dist():
             dist.barrier(group=_ckpt_group())
@@ -116,9 +120,8 @@ def save_sharded(path: str, model: nn.Module, opt: torch.optim.Optimizer | None,
         dist.broadcast_object_list(tmp, src=0)
     tmp = tmp[0]
     if rank0:
-        from unigrpo import __version__
-        _write_json(os.path.join(tmp, CONFIG_FILE), config, "config")
-        _write_json(os.path.join(tmp, META_FILE), {"format": "dcp", "version": __version__, "world": world,
+        write_json(os.path.join(tmp, CONFIG_FILE), config, "config")
+        write_json(os.path.join(tmp, META_FILE), {"format": "dcp", "version": __version__, "world": world,
                                                    **(meta or {})}, "meta")
         if trainer_state is not None:
             with open(os.path.join(tmp, TRAINER_FILE), "wb") as f:
@@ -183,8 +186,6 @@ def load_sharded(path: str, model: nn.Module, opt: torch.optim.Optimizer | None 
 def read_full_state(path: str) -> tuple[dict, dict]:
     """(full model state {name: tensor}, config.json) of a DCP checkpoint, read in this one process (no
     process group needed): the model is rebuilt from config.json on the meta device, materialised on CPU."""
-    from unigrpo.model.build import model_config_of
-    from unigrpo.model.unified import UnifiedModel
     path, config, _, _ = read_meta(path)
     with torch.device("meta"):
         model = UnifiedModel(model_config_of(config, path))

@@ -57,13 +57,14 @@ import os
 
 import torch
 
-from unigrpo.model.build import Bundle
+from unigrpo.model.bundle import Bundle
 from unigrpo.model.codec import FluxVAECodec
 from unigrpo.model.config import ModelConfig
 from unigrpo.checkpoint import read_json_object
 from unigrpo.model.flux_vae import load_flux_vae, load_safetensors_strict
 from unigrpo.model.tokenizer import build_tokenizer
 from unigrpo.model.unified import UnifiedModel, sincos_2d_table
+from unigrpo.model.flux_vae import FluxVAEParams
 
 __all__ = ["load_bagel", "bagel_model_config", "bagel_key_map", "patch_permutation", "GLOBAL_KEYS", "EXPERT_KEYS",
            "IGNORED_PREFIXES", "POS_EMBED_KEY"]
@@ -193,7 +194,6 @@ def bagel_model_config(directory: str | os.PathLike, *, image_size: int = 1024,
     table from ema.safetensors' shapes, latent channels / downsampling from ae.safetensors' shapes."""
     from safetensors import safe_open
 
-    from unigrpo.model.flux_vae import FluxVAEParams
 
     directory = os.path.abspath(os.fspath(directory))
     _check_files(directory)

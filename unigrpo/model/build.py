@@ -1,29 +1,19 @@
-"""Building a model bundle (model, tokenizer, image codec) from a preset or from a checkpoint directory."""
+"""Building a model bundle (model, tokenizer, image codec): freshly initialised from a ModelConfig, or
+loaded from a checkpoint directory (ours or BAGEL's)."""
 from __future__ import annotations
 
 import os
-
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 
 import torch
 
 from unigrpo.checkpoint import load_checkpoint, load_state_strict
+from unigrpo.model.bagel import load_bagel
+from unigrpo.model.bundle import Bundle
 from unigrpo.model.codec import build_codec
-from unigrpo.model.config import ModelConfig, preset
+from unigrpo.model.config import ModelConfig
 from unigrpo.model.tokenizer import build_tokenizer
 from unigrpo.model.unified import UnifiedModel
-
-
-@dataclass
-class Bundle:
-    model: UnifiedModel
-    tokenizer: object
-    codec: object
-    tokenizer_spec: dict
-
-    def checkpoint_config(self) -> dict:
-        """What a checkpoint's config.json records so the bundle can be rebuilt."""
-        return {"model": asdict(self.model.cfg), "tokenizer": dict(self.tokenizer_spec)}
 
 
 def build_bundle(model_cfg: ModelConfig, tokenizer_spec: dict | None = None) -> Bundle:
@@ -34,10 +24,6 @@ def build_bundle(model_cfg: ModelConfig, tokenizer_spec: dict | None = None) -> 
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}")
     return Bundle(UnifiedModel(model_cfg), tok, build_codec(model_cfg), spec)
-
-
-def build_from_preset(name: str, **overrides) -> Bundle:
-    return build_bundle(preset(name, **overrides))
 
 
 def model_config_of(config: dict, path: str) -> ModelConfig:
@@ -59,7 +45,6 @@ def load_bundle(path: str, device: str | torch.device = "cpu", *, image_size: in
     ema.safetensors, ae.safetensors, tokenizer files) is loaded with unigrpo.model.bagel.load_bagel in fp32
     (the trainer's master weights; FSDP gathers them in its param_dtype) at `image_size` pixels per side."""
     if os.path.exists(os.path.join(path, "llm_config.json")):
-        from unigrpo.model.bagel import load_bagel
         return load_bagel(path, dtype=torch.float32, device=device, image_size=image_size)
     ckpt = load_checkpoint(path)
     bundle = build_bundle(model_config_of(ckpt.config, path), ckpt.config.get("tokenizer"))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from unigrpo.model.config import ModelConfig
+from unigrpo.model.flux_vae import load_flux_vae
 
 
 class PixelCodec:
@@ -80,7 +81,6 @@ def build_codec(cfg: ModelConfig):
         raise ValueError(f"codec {cfg.codec!r} needs model.vae_path = a local ae.safetensors (the FLUX VAE of a "
                          "BAGEL checkpoint directory; unigrpo.model.bagel.load_bagel sets it); none is set. "
                          "Use the 'pixel' codec (preset tiny) for a model without a VAE")
-    from unigrpo.model.flux_vae import load_flux_vae
 
     vae = load_flux_vae(cfg.vae_path)
     p = vae.params

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+from unigrpo.world.render import to_uint8
 
 __all__ = ["ClipReward"]
 
@@ -32,7 +33,6 @@ class ClipReward:
 
     @torch.no_grad()
     def __call__(self, images, prompts, metadata):
-        from unigrpo.world.render import to_uint8
 
         pixels = to_uint8(images.float().cpu())           # uint8 [B, H, W, 3], as a saved PNG would hold
         out = []

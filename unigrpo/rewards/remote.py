@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from unigrpo.rewards.base import RewardError
+from unigrpo.world.render import to_uint8
 
 __all__ = ["RemoteReward", "RetryingPost", "RetriesExhausted", "encode_png", "decode_png", "images_to_png", "pngs_to_images", "parse_scores"]
 
@@ -50,7 +51,6 @@ def decode_png(text: str) -> np.ndarray:
 
 def images_to_png(images_B3HW: torch.Tensor) -> list[str]:
     """float [B, 3, H, W] in [-1, 1] → B base64 PNGs (rounded to uint8 as the verifier sees them)."""
-    from unigrpo.world.render import to_uint8
 
     return [encode_png(x) for x in to_uint8(images_B3HW.float().cpu())]
 

@@ -26,6 +26,8 @@ import torch
 
 from unigrpo.rewards.base import score
 from unigrpo.rewards.remote import pngs_to_images
+from unigrpo.rewards.registry import RewardSpec, build_reward, reward_names
+from unigrpo.config import load_config
 
 __all__ = ["RewardServer", "serve_reward"]
 
@@ -217,8 +219,6 @@ def serve_reward(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from unigrpo.rewards.registry import RewardSpec, build_reward, reward_names
-    from unigrpo.config import load_config
 
     ap = argparse.ArgumentParser(prog="unigrpo serve-reward", description=serve_reward.__doc__)
     ap.add_argument("--reward", required=True, help=f"a registered reward: {', '.join(reward_names())}")

@@ -34,6 +34,8 @@ from unigrpo.world.layout import OBJ
 from unigrpo.world.prompts import COLORS, Prompt
 from unigrpo.world.render import shape_mask
 from unigrpo.world.verify import COLOR_DIST, expected_objects
+from unigrpo.rewards.verifier import shapes_prompts
+from unigrpo.rewards.verifier import records_to_prompts
 
 SOFTNESS = 16.0
 """width of the sigmoid edge of the soft colour membership, in RGB distance units (0..441)"""
@@ -105,13 +107,11 @@ def surrogate_reward(images_B3HW: torch.Tensor, prompts: Sequence[Prompt], softn
 def surrogate_reward_of(images_B3HW: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict],
                         softness: float = SOFTNESS) -> torch.Tensor:
     """surrogate_reward for prompt texts with their GenEval metadata (what the trainer holds)."""
-    from unigrpo.rewards.verifier import shapes_prompts
 
     return surrogate_reward(images_B3HW, shapes_prompts(prompts, metadata), softness)
 
 
 def check_surrogate_records(records) -> None:
     """The surrogate scores only shapes-world prompts: fail up front, naming the first other one's line."""
-    from unigrpo.rewards.verifier import records_to_prompts
 
     records_to_prompts(records)

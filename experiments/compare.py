@@ -21,116 +21,25 @@ held-out prompts (seed-averaged per prompt, mean ± 1.96·s/√n) and by how man
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
-from unigrpo.config import load_config, require_in, require_min
-from unigrpo.report import write_text_atomic
+import torch
 
-SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
+from unigrpo.config import load_config, resolve_config_path
+from unigrpo.evaluate import EvalConfig, evaluate, velocity_drift, write_eval
+from unigrpo.io import write_text_atomic
+from unigrpo.model.build import load_bundle
+from unigrpo.pretrain import ensure_base
+from unigrpo.trainer import TrainConfig, Trainer
 
-
-@dataclass(frozen=True)
-class Method:
-    label: str
-    """the name in tables and plots"""
-    overrides: tuple[str, ...]
-    """training-config overrides on top of the shared config"""
-    eval_cfg: bool = False
-    """also evaluate with CFG (the CFG comparison)"""
-    note: str = ""
-
-
-METHODS: dict[str, Method] = {
-    "unigrpo": Method("UniGRPO", (), True,
-                      "text GRPO + FlowGRPO, velocity MSE (β = 1.5e-5), RatioNorm, CFG-free rollouts"),
-    "flowgrpo_only": Method("FlowGRPO only", ("loss.train_text=false",), False,
-                            "reasoning sampled, text expert frozen"),
-    "textgrpo_only": Method("TextGRPO only", ("loss.train_image=false",), False, "λ = 0, image expert frozen"),
-    "refl": Method("ReFL", ("method=refl",), False,
-                   "image expert trained through a differentiable surrogate of the verifier at a late step"),
-    "refl_low_lr": Method("ReFL, lr/10", ("method=refl", "optim.lr_image=1e-5"), False,
-                          "ReFL with a 10× smaller image learning rate (ReFL's own papers tune it down)"),
-    "cfg_rollouts": Method("UniGRPO, CFG rollouts", ("rollout.cfg_scale={cfg_scale}",), True,
-                           "training rollouts with CFG (2 evaluations per step)"),
-    "reg_none": Method("UniGRPO, no regulariser", ("loss.reg=none",), False, "β irrelevant"),
-    "reg_latent_kl": Method("UniGRPO, latent KL", ("loss.reg=latent_kl",), False,
-                            "per-step Gaussian KL instead of velocity MSE, same β"),
-    "ratio_norm_off": Method("UniGRPO, RatioNorm off", ("loss.ratio_norm=false",), False,
-                             "plain ratio, same clip range"),
-}
-BASE = "base"
-RESERVED = ("base", "out", "iterations", "seed", "method", "checkpoint_every", "resume")
-
-
-@dataclass
-class CompareConfig:
-    out: str = "runs/compare"
-    """run directory: base/, runs/<method>/seed<k>/"""
-    report: str = ""
-    """results markdown path (plots go to a folder named after it); default <out>/results.md"""
-    pretrain: bool = False
-    """pre-train the base now instead of copying the shipped one"""
-    train_config: str = "tiny"
-    """training config every method starts from (bundled name or YAML path)"""
-    overrides: list[str] = field(default_factory=list)
-    """extra key=value training overrides for every method (e.g. ["prompts_per_iter=4"])"""
-    iterations: int = 30
-    """training iterations per run (the budget)"""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """training seeds of every method"""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """methods to run (keys of unigrpo.compare.METHODS)"""
-    jobs: int = 2
-    """runs in parallel; each gets max(1, cores // jobs) torch threads"""
-    eval_samples: int = 256
-    """held-out prompts per evaluation (one image each)"""
-    eval_steps: int = 50
-    """ODE steps of evaluation sampling"""
-    eval_seed: int = 1234
-    """held-out prompts and noise, shared by every evaluation"""
-    cfg_scale: float = 3.0
-    """CFG scale of the "with CFG" evaluations and of the CFG-rollout ablation"""
-    probe_samples: int = 64
-    """probe contexts of the velocity-drift indicator"""
-
-    def __post_init__(self):
-        require_min("iterations", self.iterations, 1)
-        require_min("jobs", self.jobs, 1)
-        require_min("eval_samples", self.eval_samples, 1)
-        require_min("probe_samples", self.probe_samples, 1)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
-        for m in self.methods:
-            require_in("methods[]", m, list(METHODS))
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods must be distinct, got {self.methods}")
-        for o in self.overrides:
-            key = o.partition("=")[0].strip()
-            if key in RESERVED or key.split(".")[0] == "method":
-                raise ValueError(f"overrides may not set {key!r}: the comparison sets {sorted(RESERVED)} per run "
-                                 "(use iterations=, seeds= or a method of METHODS instead)")
-        if not self.cfg_scale > 1:
-            raise ValueError(f"cfg_scale must be > 1 (1 is no CFG), got {self.cfg_scale}")
-
-    @property
-    def base(self) -> str:
-        return os.path.join(self.out, "base")
-
-    @property
-    def report_path(self) -> str:
-        return self.report or os.path.join(self.out, "results.md")
-
-
-def run_dir(cfg: CompareConfig, method: str, seed: int | None) -> str:
-    return os.path.join(cfg.out, "runs", BASE) if method == BASE else \
-        os.path.join(cfg.out, "runs", method, f"seed{seed}")
+from .config import BASE, METHODS, CompareConfig, run_dir
+from .report import write_results
 
 
 def train_overrides(cfg: CompareConfig, method: str, seed: int) -> list[str]:
@@ -142,7 +51,6 @@ def train_overrides(cfg: CompareConfig, method: str, seed: int) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ one run
 def _evaluations(cfg: CompareConfig, bundle, ref_model, out: str, with_cfg: bool) -> dict:
-    from unigrpo.evaluate import EvalConfig, evaluate, velocity_drift, write_eval
 
     res = {}
     for tag, scale in [("nocfg", 1.0)] + ([("cfg", cfg.cfg_scale)] if with_cfg else []):
@@ -158,11 +66,6 @@ def _evaluations(cfg: CompareConfig, bundle, ref_model, out: str, with_cfg: bool
 
 def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0) -> dict:
     """Train (unless method is "base") and evaluate one run; writes and returns its result.json."""
-    import torch
-
-    from unigrpo.cli import resolve_config_path
-    from unigrpo.model.build import load_bundle
-    from unigrpo.trainer import TrainConfig, Trainer
 
     if threads:
         torch.set_num_threads(threads)
@@ -190,18 +93,9 @@ def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0)
 
 # ------------------------------------------------------------------------------------------------ all runs
 def prepare_base(cfg: CompareConfig) -> None:
-    if os.path.exists(os.path.join(cfg.base, "model.safetensors")):
-        return
-    if cfg.pretrain:
-        from unigrpo.cli import resolve_config_path
-        from unigrpo.pretrain import PretrainConfig, run_pretrain
-
-        print(f"pre-training the base at {cfg.base}", flush=True)
-        run_pretrain(load_config(PretrainConfig, resolve_config_path("tiny_pretrain"),
-                                 [f"out={cfg.base}", "eval_samples=0"]))
-    else:
-        print(f"copying the shipped base ({SHIPPED_BASE}) to {cfg.base}", flush=True)
-        shutil.copytree(SHIPPED_BASE, cfg.base, dirs_exist_ok=True)
+    """The comparison's base: kept when it exists, else pre-trained now (compare.pretrain) or the shipped one."""
+    if not os.path.exists(os.path.join(cfg.base, "model.safetensors")):
+        ensure_base(cfg.base, pretrain=cfg.pretrain)
 
 
 def pending_runs(cfg: CompareConfig) -> list[tuple[str, int | None]]:
@@ -228,7 +122,7 @@ def run_all(cfg: CompareConfig, config_args: list[str]) -> None:
             d = run_dir(cfg, m, s)
             os.makedirs(d, exist_ok=True)
             log = os.path.join(d, "log.txt")
-            cmd = [sys.executable, "-m", "unigrpo.compare", "--run", f"{m}:{s}", "--threads", str(threads),
+            cmd = [sys.executable, "-m", "unigrpo_experiments.compare", "--run", f"{m}:{s}", "--threads", str(threads),
                    *config_args]
             with open(log, "a") as f:
                 running.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT), f"{m}:{s}", log))
@@ -254,9 +148,6 @@ def run_all(cfg: CompareConfig, config_args: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from unigrpo.cli import resolve_config_path
 
     ap = argparse.ArgumentParser(prog="unigrpo compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,7 +168,6 @@ def main(argv=None) -> int:
             os.makedirs(cfg.out, exist_ok=True)
             prepare_base(cfg)
             run_all(cfg, config_args)
-        from unigrpo.compare_report import write_results
 
         path = write_results(cfg)
         print(f"results: {path}")

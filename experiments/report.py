@@ -12,10 +12,14 @@ import os
 
 import numpy as np
 
-from unigrpo.compare import BASE, METHODS, CompareConfig, run_dir
-from unigrpo.evaluate import mean_ci, wilson
-from unigrpo.report import save_figure, write_text_atomic
+from unigrpo.evaluate import EvalConfig, evaluate, mean_ci, wilson
+from unigrpo.io import save_figure, write_text_atomic
+from unigrpo.model.build import load_bundle
+from unigrpo.report import read_metrics
+from unigrpo.viz import save_image_grid
 from unigrpo.world import CATEGORIES
+
+from .config import BASE, METHODS, CompareConfig, run_dir
 
 DISCUSSION = ("<!-- discussion -->", "<!-- /discussion -->")
 SCORES = ("ta", "geneval", "strict")
@@ -191,7 +195,6 @@ def _plt():
 
 def read_curves(cfg: CompareConfig, method: str) -> np.ndarray:
     """Training reward per iteration: float [seeds, iterations] (NaN where a seed has fewer)."""
-    from unigrpo.report import read_metrics
 
     curves = []
     for s in cfg.seeds:
@@ -280,9 +283,6 @@ def plot_hacking(res: dict[str, list[dict]], path: str) -> str:
 
 def sample_grid(cfg: CompareConfig, methods: list[str], path: str, per_category: int = 2) -> str:
     """Rows = methods (seed-0 runs or the first seed present), columns = the same held-out prompts and noise."""
-    from unigrpo.evaluate import EvalConfig, evaluate
-    from unigrpo.model.build import load_bundle
-    from unigrpo.viz import save_image_grid
 
     n = per_category * len(CATEGORIES)
     images, captions, ok = [], [], []

@@ -1,0 +1,65 @@
+"""The loss options (ALGORITHM.md §6–§8, §11): LossConfig for UniGRPO and its ablations, ReFLConfig for the ReFL
+baseline. The allowed aggregations and regularisers are the kernels' own (one copy, in their references)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unigrpo_kernels.reference.flow import REGS
+from unigrpo_kernels.reference.text import AGGREGATIONS
+
+__all__ = ["AGGREGATIONS", "REGS", "LossConfig", "ReFLConfig"]
+
+
+@dataclass
+class LossConfig:
+    eps_lo: float = 0.2
+    """text clip range below 1"""
+    eps_hi: float = 0.2
+    """text clip range above 1"""
+    aggregation: str = "sequence"
+    """text loss normaliser: "sequence", "token" or "constant" (§6)"""
+    kl_coef: float = 0.0
+    """weight of the k3 text KL to the reference (paper: 0)"""
+    flow_clip: float = 1e-6
+    """ε_f: flow ratio clip range"""
+    beta: float = 1.5e-5
+    """β: weight of the velocity regulariser"""
+    reg: str = "mse"
+    """regulariser: "mse" (velocity MSE), "latent_kl" or "none" (§8)"""
+    ratio_norm: bool = True
+    """RatioNorm on the flow ratio (§7)"""
+    grad_reweight: bool = False
+    """w_j = 1/h_j on flow steps (GRPO-Guard)"""
+    flow_weight: float = 1.0
+    """λ: weight of L_flow"""
+    train_text: bool = True
+    """train the text expert with L_text (false = FlowGRPO only)"""
+    train_image: bool = True
+    """train the image expert with L_flow (false = TextGRPO only)"""
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.reg not in REGS:
+            raise ValueError(f"loss.reg {self.reg!r} is not a known regulariser; expected one of {REGS}")
+        for name in ("eps_lo", "eps_hi", "flow_clip", "beta", "kl_coef", "flow_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.train_text or (self.train_image and self.flow_weight > 0)):
+            raise ValueError("nothing would be trained: need loss.train_text, or loss.train_image with "
+                             f"loss.flow_weight > 0 (got train_text={self.train_text}, "
+                             f"train_image={self.train_image}, flow_weight={self.flow_weight})")
+
+
+@dataclass
+class ReFLConfig:
+    late_steps: int = 10
+    """the gradient step is drawn uniformly from the last `late_steps` denoising steps"""
+    softness: float = 16.0
+    """edge width of the surrogate's soft colour membership (RGB distance units, unigrpo/rewards/surrogate.py)"""
+
+    def __post_init__(self):
+        if self.late_steps < 1:
+            raise ValueError(f"refl.late_steps must be >= 1, got {self.late_steps}")
+        if not self.softness > 0:
+            raise ValueError(f"refl.softness must be > 0, got {self.softness}")
