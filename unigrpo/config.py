@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -36,7 +35,7 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigFileNotFoundError", "CONFIG_DIR", "resolve_config_path", "load_config", "config_from_dict", "config_to_dict", "save_config",
+__all__ = ["ConfigFileNotFoundError", "CONFIG_DIR", "resolve_config_path", "load_config", "config_from_dict", "config_to_dict",
            "check", "require_positive", "require_min", "require_range", "require_in"]
 
 
@@ -137,23 +136,6 @@ def config_from_dict(cls: type[T], d: Mapping) -> T:
 def config_to_dict(cfg: Any) -> dict:
     """A plain nested dict of a dataclass config (tuples become lists), safe for yaml.safe_dump / json."""
     return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
-
-
-def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write `cfg` as YAML, atomically: a temp file in the same directory, fsync, then os.replace."""
-    path = os.fspath(path)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-config-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -101,19 +101,6 @@ class Trajectories:
     group_size: int
     timing: dict  # seconds: "rollout_text", "rollout_image"
 
-    def select_groups(self, start: int, stop: int) -> "Trajectories":
-        """The trajectories of prompt groups start … stop − 1 (rows start·G … stop·G − 1), the cache dropped."""
-        G = self.group_size
-        B = len(self.prompt_texts) // G
-        if not 0 <= start < stop <= B:
-            raise ValueError(f"groups [{start}, {stop}) out of range for {B} groups")
-        r = slice(start * G, stop * G)
-        rs = self.reasoning
-        reasoning = Reasoning(prompt_ids=rs.prompt_ids[r], tokens_BT=rs.tokens_BT[r], logp_BT=rs.logp_BT[r],
-                              mask_BT=rs.mask_BT[r], texts=rs.texts[r], cache=None)
-        return Trajectories(self.prompt_texts[r], reasoning, self.window_k0[r], self.x_RW[r],
-                            self.x_next_RW[r], self.noise_RW[r], self.logp_RW[r], self.latents[r], G,
-                            dict(self.timing))
 
     @property
     def window_steps(self) -> torch.Tensor:
