@@ -42,7 +42,7 @@ def main():
         per = groups // env.world
         mine = select_groups(traj, env.rank * per, (env.rank + 1) * per)
         n = per * traj.group_size
-        metrics = trainer._update(mine, list(range(n)), adv[env.rank * n:(env.rank + 1) * n])
+        metrics = trainer.train_step(mine, list(range(n)), adv[env.rank * n:(env.rank + 1) * n], [])
         state = full_model_state(trainer.policy)
         if env.is_main:
             torch.save({"state": state, "metrics": metrics}, sys.argv[4])

@@ -76,7 +76,7 @@ def test_fsdp_update_equals_single_process_update(tmp_path):
     adv = group_advantages(rewards, rc.group_size).float()
     torch.save({"traj": traj, "adv": adv}, tmp_path / "traj.pt")
     before = {k: v.clone() for k, v in single.policy.state_dict().items()}
-    m1 = single._update(traj, list(range(6)), adv)
+    m1 = single.train_step(traj, list(range(6)), adv, [])
     after = single.policy.state_dict()
 
     with open(tmp_path / "cfg.json", "w") as f:

@@ -8,6 +8,7 @@ import torch
 
 from unigrpo.checkpoint import load_checkpoint, save_checkpoint
 from unigrpo.config import load_config
+from unigrpo.losses.forward import PackedForward
 from unigrpo.model import preset
 from unigrpo.model.build import build_bundle
 from unigrpo.rollout.rollout import RolloutConfig, rollout
@@ -182,7 +183,7 @@ def test_cfg_rollouts_train_the_guided_policy(tmp_path, monkeypatch):
     m = Trainer(small_cfg(tmp_path, base=base, iterations=1, rollout=rc, optim=on_policy), progress=False).iteration()
     assert m["mismatch/flow_logp_max"] < 1e-5 and np.isfinite(m["loss"])    # seen: 1.2e-7
     assert m["flow/log_ratio_abs_max"] < 1e-6      # the training forward is guided too (unguided: ≈ 1e-2)
-    monkeypatch.setattr(Trainer, "_guided", lambda self, model, batch, v_c: v_c)
+    monkeypatch.setattr(PackedForward, "guided", lambda self, model, batch, v_c: v_c)
     broken = Trainer(small_cfg(tmp_path, base=base, iterations=1, rollout=rc, out=str(tmp_path / "b")), progress=False)
     assert broken.iteration()["mismatch/flow_logp_max"] > 1e-4                # seen: 4.6e-3
 
@@ -210,3 +211,31 @@ def test_refl_trains_only_the_image_expert_through_the_surrogate(tmp_path):
 def test_bad_method_configs_stop_before_work(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         load_config(TrainConfig, None, overrides)
+
+
+def _poison(trainer):
+    """Make every mini-batch loss NaN (so its gradients are), keeping the rest of the objective."""
+    real = trainer.objective.loss
+    trainer.objective.loss = lambda old, mb: (lambda out: (out[0] * float("nan"), out[1]))(real(old, mb))
+
+
+def test_a_non_finite_gradient_skips_the_step_and_stops_the_run(tmp_path):
+    """The NaN policy (trainer.train_step): a mini-batch whose gradient norm is not finite takes no optimizer
+    step and is counted; its metrics are not finite, so train() stops with FloatingPointError naming them
+    before any checkpoint of that step is written."""
+    tiny_base(tmp_path / "base")
+    cfg = small_cfg(tmp_path, iterations=2, checkpoint_every=1, optim=OptimConfig(epochs=2, minibatch=4))
+    tr = Trainer(cfg, progress=False)
+    _poison(tr)
+    before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="non-finite metrics at step 0: .*'loss'"):
+        tr.train()
+    for k, v in tr.policy.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed although every step had a NaN gradient"
+    assert not os.path.exists(tmp_path / "run" / "checkpoint")
+    fresh = Trainer(small_cfg(tmp_path, iterations=1, out=str(tmp_path / "run2"),
+                              optim=OptimConfig(epochs=2, minibatch=4)), progress=False)
+    _poison(fresh)
+    metrics = fresh.iteration()
+    assert metrics["skipped_steps"] == 2 * 2   # 6 rows in mini-batches of 4 → 2 per epoch, 2 epochs
+    assert not np.isfinite(metrics["loss"])

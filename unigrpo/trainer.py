@@ -1,27 +1,18 @@
-"""The UniGRPO trainer (ALGORITHM.md §5–§9): rollout → reward → group advantages → old/reference recompute →
-K PPO epochs of the unified objective in mini-batches → AdamW with the two expert groups.
+"""The UniGRPO trainer (ALGORITHM.md §4–§9), the loop around an objective (unigrpo/losses):
 
-One packed training forward per trajectory serves both parts: [prompt + reasoning] (causal) followed by the W
-noisy window latents, each its own block that sees the text and itself (PackedLayout). It yields the
-reasoning-token log-probs and the W velocities at once; the frozen reference runs the same packed forward
-without gradients for v_ref. The text side runs inside the forward (`text_head`, where FSDP has lm_head
-gathered): token_logprobs for the no-grad recomputes, and in training linear_text_grpo_loss, hidden states
-→ GRPO text loss in one call (its triton backend never holds the [tokens × vocab] logits).
+    __init__      the build order: process group → policy (and frozen reference) → backends → AdamW with the
+                  text and image expert groups → rewards → prompts → RNG streams → resume from <out>/checkpoint
+    iteration()   prompts and windows from (seed, step) → rollout → decode → rewards → group advantages →
+                  train_step on the groups with signal
+    train_step()  objective.prepare (no-grad recompute of the old policy, ξ) → K PPO epochs of mini-batches:
+                  objective.loss → backward → grad norms → clip → AdamW step
+    train()       iterations with metrics.jsonl, TensorBoard, progress, checkpoints, held-out evaluations
+    save()/load() safetensors or DCP checkpoints; resuming continues exactly (tests/test_trainer.py checks a
+                  bit-identical next step on CPU)
 
-Decisions:
-- Old log-probs are recomputed with a no-grad forward of this same code path (`recompute_old`, default on),
-  so rollout-vs-training mismatch never enters a ratio; the largest mismatch seen is logged
-  ("mismatch/text_logp_max", "mismatch/flow_logp_max"). Then ξ = (x' − μ_old)/s with μ_old from the recomputed
-  v_old. With recompute off, v_old = (x' − s·ξ − a·x)/b from the rollout's own noise (exact algebra).
-- L = L_text + λ·L_flow + β·L_mse (§9). flow_grpo_loss carries β·reg itself, so it is called with β/λ and
-  scaled by λ (λ = 0 drops the flow part and its regulariser).
-- Ablations: `train_text = false` (FlowGRPO only: no L_text, text expert frozen); `train_image = false`
-  (TextGRPO only: λ = 0, image expert frozen).
-- Zero-std groups carry no signal (§5) and are dropped before training (`skip_zero_std`).
-- Resumable: a checkpoint holds the policy weights, the optimizer, every RNG state and the step; resuming
-  continues exactly (tests/test_trainer.py checks a bit-identical next step on CPU).
-
-Legend: R trajectories, W window steps, T reasoning tokens, M = R·W image blocks, D latent elements.
+The objective is UniGRPO's (losses/grpo.py) or ReFL's (losses/refl.py, method = "refl"). Zero-std groups
+carry no signal (§5) and are dropped before training (`skip_zero_std`). Ablations: `loss.train_text = false`
+freezes the text expert (FlowGRPO only), `loss.train_image = false` the image expert (TextGRPO only).
 """
 from __future__ import annotations
 
@@ -46,23 +37,22 @@ from unigrpo.distributed import (all_gather_objects, full_model_state, full_opti
 from unigrpo.distributed.loading import load_sharded_bundle
 from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, load_sharded, save_sharded
 from unigrpo.losses.config import LossConfig, ReFLConfig
-from unigrpo.losses.packing import PackedBatch, chunks, pack, pack_unconditional
-from unigrpo.model import no_text_head
+from unigrpo.losses.forward import PackedForward
+from unigrpo.losses.grpo import UniGRPOObjective
+from unigrpo.losses.packing import chunks
+from unigrpo.losses.refl import ReFLObjective
 from unigrpo.model.attention import resolve_attention_backend
 from unigrpo.model.build import load_bundle
-from unigrpo.model.codec import PixelCodec
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
 from unigrpo.rewards.registry import RewardSet
-from unigrpo.rewards.surrogate import check_surrogate_records, surrogate_reward_of
+from unigrpo.rewards.surrogate import check_surrogate_records
 from unigrpo.rollout.rollout import Trajectories, check_rollout_batch, draw_windows, rollout_in_batches
 from unigrpo.train_config import OptimConfig, TrainConfig
-from unigrpo_kernels import (flow_grpo_loss, gaussian_logprob, linear_text_grpo_loss, resolve_backend, sigma_schedule,
-                             step_coeffs_batch, token_logprobs)
+from unigrpo_kernels import resolve_backend, sigma_schedule
 
 __all__ = ["Trainer", "TrainConfig", "OptimConfig", "LossConfig", "ReFLConfig"]
 
 
-# ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -99,9 +89,6 @@ class Trainer:
         self.policy.train()
         if cfg.method == "refl" and env.enabled:
             raise ValueError("method 'refl' is a single-process baseline; run it without torchrun")
-        if cfg.method == "refl" and not isinstance(self.bundle.codec, PixelCodec):
-            raise ValueError(f"method 'refl' back-propagates through the decoder, which needs the pixel codec; "
-                             f"{cfg.base} uses {type(self.bundle.codec).__name__}")
         groups = self.policy.parameter_groups()
         for p in groups["text"]:
             p.requires_grad_(cfg.loss.train_text and cfg.method == "grpo")
@@ -124,7 +111,15 @@ class Trainer:
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed + 7919 * env.rank)
         self.sigmas = sigma_schedule(cfg.rollout.steps, cfg.rollout.shift)
         tok = self.bundle.tokenizer   # the context CFG contrasts with (generate.unconditional_cache)
-        self.uncond_ids = tok.encode_prompt("") + tok.encode_reasoning("")
+        forward = PackedForward(temperature=cfg.rollout.temperature, cfg_scale=cfg.rollout.cfg_scale,
+                                uncond_ids=tok.encode_prompt("") + tok.encode_reasoning(""),
+                                image_tokens=self.policy.cfg.image_tokens, pad_id=tok.pad_id,
+                                attn_backend=self.attn_backend, text_backend=self.text_backend)
+        if cfg.method == "refl":
+            self.objective = ReFLObjective(cfg, forward, self.policy, self.ref, self.sigmas, self.bundle.codec)
+        else:
+            self.objective = UniGRPOObjective(cfg, forward, self.policy, self.ref, self.sigmas, dev,
+                                              self.flow_backend, self.text_backend)
         self.step = 0
         os.makedirs(cfg.out, exist_ok=True)
         self.ckpt_dir = os.path.join(cfg.out, "checkpoint")
@@ -191,37 +186,6 @@ class Trainer:
         self.rng.bit_generator.state = st["np_rng"]
         self.step = int(st["step"])
 
-    # ------------------------------------------------------------------ forward pieces
-    def _forward(self, model, batch: PackedBatch, with_entropy: bool = False):
-        """Packed forward → (text log-probs [n] (+ entropy [n]), velocities [M, C, h, w]). The log-probs run
-        inside the model's forward (`text_head`), where FSDP has lm_head gathered."""
-        def head(hidden, weight):
-            h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
-            return token_logprobs(h_sel, weight, batch.text_tgt, temperature=self.cfg.rollout.temperature,
-                                  return_entropy=with_entropy, backend=self.text_backend)
-
-        text_out, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
-                                           text_head=head, backend=self.attn_backend)
-        return text_out, self._guided(model, batch, v)
-
-    def _guided(self, model, batch: PackedBatch, v_c: torch.Tensor) -> torch.Tensor:
-        """The velocity the rollout sampled with: v_c itself, or with CFG in training rollouts
-        (rollout.cfg_scale = w ≠ 1) v_u + w·(v_c − v_u), v_u from a second packed forward against the
-        unconditional context (2 evaluations, as in the rollout), so the ratios compare one policy. fp32."""
-        w = self.cfg.rollout.cfg_scale
-        if w == 1.0:
-            return v_c
-        ub = pack_unconditional(batch, self.uncond_ids, self.policy.cfg.image_tokens, self.bundle.tokenizer.pad_id)
-        _, v_u = model.forward_packed(ub.layout, ub.ids_BS, ub.latents_M, ub.sigma_M, backend=self.attn_backend,
-                                      text_head=no_text_head)
-        v_u = v_u.float()
-        return v_u + w * (v_c.float() - v_u)
-
-    def _scatter(self, values_n, batch: PackedBatch, R: int, T: int):
-        out = torch.zeros(R * T, dtype=values_n.dtype, device=values_n.device)
-        out[batch.text_slot] = values_n
-        return out.view(R, T)
-
     # ------------------------------------------------------------------ one iteration
     def iteration(self) -> dict:
         cfg, rc = self.cfg, self.cfg.rollout
@@ -266,9 +230,9 @@ class Trainer:
             sel = [i for i, p in enumerate(group_prompts) if p.tag == tag]
             metrics[f"reward_tag/{tag}"] = rewards[sel].mean().item()
         if cfg.method == "refl":   # ReFL needs no advantages: every trajectory trains
-            metrics.update(self._update_refl(traj, group_prompts))
+            metrics.update(self.train_step(traj, list(range(len(group_prompts))), adv, group_prompts))
         elif rows or env.enabled:   # under FSDP every rank joins the update's collectives, even with no rows
-            metrics.update(self._update(traj, rows, adv))
+            metrics.update(self.train_step(traj, rows, adv, group_prompts))
         self.step += 1
         t_end = time.perf_counter()
         n = len(group_prompts)
@@ -293,107 +257,27 @@ class Trainer:
             real = sum(c > i for c in counts)
             yield (batches[i], env.world / real) if i < len(batches) else ([0], 0.0)
 
-    def _update(self, traj: Trajectories, rows: list[int], adv_R: torch.Tensor) -> dict:
-        cfg, lc, oc, rc = self.cfg, self.cfg.loss, self.cfg.optim, self.cfg.rollout
-        R, T = traj.reasoning.tokens_BT.shape
-        W = traj.x_RW.shape[1]
-        tok = self.bundle.tokenizer
-        n_img = self.policy.cfg.image_tokens
-        dev = self.env.device
-        co = step_coeffs_batch(self.sigmas, traj.window_steps.flatten().cpu(), rc.eta, rc.sde_kind)
-        a_RW, b_RW, s_RW, h_RW = (co[k].float().view(R, W).to(dev) for k in ("a", "b", "std", "h"))
-        mask_RT = traj.reasoning.mask_BT
-        D = traj.x_RW[0, 0].numel()
-        # old (and reference) quantities with the training code path, no grad
-        old_logp = traj.reasoning.logp_BT.clone()
-        v_old = torch.zeros_like(traj.x_RW)
-        ref_logp = torch.zeros(R, T, device=dev) if lc.kl_coef > 0 else None
-        entropy = torch.zeros(R, T, device=dev)
-        v_ref_t = torch.zeros_like(traj.x_RW)
-        mism_text, mism_flow = 0.0, 0.0
-        with torch.no_grad():
-            for mb, weight in self._balanced_chunks(rows, oc.minibatch):
-                batch = pack(traj, mb, self.sigmas, n_img, tok.pad_id)
-                idx = torch.tensor(mb, device=dev)
-                if cfg.recompute_old:
-                    (lp, ent), v = self._forward(self.policy, batch, with_entropy=True)
-                if self.ref is not None:
-                    (lp_ref, _), v_r = self._forward(self.ref, batch, with_entropy=True)
-                if weight == 0:
-                    continue   # a dummy mini-batch: its forwards only keep FSDP's collectives in step
-                if cfg.recompute_old:
-                    lp_RT = self._scatter(lp, batch, len(mb), T)
-                    mism_text = max(mism_text, (lp_RT - traj.reasoning.logp_BT[idx]).abs()[mask_RT[idx]].max().item()
-                                    if mask_RT[idx].any() else 0.0)
-                    old_logp[idx] = lp_RT
-                    entropy[idx] = self._scatter(ent, batch, len(mb), T)
-                    v_old[idx] = v.float().view(len(mb), W, *v.shape[1:])
-                if self.ref is not None:
-                    v_ref_t[idx] = v_r.float().view(len(mb), W, *v_r.shape[1:])
-                    if ref_logp is not None:
-                        ref_logp[idx] = self._scatter(lp_ref, batch, len(mb), T)
-            bc = lambda t: t.view(R, W, *([1] * (traj.x_RW.dim() - 2)))  # noqa: E731  [R, W] → broadcast
-            if not cfg.recompute_old:  # v_old from the rollout's own step: μ_old = x' − s·ξ = a·x + b·v_old
-                v_old = (traj.x_next_RW - bc(s_RW) * traj.noise_RW - bc(a_RW) * traj.x_RW) / bc(b_RW)
-            mu_old = bc(a_RW) * traj.x_RW + bc(b_RW) * v_old
-            xi = (traj.x_next_RW - mu_old) / bc(s_RW)
-            if cfg.recompute_old and rows:
-                lp_flow = gaussian_logprob(traj.x_next_RW.flatten(0, 1), mu_old.flatten(0, 1), s_RW.flatten())
-                sel = torch.tensor(rows, device=dev)
-                mism_flow = (lp_flow.view(R, W) - traj.logp_RW)[sel].abs().max().item()
-        v_ref_all = v_ref_t if self.ref is not None else v_old
-        # K PPO epochs over mini-batches
-        lam = lc.flow_weight if lc.train_image else 0.0
-        # "constant" divides by G·L_max with L_max the configured reasoning cap, not this batch's longest
-        max_len = (rc.max_new_tokens or self.policy.cfg.max_text_len) if lc.aggregation == "constant" else None
+    def train_step(self, traj: Trajectories, rows: list[int], adv_R: torch.Tensor, prompts: list) -> dict:
+        """K PPO epochs over the rows `rows` of `traj` in mini-batches, one AdamW step each (§9): the objective
+        fixes the old policy's quantities once, then gives each mini-batch's loss. A step whose gradient norm
+        is not finite is not taken (counted in "skipped_steps"); its metrics are not finite either, so train()
+        stops the run with FloatingPointError naming them, before the next checkpoint."""
+        oc = self.cfg.optim
+        old = self.objective.prepare(traj, rows, adv_R, prompts, self._balanced_chunks)
+        params = [p for ps in self.groups.values() for p in ps]
         sums: dict[str, float] = {}
         count = 0
         gnorms = {"text": 0.0, "image": 0.0}
         for _ in range(oc.epochs):
             order = [rows[i] for i in self.rng.permutation(len(rows))]
             for mb, weight in self._balanced_chunks(order, oc.minibatch):
-                batch = pack(traj, mb, self.sigmas, n_img, tok.pad_id)
-                idx = torch.tensor(mb, device=dev)
-                def text_loss(hidden, weight, batch=batch, idx=idx):
-                    """hidden → GRPO text loss in one fused call, inside the forward (FSDP)"""
-                    h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
-                    return linear_text_grpo_loss(
-                        h_sel, weight, batch.text_tgt, slot_T=batch.text_slot, old_logp_BL=old_logp[idx],
-                        adv_B=adv_R[idx], mask_BL=mask_RT[idx], temperature=rc.temperature, eps_lo=lc.eps_lo,
-                        eps_hi=lc.eps_hi, aggregation=lc.aggregation,
-                        ref_logp_BL=None if ref_logp is None else ref_logp[idx], kl_coef=lc.kl_coef,
-                        max_len=max_len, return_logp=True, backend=self.text_backend)
-
-                text_out, v = self.policy.forward_packed(
-                    batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M, backend=self.attn_backend,
-                    text_head=text_loss if lc.train_text else no_text_head)
-                if lam > 0:
-                    v = self._guided(self.policy, batch, v)
-                loss = torch.zeros((), device=dev)
-                m: dict[str, torch.Tensor] = {}
-                if lc.train_text:
-                    l_text, mt, lp_RT = text_out
-                    loss = loss + l_text
-                    m.update(mt)
-                    with torch.no_grad():
-                        d = (old_logp[idx] - lp_RT)[mask_RT[idx]]
-                        m["text/approx_kl"] = (torch.exp(d) - d - 1).mean() if d.numel() else torch.zeros((), device=dev)
-                if lam > 0:
-                    l_flow, mf = flow_grpo_loss(
-                        v_BD=v.float().view(len(mb) * W, D), xi_BD=xi[idx].view(-1, D),
-                        v_old_BD=v_old[idx].view(-1, D), v_ref_BD=v_ref_all[idx].view(-1, D),
-                        adv_B=adv_R[idx].repeat_interleave(W), b_B=b_RW[idx].flatten(), std_B=s_RW[idx].flatten(),
-                        h_B=h_RW[idx].flatten(), clip_eps=lc.flow_clip, beta=lc.beta / lam, reg=lc.reg,
-                        ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight, backend=self.flow_backend)
-                    loss = loss + lam * l_flow
-                    m.update(mf)
+                loss, m = self.objective.loss(old, mb)
                 self.opt.zero_grad(set_to_none=True)
                 (loss * weight if weight != 1.0 else loss).backward()
-                for name, params in self.groups.items():
-                    norm = _grad_norm(params)   # a collective under FSDP: every rank computes it
+                for name, group in self.groups.items():
+                    norm = _grad_norm(group)   # a collective under FSDP: every rank computes it
                     gnorms[name] = max(gnorms[name], norm) if weight > 0 else gnorms[name]
-                total_norm = _local(torch.nn.utils.clip_grad_norm_(
-                    [p for ps in self.groups.values() for p in ps], oc.grad_clip))
+                total_norm = _local(torch.nn.utils.clip_grad_norm_(params, oc.grad_clip))
                 if torch.isfinite(total_norm):
                     self.opt.step()
                 elif weight > 0:
@@ -407,56 +291,7 @@ class Trainer:
         out = {k: val / count for k, val in sums.items() if k != "skipped_steps"} if count else {}
         out["skipped_steps"] = sums.get("skipped_steps", 0.0)
         out["grad_norm/text"], out["grad_norm/image"] = gnorms["text"], gnorms["image"]
-        out["mismatch/text_logp_max"], out["mismatch/flow_logp_max"] = mism_text, mism_flow
-        sel = torch.tensor(rows, dtype=torch.long, device=dev)
-        out["text/entropy"] = (entropy[sel][mask_RT[sel]].mean().item() if cfg.recompute_old and rows
-                               and mask_RT[sel].any() else float("nan"))
-        return out
-
-    def _update_refl(self, traj: Trajectories, prompts: list) -> dict:
-        """ReFL (§11): x̂0 = x_k − σ_k·v_θ(x_k) at the row's late step k, decoded, scored by the differentiable
-        surrogate; loss = −mean surrogate (+ β·velocity MSE to the reference with loss.reg = "mse"). The same
-        K epochs of mini-batches as the GRPO update, one gradient step each."""
-        cfg, lc, oc = self.cfg, self.cfg.loss, self.cfg.optim
-        R = traj.x_RW.shape[0]
-        n_img, pad = self.policy.cfg.image_tokens, self.bundle.tokenizer.pad_id
-        use_ref = lc.reg == "mse" and self.ref is not None
-        v_ref = torch.zeros_like(traj.x_RW[:, 0])
-        if use_ref:
-            with torch.no_grad():
-                for mb in chunks(list(range(R)), oc.minibatch):
-                    b = pack(traj, mb, self.sigmas, n_img, pad)
-                    _, v_r = self.ref.forward_packed(b.layout, b.ids_BS, b.latents_M, b.sigma_M,
-                                                     backend=self.attn_backend, text_head=no_text_head)
-                    v_ref[torch.tensor(mb, device=v_ref.device)] = v_r.float()
-        sums: dict[str, float] = {}
-        count, gnorm, skipped = 0, 0.0, 0.0
-        for _ in range(oc.epochs):
-            order = [int(i) for i in self.rng.permutation(R)]
-            for mb in chunks(order, oc.minibatch):
-                batch = pack(traj, mb, self.sigmas, n_img, pad)
-                _, v = self.policy.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
-                                                  backend=self.attn_backend, text_head=no_text_head)
-                v = v.float()
-                x0 = batch.latents_M - batch.sigma_M.view(-1, *([1] * (v.dim() - 1))) * v
-                sur = surrogate_reward_of(self.bundle.codec.decode(x0, clamp=False), [prompts[i].text for i in mb],
-                                          [prompts[i].metadata for i in mb], cfg.refl.softness)
-                loss = -sur.mean()
-                mse = ((v - v_ref[torch.tensor(mb, device=v.device)]) ** 2).mean() if use_ref else torch.zeros(())
-                loss = loss + lc.beta * mse
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = max(gnorm, _grad_norm(self.groups["image"]))
-                total = torch.nn.utils.clip_grad_norm_(self.groups["image"], oc.grad_clip)
-                if torch.isfinite(total):
-                    self.opt.step()
-                else:
-                    skipped += 1
-                for k, val in (("loss", loss), ("refl/surrogate", sur.mean()), ("flow/velocity_mse", mse)):
-                    sums[k] = sums.get(k, 0.0) + float(val)
-                count += 1
-        out = {k: val / count for k, val in sums.items()}
-        out.update({"skipped_steps": skipped, "grad_norm/image": gnorm, "grad_norm/text": 0.0})
+        out.update(old.metrics)
         return out
 
     # ------------------------------------------------------------------ the loop

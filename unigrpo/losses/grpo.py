@@ -1,0 +1,157 @@
+"""UniGRPO's objective (ALGORITHM.md §5–§9) on a batch of trajectories, in two stages:
+
+1. `prepare`, no grad: the old policy's (and the reference's) quantities from the training code path:
+   recomputed reasoning log-probs and window velocities v_old, v_ref, then μ_old = a·x + b·v_old and
+   ξ = (x' − μ_old)/s. With recompute_old off, v_old = (x' − s·ξ − a·x)/b from the rollout's own noise (exact
+   algebra). The largest rollout-vs-training mismatch is logged ("mismatch/text_logp_max", "/flow_logp_max").
+2. `loss`, per mini-batch, one packed forward of the policy: L = L_text + λ·L_flow + β·L_reg (§9), the text
+   loss fused into the forward (linear_text_grpo_loss: hidden states → loss, never the [tokens × vocab]
+   logits) and the flow loss from the guided velocities (flow_grpo_loss, which carries its regulariser
+   itself: it is called with β/λ and scaled by λ; λ = 0 drops the flow part and its regulariser).
+
+Ablations: loss.train_text = false (FlowGRPO only: no L_text); loss.train_image = false (TextGRPO only: λ = 0).
+Legend: R trajectories, W window steps, T reasoning tokens, D latent elements per window step.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from unigrpo.losses.forward import PackedForward, scatter_tokens
+from unigrpo.losses.packing import pack
+from unigrpo.model import no_text_head
+from unigrpo.rollout.rollout import Trajectories
+from unigrpo_kernels import flow_grpo_loss, gaussian_logprob, linear_text_grpo_loss, step_coeffs_batch
+
+__all__ = ["OldPolicy", "UniGRPOObjective", "Minibatches"]
+
+Minibatches = Callable[[list[int], int], Iterator[tuple[list[int], float]]]
+"""(rows, n) → mini-batches (rows, weight); weight 0 marks a dummy that only keeps FSDP's collectives in step"""
+
+
+@dataclass
+class OldPolicy:
+    """What `prepare` fixes for the K epochs of one batch."""
+    traj: Trajectories
+    rows: list[int]
+    adv_R: torch.Tensor      # fp32 [R]
+    old_logp: torch.Tensor   # fp32 [R, T]
+    ref_logp: torch.Tensor | None
+    v_old: torch.Tensor      # fp32 [R, W, C, h, w]
+    v_ref: torch.Tensor      # fp32 [R, W, C, h, w]
+    xi: torch.Tensor         # fp32 [R, W, C, h, w]
+    b_RW: torch.Tensor
+    s_RW: torch.Tensor
+    h_RW: torch.Tensor
+    metrics: dict            # mismatch and entropy of the old policy
+
+
+class UniGRPOObjective:
+    def __init__(self, cfg, forward: PackedForward, policy, ref, sigmas: torch.Tensor, device: torch.device,
+                 flow_backend: str, text_backend: str):
+        self.cfg, self.forward, self.policy, self.ref = cfg, forward, policy, ref
+        self.sigmas, self.device = sigmas, device
+        self.flow_backend, self.text_backend = flow_backend, text_backend
+
+    def _pack(self, traj: Trajectories, mb: list[int]):
+        return pack(traj, mb, self.sigmas, self.forward.image_tokens, self.forward.pad_id)
+
+    def prepare(self, traj: Trajectories, rows: list[int], adv_R: torch.Tensor, prompts: list,
+                minibatches: Minibatches) -> OldPolicy:
+        cfg, lc, oc, rc = self.cfg, self.cfg.loss, self.cfg.optim, self.cfg.rollout
+        R, T = traj.reasoning.tokens_BT.shape
+        W = traj.x_RW.shape[1]
+        dev = self.device
+        co = step_coeffs_batch(self.sigmas, traj.window_steps.flatten().cpu(), rc.eta, rc.sde_kind)
+        a_RW, b_RW, s_RW, h_RW = (co[k].float().view(R, W).to(dev) for k in ("a", "b", "std", "h"))
+        mask_RT = traj.reasoning.mask_BT
+        old_logp = traj.reasoning.logp_BT.clone()
+        v_old = torch.zeros_like(traj.x_RW)
+        ref_logp = torch.zeros(R, T, device=dev) if lc.kl_coef > 0 else None
+        entropy = torch.zeros(R, T, device=dev)
+        v_ref_t = torch.zeros_like(traj.x_RW)
+        mism_text, mism_flow = 0.0, 0.0
+        with torch.no_grad():
+            for mb, weight in minibatches(rows, oc.minibatch):
+                batch = self._pack(traj, mb)
+                idx = torch.tensor(mb, device=dev)
+                if cfg.recompute_old:
+                    (lp, ent), v = self.forward(self.policy, batch, with_entropy=True)
+                if self.ref is not None:
+                    (lp_ref, _), v_r = self.forward(self.ref, batch, with_entropy=True)
+                if weight == 0:
+                    continue   # a dummy mini-batch: its forwards only keep FSDP's collectives in step
+                if cfg.recompute_old:
+                    lp_RT = scatter_tokens(lp, batch, len(mb), T)
+                    mism_text = max(mism_text, (lp_RT - traj.reasoning.logp_BT[idx]).abs()[mask_RT[idx]].max().item()
+                                    if mask_RT[idx].any() else 0.0)
+                    old_logp[idx] = lp_RT
+                    entropy[idx] = scatter_tokens(ent, batch, len(mb), T)
+                    v_old[idx] = v.float().view(len(mb), W, *v.shape[1:])
+                if self.ref is not None:
+                    v_ref_t[idx] = v_r.float().view(len(mb), W, *v_r.shape[1:])
+                    if ref_logp is not None:
+                        ref_logp[idx] = scatter_tokens(lp_ref, batch, len(mb), T)
+            bc = lambda t: t.view(R, W, *([1] * (traj.x_RW.dim() - 2)))  # noqa: E731  [R, W] → broadcast
+            if not cfg.recompute_old:  # v_old from the rollout's own step: μ_old = x' − s·ξ = a·x + b·v_old
+                v_old = (traj.x_next_RW - bc(s_RW) * traj.noise_RW - bc(a_RW) * traj.x_RW) / bc(b_RW)
+            mu_old = bc(a_RW) * traj.x_RW + bc(b_RW) * v_old
+            xi = (traj.x_next_RW - mu_old) / bc(s_RW)
+            if cfg.recompute_old and rows:
+                lp_flow = gaussian_logprob(traj.x_next_RW.flatten(0, 1), mu_old.flatten(0, 1), s_RW.flatten())
+                sel = torch.tensor(rows, device=dev)
+                mism_flow = (lp_flow.view(R, W) - traj.logp_RW)[sel].abs().max().item()
+        sel = torch.tensor(rows, dtype=torch.long, device=dev)
+        metrics = {"mismatch/text_logp_max": mism_text, "mismatch/flow_logp_max": mism_flow,
+                   "text/entropy": (entropy[sel][mask_RT[sel]].mean().item() if cfg.recompute_old and rows
+                                    and mask_RT[sel].any() else float("nan"))}
+        return OldPolicy(traj, rows, adv_R, old_logp, ref_logp, v_old, v_ref_t if self.ref is not None else v_old,
+                         xi, b_RW, s_RW, h_RW, metrics)
+
+    def loss(self, old: OldPolicy, mb: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(0-dim loss with grad, detached metrics) of the mini-batch `mb` (rows of old.traj)."""
+        lc, rc = self.cfg.loss, self.cfg.rollout
+        traj, adv_R, mask_RT = old.traj, old.adv_R, old.traj.reasoning.mask_BT
+        W = traj.x_RW.shape[1]
+        D = traj.x_RW[0, 0].numel()
+        dev = self.device
+        lam = lc.flow_weight if lc.train_image else 0.0
+        # "constant" divides by G·L_max with L_max the configured reasoning cap, not this batch's longest
+        max_len = (rc.max_new_tokens or self.policy.cfg.max_text_len) if lc.aggregation == "constant" else None
+        batch = self._pack(traj, mb)
+        idx = torch.tensor(mb, device=dev)
+
+        def text_loss(hidden, weight):
+            """hidden → GRPO text loss in one fused call, inside the forward (FSDP)"""
+            h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
+            return linear_text_grpo_loss(
+                h_sel, weight, batch.text_tgt, slot_T=batch.text_slot, old_logp_BL=old.old_logp[idx],
+                adv_B=adv_R[idx], mask_BL=mask_RT[idx], temperature=rc.temperature, eps_lo=lc.eps_lo,
+                eps_hi=lc.eps_hi, aggregation=lc.aggregation,
+                ref_logp_BL=None if old.ref_logp is None else old.ref_logp[idx], kl_coef=lc.kl_coef,
+                max_len=max_len, return_logp=True, backend=self.text_backend)
+
+        text_out, v = self.forward.with_head(self.policy, batch, text_loss if lc.train_text else no_text_head)
+        if lam > 0:
+            v = self.forward.guided(self.policy, batch, v)
+        loss = torch.zeros((), device=dev)
+        m: dict[str, torch.Tensor] = {}
+        if lc.train_text:
+            l_text, mt, lp_RT = text_out
+            loss = loss + l_text
+            m.update(mt)
+            with torch.no_grad():
+                d = (old.old_logp[idx] - lp_RT)[mask_RT[idx]]
+                m["text/approx_kl"] = (torch.exp(d) - d - 1).mean() if d.numel() else torch.zeros((), device=dev)
+        if lam > 0:
+            l_flow, mf = flow_grpo_loss(
+                v_BD=v.float().view(len(mb) * W, D), xi_BD=old.xi[idx].view(-1, D),
+                v_old_BD=old.v_old[idx].view(-1, D), v_ref_BD=old.v_ref[idx].view(-1, D),
+                adv_B=adv_R[idx].repeat_interleave(W), b_B=old.b_RW[idx].flatten(), std_B=old.s_RW[idx].flatten(),
+                h_B=old.h_RW[idx].flatten(), clip_eps=lc.flow_clip, beta=lc.beta / lam, reg=lc.reg,
+                ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight, backend=self.flow_backend)
+            loss = loss + lam * l_flow
+            m.update(mf)
+        return loss, m
