@@ -115,17 +115,18 @@ _flow_sums_op.register_autograd(_flow_sums_backward, setup_context=_flow_sums_se
 @torch.library.custom_op("unigrpo_kernels::flow_loss_fwd", mutates_args=())
 def _flow_loss_op(v: Tensor, xi: Tensor, v_old: Tensor, v_ref: Tensor, adv: Tensor, b: Tensor, s: Tensor,
                   h: Tensor, lo: float, hi: float, beta: float, reg: int, ratio_norm: bool, grad_reweight: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                  flow_weight: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     mod = _impl(backend)
     if hasattr(mod, "flow_sums_partials"):
         part = mod.flow_sums_partials(v, xi, v_old, v_ref)              # [B, chunks, 3]
     else:
         part = mod.flow_sums_fwd(v, xi, v_old, v_ref).unsqueeze(1)      # [B, 1, 3]
-    return _finalize_impl(mod)(part, adv, b, s, h, v.shape[1], lo, hi, beta, reg, ratio_norm, grad_reweight)
+    return _finalize_impl(mod)(part, adv, b, s, h, v.shape[1], lo, hi, beta, reg, ratio_norm, grad_reweight,
+                               flow_weight)
 
 
 @_flow_loss_op.register_fake
-def _(v, xi, v_old, v_ref, adv, b, s, h, lo, hi, beta, reg, ratio_norm, grad_reweight, backend):
+def _(v, xi, v_old, v_ref, adv, b, s, h, lo, hi, beta, reg, ratio_norm, grad_reweight, flow_weight, backend):
     f32 = dict(dtype=torch.float32, device=v.device)
     return torch.empty((), **f32), torch.empty(len(ref.FLOW_METRICS), **f32), torch.empty(v.shape[0], 3, **f32)
 
@@ -145,7 +146,7 @@ def _(g_loss, coef, v, xi, v_old, v_ref, use_old, use_ref, backend):
 def _flow_loss_setup(ctx, inputs, output):
     v, xi, v_old, v_ref = inputs[:4]
     ctx.save_for_backward(output[2], v, xi, v_old, v_ref)
-    ratio_norm, reg, beta, backend = inputs[12], inputs[11], inputs[10], inputs[14]
+    ratio_norm, reg, beta, backend = inputs[12], inputs[11], inputs[10], inputs[15]
     ctx.flags = (not ratio_norm, reg != ref.REGS.index("none") and beta > 0, backend)
 
 
@@ -153,7 +154,7 @@ def _flow_loss_backward(ctx, g_loss, g_metrics, g_coef):
     coef, v, xi, v_old, v_ref = ctx.saved_tensors
     use_old, use_ref, backend = ctx.flags
     dv = _flow_loss_bwd_op(g_loss, coef, v, xi, v_old, v_ref, use_old, use_ref, backend)
-    return (dv,) + (None,) * 14
+    return (dv,) + (None,) * 15
 
 
 _flow_loss_op.register_autograd(_flow_loss_backward, setup_context=_flow_loss_setup)
@@ -199,17 +200,18 @@ def sde_step(x_BD: Tensor, v_BD: Tensor, *, a_B, b_B, std_B, noise_BD: Tensor, r
 
 def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor, adv_B, b_B, std_B, h_B,
                    clip_eps: float = 1e-6, beta: float = 1.5e-5, reg: str = "mse", ratio_norm: bool = True,
-                   grad_reweight: bool = False, backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
-    """FlowGRPO loss with RatioNorm and the velocity regulariser (§7, §8), differentiable in v_BD; see
-    kernels/reference/flow.py `flow_grpo_loss` for the contract. backend: "auto" | "torch" | "triton" | "cuda".
+                   grad_reweight: bool = False, flow_weight: float = 1.0,
+                   backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
+    """λ·FlowGRPO loss with RatioNorm + β·velocity regulariser (§7–§9, λ = flow_weight), differentiable in v_BD;
+    see kernels/reference/flow.py `flow_grpo_loss` for the contract. backend: "auto" | "torch" | "triton" | "cuda".
     Returns (0-dim float32 loss, detached metrics "flow/...")."""
     be = resolve_backend(backend, _device(v_BD), op="flow_grpo_loss")
     kw = dict(adv_B=adv_B, b_B=b_B, std_B=std_B, h_B=h_B, clip_eps=clip_eps, beta=beta, reg=reg,
-              ratio_norm=ratio_norm, grad_reweight=grad_reweight)
+              ratio_norm=ratio_norm, grad_reweight=grad_reweight, flow_weight=flow_weight)
     if be == "torch":
         return ref.flow_grpo_loss(v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, **kw)
     ref.check_flow_loss_args(v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, clip_eps=clip_eps,
-                             beta=beta, reg=reg)
+                             beta=beta, reg=reg, flow_weight=flow_weight)
     _refuse_float64(be, v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, adv_B=adv_B, b_B=b_B,
                     std_B=std_B, h_B=h_B)
     B, dev = v_BD.shape[0], v_BD.device
@@ -224,8 +226,9 @@ def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: T
             (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B))}
     if _finalize_impl(_impl(be)) is not None:
         loss, metrics, _ = _flow_loss_op(v, xi, v_old, v_ref, *rows.values(), 1.0 - clip_eps, 1.0 + clip_eps,
-                                         float(beta), ref.REGS.index(reg), bool(ratio_norm), bool(grad_reweight), be)
+                                         float(beta), ref.REGS.index(reg), bool(ratio_norm), bool(grad_reweight),
+                                         float(flow_weight), be)
         return loss, {name: metrics[i].detach() for i, name in enumerate(ref.FLOW_METRICS)}
     sums_B3 = _flow_sums_op(v, xi, v_old, v_ref, use_old, use_ref, be)
     return ref.flow_loss_from_sums(sums_B3, v.shape[1], **rows, clip_eps=clip_eps, beta=beta, reg=reg,
-                                   ratio_norm=ratio_norm, grad_reweight=grad_reweight)
+                                   ratio_norm=ratio_norm, grad_reweight=grad_reweight, flow_weight=flow_weight)

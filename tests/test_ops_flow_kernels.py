@@ -168,11 +168,13 @@ def _run_loss(t, backend, device, dtype, **opts):
 @given(B=st.integers(1, 6), D=st.integers(1, MAX_D), vdt=st.sampled_from(list(DTYPES)), seed=st.integers(0, 2**31 - 1),
        drift=st.sampled_from([1e-3, 3e-2, 0.3]), adv_sign=st.sampled_from(["pos", "neg", "mixed"]),
        clip_eps=st.sampled_from([1e-6, 1e-3, 0.05, 0.3]), beta=st.sampled_from([0.0, 1.5e-5, 0.5]),
-       reg=st.sampled_from(["mse", "latent_kl", "none"]), ratio_norm=st.booleans(), grad_reweight=st.booleans())
+       reg=st.sampled_from(["mse", "latent_kl", "none"]), ratio_norm=st.booleans(), grad_reweight=st.booleans(),
+       flow_weight=st.sampled_from([1.0, 0.0, 0.37, 2.5]))
 def test_flow_loss_matches_reference(poisoned, backend, B, D, vdt, seed, drift, adv_sign, clip_eps, beta, reg,
-                                     ratio_norm, grad_reweight):
+                                     ratio_norm, grad_reweight, flow_weight):
     t = _loss_inputs(B, D, vdt, seed, drift, adv_sign)
-    opts = dict(clip_eps=clip_eps, beta=beta, reg=reg, ratio_norm=ratio_norm, grad_reweight=grad_reweight)
+    opts = dict(clip_eps=clip_eps, beta=beta, reg=reg, ratio_norm=ratio_norm, grad_reweight=grad_reweight,
+                flow_weight=flow_weight)
     ref_loss, ref_m, ref_g = _run_loss(t, "reference", "cpu", F64, **opts)
     # keep clip decisions away from the kink (tested exactly below): every ratio ≥ 1e-4 from 1 ± ε
     lr = F.flow_log_ratio(v_BD=t["v"].double(), xi_BD=t["xi"].double(), v_old_BD=t["v_old"].double(),
@@ -310,7 +312,7 @@ cases = {
                       dict(USE_OLD=True, USE_REF=True, BLOCK=2048, ITERS=4), 8),
     "flow_loss_finalize": (K._flow_loss_finalize_kernel, dict(part_ptr=P, chunks="i32", adv_ptr=P, b_ptr=P, s_ptr=P,
                            h_ptr=P, loss_ptr=P, metrics_ptr=P, coef_ptr=P, B="i32", D="fp32", lo="fp32", hi="fp32",
-                           beta="fp32"), dict(RATIO_NORM=False, REWEIGHT=True, REG=1, BLOCK_B=128, BLOCK_C=64,
+                           beta="fp32", fw="fp32"), dict(RATIO_NORM=False, REWEIGHT=True, REG=1, BLOCK_B=128, BLOCK_C=64,
                            ROW_BLOCKS=2, CHUNK_BLOCKS=2), 4),
 }
 out = {}
@@ -361,7 +363,7 @@ def test_sums_only_backend_uses_the_triton_finalize(monkeypatch):
     v = t["v"].to(DEV).clone().requires_grad_(True)
     loss, metrics, _ = FK._flow_loss_op(v, t["xi"].to(DEV), t["v_old"].to(DEV), t["v_ref"].to(DEV),
                                         t["adv"].to(DEV), t["b"].to(DEV), t["s"].to(DEV), t["h"].to(DEV), 0.8, 1.2,
-                                        0.3, F.REGS.index("latent_kl"), False, True, "fake")
+                                        0.3, F.REGS.index("latent_kl"), False, True, 1.0, "fake")
     loss.backward()
     ref_loss, ref_m, ref_g = _run_loss(t, "reference", "cpu", F64, **opts)
     t32 = _run_loss(t, "reference", "cpu", None, **opts)

@@ -395,6 +395,35 @@ def test_flow_loss_value_and_finite_difference_gradient(ratio_norm, grad_reweigh
     assert torch.autograd.gradcheck(lambda vv: K.flow_grpo_loss(v_BD=vv, **kw)[0], (v,))
 
 
+@pytest.mark.parametrize("ratio_norm,grad_reweight,reg", OPTIONS)
+@pytest.mark.parametrize("flow_weight", [0.0, 0.37, 1.0, 2.5])
+def test_flow_weight_scales_only_the_policy_term(ratio_norm, grad_reweight, reg, flow_weight):
+    """flow_grpo_loss(flow_weight=λ, beta=β) = λ·L_flow + β·L_reg (§9) in value and gradient, float64: λ times
+    the loss without regulariser (λ = 1, β = 0) plus the regulariser alone (λ = 0, β); the policy metric is
+    L_flow itself, unweighted. Tolerance 1e-12: float64 sums of a few terms of order 1."""
+    target = torch.tensor([0.05, -0.03, 0.4, -0.5, 0.0, 0.35], dtype=F64)
+    adv = torch.tensor([1.3, -0.7, 0.9, -1.1, 0.5, -0.8], dtype=F64)
+    r = _rows_with_log_ratio(target, ratio_norm, D=5, seed=11)
+    v_ref = r["v_old"] + 0.5 * torch.randn(r["v"].shape, dtype=F64, generator=r["g"])
+    kw = dict(xi_BD=r["xi"], v_old_BD=r["v_old"], v_ref_BD=v_ref, adv_B=adv, b_B=r["b"], std_B=r["s"],
+              h_B=r["h"], clip_eps=0.2, reg=reg, ratio_norm=ratio_norm, grad_reweight=grad_reweight)
+
+    def value_and_grad(**opts):
+        v = r["v"].clone().requires_grad_(True)
+        loss, m = K.flow_grpo_loss(v_BD=v, **kw, **opts)
+        loss.backward()
+        return loss.detach(), v.grad, m
+
+    loss, grad, m = value_and_grad(flow_weight=flow_weight, beta=0.7)
+    policy, g_policy, m1 = value_and_grad(flow_weight=1.0, beta=0.0)
+    reg_only, g_reg, _ = value_and_grad(flow_weight=0.0, beta=0.7)
+    torch.testing.assert_close(loss, flow_weight * policy + reg_only, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, flow_weight * g_policy + g_reg, atol=1e-12, rtol=0)
+    assert m["flow/policy_loss"] == m1["flow/policy_loss"]
+    with pytest.raises(ValueError, match="flow_weight=-1"):
+        K.flow_grpo_loss(v_BD=r["v"], **kw, flow_weight=-1.0)
+
+
 def test_flow_loss_differentiable_in_v_only_and_float32_metrics():
     g = torch.Generator().manual_seed(5)
     B, D = 4, 16

@@ -300,9 +300,11 @@ def velocity_mse(v_BD: Tensor, v_ref_BD: Tensor) -> Tensor:
 
 
 def check_flow_loss_args(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor, clip_eps: float,
-                         beta: float, reg: str) -> None:
+                         beta: float, reg: str, flow_weight: float = 1.0) -> None:
     """The argument checks of flow_grpo_loss, shared by every backend (ValueError naming the bad value)."""
     check_choice("reg", reg, _REGS)
+    if not (flow_weight >= 0 and math.isfinite(flow_weight)):
+        raise ValueError(f"flow_weight={flow_weight!r} must be finite and >= 0")
     if not (clip_eps >= 0 and math.isfinite(clip_eps)):
         raise ValueError(f"clip_eps={clip_eps!r} must be finite and >= 0")
     if not (beta >= 0 and math.isfinite(beta)):
@@ -316,7 +318,7 @@ def check_flow_loss_args(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref
 
 def flow_loss_from_sums(sums_B3: Tensor, D: int, *, adv_B: Tensor, b_B: Tensor, std_B: Tensor, h_B: Tensor,
                         clip_eps: float, beta: float, reg: str, ratio_norm: bool,
-                        grad_reweight: bool) -> tuple[Tensor, dict[str, Tensor]]:
+                        grad_reweight: bool, flow_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """The per-row scalar math of the flow loss (§7, §8) from the row sums (ROW_SUMS) of `flow_row_sums` or a
     fused backend. sums_B3 [B, 3] (grad flows back through it); adv/b/std/h [B] in the sums' dtype; D the
     latent elements per row. Returns (0-dim loss, detached metrics "flow/...")."""
@@ -333,7 +335,7 @@ def flow_loss_from_sums(sums_B3: Tensor, D: int, *, adv_B: Tensor, b_B: Tensor, 
     else:
         reg_B = torch.zeros_like(mse_B)
     reg_mean = reg_B.mean()
-    loss = policy_loss + beta * reg_mean
+    loss = flow_weight * policy_loss + beta * reg_mean
 
     with torch.no_grad():
         metrics = {
@@ -352,18 +354,18 @@ def flow_loss_from_sums(sums_B3: Tensor, D: int, *, adv_B: Tensor, b_B: Tensor, 
 
 def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor, adv_B, b_B, std_B, h_B,
                    clip_eps: float = 1e-6, beta: float = 1.5e-5, reg: str = "mse", ratio_norm: bool = True,
-                   grad_reweight: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+                   grad_reweight: bool = False, flow_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """FlowGRPO loss with RatioNorm and the velocity regulariser (§7, §8); one row = one (trajectory,
     window step) pair, so every 1/(G·W) is a mean over rows.
 
     v_BD (grad), xi_BD, v_old_BD, v_ref_BD: [B, ...] of one shape; adv_B, b_B, std_B, h_B: numbers or [B].
-        loss = −mean_B[min(r·A, clip(r, 1−ε, 1+ε)·A)·w] + β·mean_B reg_B
+        loss = λ·(−mean_B[min(r·A, clip(r, 1−ε, 1+ε)·A)·w]) + β·mean_B reg_B,   λ = flow_weight (§9)
     r = r̂ (ratio_norm) or the plain ratio; w = 1/h (grad_reweight) or 1; reg_B = mean_D (v − v_ref)² ("mse"),
     b²/(2s²)·mean_D (v − v_ref)² ("latent_kl"), or 0 ("none"). Returns a 0-dim loss in float32 (float64 if
     any input is) and detached metrics "flow/...".
     """
     check_flow_loss_args(v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, clip_eps=clip_eps,
-                         beta=beta, reg=reg)
+                         beta=beta, reg=reg, flow_weight=flow_weight)
     B, dev = v_BD.shape[0], v_BD.device
     dt = compute_dtype(v_BD, xi_BD, v_old_BD, v_ref_BD, adv_B, b_B, std_B, h_B)
     v = _flat(v_BD, B, "v_BD").to(dt)
@@ -372,4 +374,4 @@ def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: T
             (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B))}
     sums = flow_row_sums(v, t["xi_BD"], t["v_old_BD"], t["v_ref_BD"])
     return flow_loss_from_sums(sums, v.shape[1], **rows, clip_eps=clip_eps, beta=beta, reg=reg,
-                               ratio_norm=ratio_norm, grad_reweight=grad_reweight)
+                               ratio_norm=ratio_norm, grad_reweight=grad_reweight, flow_weight=flow_weight)

@@ -144,7 +144,7 @@ def _flow_sums_bwd_kernel(g_ptr, v_ptr, xi_ptr, vo_ptr, vr_ptr, dv_ptr, D,
 
 @triton.jit
 def _flow_loss_finalize_kernel(part_ptr, chunks, adv_ptr, b_ptr, s_ptr, h_ptr, loss_ptr, metrics_ptr, coef_ptr,
-                               B, D, lo, hi, beta, RATIO_NORM: tl.constexpr, REWEIGHT: tl.constexpr,
+                               B, D, lo, hi, beta, fw, RATIO_NORM: tl.constexpr, REWEIGHT: tl.constexpr,
                                REG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                                ROW_BLOCKS: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
     # one program: rows in blocks of BLOCK_B, partials reduced over chunks in a fixed order
@@ -200,11 +200,11 @@ def _flow_loss_finalize_kernel(part_ptr, chunks, adv_ptr, b_ptr, s_ptr, h_ptr, l
             reg_k = tl.zeros([BLOCK_B], dtype=tl.float32)
         # dL/dlog r = −w·A·r/B where the ratio branch carries the gradient (0 where clipped strictly)
         dlr = tl.where(active, 0.0, -w * adv * r * inv_B)
-        tl.store(coef_ptr + rows * 3, dlr * dlr_ds0, mask=rm)
+        tl.store(coef_ptr + rows * 3, fw * (dlr * dlr_ds0), mask=rm)
         if RATIO_NORM:
             tl.store(coef_ptr + rows * 3 + 1, tl.zeros([BLOCK_B], dtype=tl.float32), mask=rm)
         else:
-            tl.store(coef_ptr + rows * 3 + 1, -dlr * b * b / (2.0 * s * s * D), mask=rm)
+            tl.store(coef_ptr + rows * 3 + 1, fw * (-dlr * b * b / (2.0 * s * s * D)), mask=rm)
         tl.store(coef_ptr + rows * 3 + 2, beta * reg_k * inv_B / D, mask=rm)
         policy_sum += tl.sum(tl.where(rm, -surr * w, 0.0), axis=0)
         if REG != 2:                                          # "none" is 0, even where the mse is not finite
@@ -218,7 +218,7 @@ def _flow_loss_finalize_kernel(part_ptr, chunks, adv_ptr, b_ptr, s_ptr, h_ptr, l
         lr_abs_max = tl.maximum(lr_abs_max, tl.max(tl.where(rm, tl.abs(lr), 0.0), axis=0))
     policy = policy_sum * inv_B
     reg_mean = reg_sum * inv_B
-    tl.store(loss_ptr, policy + beta * reg_mean)
+    tl.store(loss_ptr, fw * policy + beta * reg_mean)
     tl.store(metrics_ptr + 0, policy)
     tl.store(metrics_ptr + 1, reg_mean)
     tl.store(metrics_ptr + 2, ratio_sum * inv_B)
@@ -279,10 +279,10 @@ def flow_sums_partials(v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: 
 
 def flow_loss_finalize(part_BC3: Tensor, adv_B: Tensor, b_B: Tensor, std_B: Tensor, h_B: Tensor, D: int,
                        lo: float, hi: float, beta: float, reg: int, ratio_norm: bool,
-                       grad_reweight: bool) -> tuple[Tensor, Tensor, Tensor]:
+                       grad_reweight: bool, flow_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """The per-row scalar math of the flow loss from the partial row sums (reference `flow_loss_from_sums`).
     part_BC3 fp32 [B, C, 3] (C ≥ 1 partials per row, summed here in order); adv/b/std/h fp32 [B];
-    lo = 1 − ε, hi = 1 + ε; reg the index in REGS. Returns (loss [] fp32, metrics [9] fp32 in FLOW_METRICS order,
+    lo = 1 − ε, hi = 1 + ε; reg the index in REGS; loss = flow_weight·policy + beta·reg. Returns (loss [] fp32, metrics [9] fp32 in FLOW_METRICS order,
     coef [B, 3] fp32 = dL/d(row sums) for the backward)."""
     B, C = part_BC3.shape[:2]
     _check("part_BC3", part_BC3.view(B, C * 3), B, C * 3, (torch.float32,))
@@ -296,7 +296,8 @@ def flow_loss_finalize(part_BC3: Tensor, adv_B: Tensor, b_B: Tensor, std_B: Tens
     coef = torch.empty(B, 3, dtype=torch.float32, device=dev)
     block_b, block_c = _finalize_blocks(B, C, dev)
     _flow_loss_finalize_kernel[(1,)](part_BC3, C, adv_B, b_B, std_B, h_B, loss, metrics, coef, B, float(D),
-                                     float(lo), float(hi), float(beta), RATIO_NORM=bool(ratio_norm),
+                                     float(lo), float(hi), float(beta), float(flow_weight),
+                                     RATIO_NORM=bool(ratio_norm),
                                      REWEIGHT=bool(grad_reweight), REG=int(reg), BLOCK_B=block_b, BLOCK_C=block_c,
                                      ROW_BLOCKS=triton.cdiv(B, block_b), CHUNK_BLOCKS=triton.cdiv(C, block_c),
                                      num_warps=4)

@@ -6,8 +6,8 @@
    algebra). The largest rollout-vs-training mismatch is logged ("mismatch/text_logp_max", "/flow_logp_max").
 2. `loss`, per mini-batch, one packed forward of the policy: L = L_text + λ·L_flow + β·L_reg (§9), the text
    loss fused into the forward (linear_text_grpo_loss: hidden states → loss, never the [tokens × vocab]
-   logits) and the flow loss from the guided velocities (flow_grpo_loss, which carries its regulariser
-   itself: it is called with β/λ and scaled by λ; λ = 0 drops the flow part and its regulariser).
+   logits) and λ·L_flow + β·L_reg from the guided velocities in one fused call (flow_grpo_loss with
+   flow_weight = λ and beta = β; λ = 0 drops the flow part and its regulariser together).
 
 Ablations: loss.train_text = false (FlowGRPO only: no L_text); loss.train_image = false (TextGRPO only: λ = 0).
 Legend: R trajectories, W window steps, T reasoning tokens, D latent elements per window step.
@@ -150,8 +150,8 @@ class UniGRPOObjective:
                 v_BD=v.float().view(len(mb) * W, D), xi_BD=old.xi[idx].view(-1, D),
                 v_old_BD=old.v_old[idx].view(-1, D), v_ref_BD=old.v_ref[idx].view(-1, D),
                 adv_B=adv_R[idx].repeat_interleave(W), b_B=old.b_RW[idx].flatten(), std_B=old.s_RW[idx].flatten(),
-                h_B=old.h_RW[idx].flatten(), clip_eps=lc.flow_clip, beta=lc.beta / lam, reg=lc.reg,
+                h_B=old.h_RW[idx].flatten(), clip_eps=lc.flow_clip, flow_weight=lam, beta=lc.beta, reg=lc.reg,
                 ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight, backend=self.flow_backend)
-            loss = loss + lam * l_flow
+            loss = loss + l_flow   # = λ·L_flow + β·L_reg, both terms from one fused pass over the window
             m.update(mf)
         return loss, m
