@@ -66,7 +66,6 @@ def _evaluations(cfg: CompareConfig, bundle, ref_model, out: str, with_cfg: bool
 
 def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0) -> dict:
     """Train (unless method is "base") and evaluate one run; writes and returns its result.json."""
-
     if threads:
         torch.set_num_threads(threads)
     out = run_dir(cfg, method, seed)

@@ -195,7 +195,6 @@ def _plt():
 
 def read_curves(cfg: CompareConfig, method: str) -> np.ndarray:
     """Training reward per iteration: float [seeds, iterations] (NaN where a seed has fewer)."""
-
     curves = []
     for s in cfg.seeds:
         path = os.path.join(run_dir(cfg, method, s), "metrics.jsonl")
@@ -283,7 +282,6 @@ def plot_hacking(res: dict[str, list[dict]], path: str) -> str:
 
 def sample_grid(cfg: CompareConfig, methods: list[str], path: str, per_category: int = 2) -> str:
     """Rows = methods (seed-0 runs or the first seed present), columns = the same held-out prompts and noise."""
-
     n = per_category * len(CATEGORIES)
     images, captions, ok = [], [], []
     for m in methods:

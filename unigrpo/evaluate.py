@@ -306,7 +306,6 @@ def velocity_drift(model, ref_model, tokenizer, codec, samples: int = 64, seed: 
     on a fixed probe set: held-out prompts with a correct plan (pretraining format, no flaws) and the render
     of that plan, noised to each σ with seeded noise (x_σ = (1−σ)·x0 + σ·ε). 0 for the reference itself;
     the same probe for every model evaluated with the same (samples, seed)."""
-
     prompts = make_prompts("heldout", samples, seed=seed)
     rng = np.random.default_rng(seed)
     plans, imgs = zip(*(pretrain_example(p, rng, flaw_prob=0.0) for p in prompts))

@@ -17,16 +17,13 @@ import shutil
 from dataclasses import dataclass
 
 import torch
-from unigrpo.checkpoint import load_checkpoint
-from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, read_full_state, read_meta
-from unigrpo.checkpoint import save_checkpoint
-from unigrpo.model.bagel import POS_EMBED_KEY, bagel_key_map, patch_permutation
-from unigrpo.model.unified import sincos_2d_table
-from unigrpo.checkpoint import new_temp_dir, swap_in
-from unigrpo.io import fsync
-from unigrpo.model.bagel import EMA_FILE, LLM_CONFIG, VAE_FILE
-from unigrpo.model.build import model_config_of
+from unigrpo.checkpoint import load_checkpoint, new_temp_dir, save_checkpoint, swap_in
 from unigrpo.config import load_config
+from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, read_full_state, read_meta
+from unigrpo.io import fsync
+from unigrpo.model.bagel import EMA_FILE, LLM_CONFIG, POS_EMBED_KEY, VAE_FILE, bagel_key_map, patch_permutation
+from unigrpo.model.build import model_config_of
+from unigrpo.model.unified import sincos_2d_table
 
 __all__ = ["ExportConfig", "export", "main"]
 

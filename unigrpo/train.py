@@ -11,15 +11,12 @@ import time
 
 import torch
 
-from unigrpo.config import config_to_dict, load_config
+from unigrpo.config import config_to_dict, load_config, resolve_config_path
+from unigrpo.distributed import unsharded
+from unigrpo.evaluate import EvalConfig, evaluate, format_summary, headline, is_reward_summary, write_eval
+from unigrpo.report import plot_reward_curve, read_metrics, write_report
 from unigrpo.rewards.base import RewardError
 from unigrpo.trainer import TrainConfig, Trainer
-from unigrpo.evaluate import EvalConfig, evaluate, write_eval
-from unigrpo.distributed import unsharded
-from unigrpo.evaluate import format_summary, headline
-from unigrpo.report import plot_reward_curve, read_metrics, write_report
-from unigrpo.evaluate import is_reward_summary
-from unigrpo.config import resolve_config_path
 
 
 def _evaluate(trainer: Trainer, tag: str) -> dict:
@@ -40,7 +37,6 @@ def _evaluate(trainer: Trainer, tag: str) -> dict:
 
 def run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Base eval → training → final eval → report. Returns {"before", "after", "history", "report"}."""
-
     t0 = time.time()
     trainer = Trainer(cfg, progress=progress)
     before = None
@@ -78,7 +74,6 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
 
 def change_line(before: dict, after: dict) -> str:
     """Before → after of the overall scores, one line."""
-
     b, a = before["overall"], after["overall"]
     if is_reward_summary(after) and is_reward_summary(before):
         return ", ".join(f"{k} {b['rewards'][k]['mean']:.3f} -> {v['mean']:.3f} ({v['mean'] - b['rewards'][k]['mean']:+.3f})"

@@ -157,7 +157,6 @@ class Trainer:
 
     def load(self, path: str):
         """Resume from a checkpoint directory: DCP (any world size, resharded) or safetensors."""
-
         env = self.env
         if is_dcp_checkpoint(path):
             _, _, st = load_sharded(path, self.policy, self.opt)

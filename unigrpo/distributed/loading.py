@@ -30,15 +30,14 @@ import torch
 from torch import nn
 
 from unigrpo.checkpoint import CONFIG_FILE, MODEL_FILE, _TIED_KEY, key_problems, read_json_object
+from unigrpo.distributed.parallelize import DTYPES, apply_fsdp
+from unigrpo.model.bagel import (EMA_FILE, IGNORED_PREFIXES, POS_EMBED_KEY, bagel_key_map, bagel_model_config,
+                                 patch_permutation)
 from unigrpo.model.build import model_config_of
+from unigrpo.model.bundle import Bundle
 from unigrpo.model.codec import build_codec
 from unigrpo.model.tokenizer import build_tokenizer
-from unigrpo.model.bagel import (EMA_FILE, IGNORED_PREFIXES, POS_EMBED_KEY, bagel_key_map,
-                                 bagel_model_config, patch_permutation)
-from unigrpo.distributed.parallelize import apply_fsdp
 from unigrpo.model.unified import UnifiedModel
-from unigrpo.distributed.parallelize import DTYPES
-from unigrpo.model.bundle import Bundle
 
 __all__ = ["WeightSource", "open_base", "build_sharded", "load_sharded_weights", "load_sharded_bundle"]
 
@@ -61,7 +60,6 @@ def open_base(path: str, *, image_size: int = 1024):
     """(ModelConfig, tokenizer, codec, tokenizer spec, WeightSource) of a base directory: ours (config.json +
     model.safetensors) or BAGEL's (llm_config.json + ema.safetensors + ae.safetensors). Reads no weights
     except BAGEL's position table (checked) and the VAE."""
-
     if os.path.exists(os.path.join(path, "llm_config.json")):
         cfg = bagel_model_config(path, image_size=image_size)
         spec = {"kind": "hf", "path": os.path.abspath(path)}
@@ -96,7 +94,6 @@ def build_sharded(cfg, dist_cfg, source: WeightSource, *, device: torch.device, 
     """A UnifiedModel(cfg) built on meta, sharded with apply_fsdp, materialised on `device` (on the host with
     `offload`: CPUOffloadPolicy) in `dtype` with only this rank's shards, and filled from `source` (see the
     module docstring)."""
-
     with torch.device("meta"):
         model = UnifiedModel(cfg)
     model.to(dtype)

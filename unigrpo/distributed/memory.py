@@ -33,12 +33,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from unigrpo.checkpoint import read_json_object
+from unigrpo.config import load_config, resolve_config_path
 from unigrpo.model.config import ModelConfig, preset
 from unigrpo.model.unified import UnifiedModel
-from unigrpo.config import resolve_config_path
-from unigrpo.config import load_config
 from unigrpo.train_config import TrainConfig
-from unigrpo.checkpoint import read_json_object
 
 GB = 1e9
 

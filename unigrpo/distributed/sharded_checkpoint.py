@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unigrpo import __version__
 from unigrpo.checkpoint import (CONFIG_FILE, META_FILE, MODEL_FILE, TRAINER_FILE, new_temp_dir, read_side_files,
                                 swap_in, write_json)
 from unigrpo.io import fsync
-from unigrpo import __version__
 from unigrpo.model.build import model_config_of
 from unigrpo.model.unified import UnifiedModel
 

@@ -51,7 +51,6 @@ def decode_png(text: str) -> np.ndarray:
 
 def images_to_png(images_B3HW: torch.Tensor) -> list[str]:
     """float [B, 3, H, W] in [-1, 1] → B base64 PNGs (rounded to uint8 as the verifier sees them)."""
-
     return [encode_png(x) for x in to_uint8(images_B3HW.float().cpu())]
 
 

@@ -107,11 +107,9 @@ def surrogate_reward(images_B3HW: torch.Tensor, prompts: Sequence[Prompt], softn
 def surrogate_reward_of(images_B3HW: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict],
                         softness: float = SOFTNESS) -> torch.Tensor:
     """surrogate_reward for prompt texts with their GenEval metadata (what the trainer holds)."""
-
     return surrogate_reward(images_B3HW, shapes_prompts(prompts, metadata), softness)
 
 
 def check_surrogate_records(records) -> None:
     """The surrogate scores only shapes-world prompts: fail up front, naming the first other one's line."""
-
     records_to_prompts(records)
