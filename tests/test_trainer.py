@@ -97,6 +97,19 @@ def test_short_run_is_finite_and_resumes_bit_identically(tmp_path):
     assert any(not torch.equal(base[k], final[k]) for k in base)
 
 
+def test_an_in_memory_bundle_trains_without_touching_disk(tmp_path):
+    """Trainer(cfg, bundle=...) reads no base and writes nothing until train() or save(): the same first
+    iteration as the trainer that loaded that bundle from its checkpoint."""
+    tiny_base(tmp_path / "base")
+    from_disk = Trainer(small_cfg(tmp_path, iterations=1, out=str(tmp_path / "a")), progress=False).iteration()
+    b = tiny_base(tmp_path / "unused")
+    cfg = small_cfg(tmp_path, iterations=1, base=str(tmp_path / "nowhere"), out=str(tmp_path / "never"))
+    in_memory = Trainer(cfg, progress=False, bundle=b).iteration()
+    assert not os.path.exists(tmp_path / "nowhere") and not os.path.exists(tmp_path / "never")
+    for k in ("reward/mean", "loss", "grad_norm/image", "flow/ratio_mean"):
+        assert in_memory[k] == from_disk[k], k
+
+
 @pytest.mark.parametrize("override,pattern", [
     ("rollout.group_size=1", "group_size must be >= 2"),
     ("rollout.window_hi=30", "window"),

@@ -1,10 +1,11 @@
 """`unigrpo train` / `python -m unigrpo.train`: build the trainer from a config, evaluate the base, train,
 evaluate again, write the report. Multi-GPU (or multi-process on CPU): `torchrun --nproc_per_node=N -m
-unigrpo.train --config ...` — FSDP2 (unigrpo/distributed); rank 0 writes logs, evaluations and the report. Closes cleanly on success and on error (a checkpoint is on disk every
-`checkpoint_every` iterations; rerunning the same command resumes)."""
+unigrpo.train --config ...` — FSDP2 (unigrpo/distributed); rank 0 writes logs, evaluations and the report. Closes cleanly on success and on
+error (a checkpoint is on disk every `checkpoint_every` iterations; rerunning the same command resumes)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -20,7 +21,6 @@ from unigrpo.trainer import TrainConfig, Trainer
 
 
 def _evaluate(trainer: Trainer, tag: str) -> dict:
-
     cfg = trainer.cfg
     # the shapes world has its own table (the verifier's); a prompt file is scored with the training rewards
     ecfg = EvalConfig(checkpoint=cfg.base, samples=cfg.eval_samples, steps=cfg.eval_steps,
@@ -59,8 +59,6 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     history = read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
     plot_reward_curve(history, os.path.join(cfg.out, "reward_curve.png"), evals, eval_label=headline(after)[0])
     if before is None and os.path.exists(os.path.join(cfg.out, "eval_base", "eval.json")):
-        import json
-
         with open(os.path.join(cfg.out, "eval_base", "eval.json")) as f:
             before = json.load(f)["summary"]
     report = write_report(cfg.out, before=before, after=after, history=history, config=config_to_dict(cfg),

@@ -34,7 +34,7 @@ from unigrpo.data import build_prompt_source, check_prompt_lengths, tag_order
 from unigrpo.distributed import (all_gather_objects, full_model_state, full_optimizer_state, init_distributed,
                                  load_full_model_state, load_full_optimizer_state, mean_metrics, optimizer_offloaded,
                                  unsharded)
-from unigrpo.distributed.loading import load_sharded_bundle
+from unigrpo.distributed.loading import check_base, load_sharded_bundle
 from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint, load_sharded, save_sharded
 from unigrpo.losses.config import LossConfig, ReFLConfig
 from unigrpo.losses.forward import PackedForward
@@ -43,6 +43,7 @@ from unigrpo.losses.packing import chunks
 from unigrpo.losses.refl import ReFLObjective
 from unigrpo.model.attention import resolve_attention_backend
 from unigrpo.model.build import load_bundle
+from unigrpo.model.bundle import Bundle
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
 from unigrpo.rewards.registry import RewardSet
 from unigrpo.rewards.surrogate import check_surrogate_records
@@ -54,17 +55,14 @@ __all__ = ["Trainer", "TrainConfig", "OptimConfig", "LossConfig", "ReFLConfig"]
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, progress: bool = True, *, bundle: Bundle | None = None):
+        """bundle: an in-memory policy (single process); None loads cfg.base. Nothing is read from or written
+        to disk here except cfg.base (when bundle is None) and a checkpoint to resume from under cfg.out."""
         self.cfg, self.progress = cfg, progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if is_dcp_checkpoint(cfg.base):
-            raise ValueError(f"base {cfg.base!r} is a sharded (DCP) checkpoint; consolidate it first with "
-                             f"`unigrpo export checkpoint={cfg.base} out=DIR` and use DIR as the base")
-        if not any(os.path.exists(os.path.join(cfg.base, f)) for f in ("model.safetensors", "llm_config.json")):
-            raise FileNotFoundError(f"base checkpoint {cfg.base!r} not found (expected model.safetensors and "
-                                    "config.json there, or a BAGEL directory with llm_config.json, ema.safetensors "
-                                    "and ae.safetensors); run `unigrpo pretrain` or `unigrpo demo` first")
+        if bundle is None:
+            check_base(cfg.base)
         self.env = env = init_distributed(cfg.dist.device)
         if cfg.prompts_per_iter % env.world:
             raise ValueError(f"prompts_per_iter={cfg.prompts_per_iter} must be a multiple of the world size "
@@ -73,10 +71,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         need_ref = cfg.loss.reg != "none" or cfg.loss.kl_coef > 0
         if env.enabled:   # built on meta, sharded, each rank reads only its rows (distributed/loading.py)
+            if bundle is not None:
+                raise ValueError("an in-memory bundle trains in a single process; under torchrun each rank "
+                                 "loads its shards of cfg.base")
             self.bundle, self.policy, self.ref = load_sharded_bundle(cfg.base, cfg.dist, env.device,
                                                                      reference=need_ref)
         else:
-            self.bundle = load_bundle(cfg.base)
+            self.bundle = bundle if bundle is not None else load_bundle(cfg.base)
             self.policy = self.bundle.model.to(env.device)
             self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False) if need_ref else None
         dev = env.device
@@ -121,7 +122,6 @@ class Trainer:
             self.objective = UniGRPOObjective(cfg, forward, self.policy, self.ref, self.sigmas, dev,
                                               self.flow_backend, self.text_backend)
         self.step = 0
-        os.makedirs(cfg.out, exist_ok=True)
         self.ckpt_dir = os.path.join(cfg.out, "checkpoint")
         if cfg.resume and (os.path.exists(os.path.join(self.ckpt_dir, "model.safetensors"))
                            or is_dcp_checkpoint(self.ckpt_dir)):
@@ -298,6 +298,8 @@ class Trainer:
         cfg = self.cfg
         main = self.env.is_main   # rank 0 writes logs and shows progress; every rank trains and checkpoints
         log_path = os.path.join(cfg.out, "metrics.jsonl")
+        if main:
+            os.makedirs(cfg.out, exist_ok=True)
         history = []
         writer = _tensorboard(cfg.out) if main else None
         bar = tqdm(total=cfg.iterations, initial=self.step, desc="unigrpo", disable=not (self.progress and main))

@@ -31,6 +31,7 @@ from torch import nn
 
 from unigrpo.checkpoint import CONFIG_FILE, MODEL_FILE, _TIED_KEY, key_problems, read_json_object
 from unigrpo.distributed.parallelize import DTYPES, apply_fsdp
+from unigrpo.distributed.sharded_checkpoint import is_dcp_checkpoint
 from unigrpo.model.bagel import (EMA_FILE, IGNORED_PREFIXES, POS_EMBED_KEY, bagel_key_map, bagel_model_config,
                                  patch_permutation)
 from unigrpo.model.build import model_config_of
@@ -168,6 +169,17 @@ def load_sharded_weights(model: nn.Module, source: WeightSource) -> list[str]:
             local.copy_(src)
             del src
     return ignored
+
+
+def check_base(base: str) -> None:
+    """A clear error before any process group or model exists when `base` is no checkpoint we can load."""
+    if is_dcp_checkpoint(base):
+        raise ValueError(f"base {base!r} is a sharded (DCP) checkpoint; consolidate it first with "
+                         f"`unigrpo export checkpoint={base} out=DIR` and use DIR as the base")
+    if not any(os.path.exists(os.path.join(base, f)) for f in ("model.safetensors", "llm_config.json")):
+        raise FileNotFoundError(f"base checkpoint {base!r} not found (expected model.safetensors and "
+                                "config.json there, or a BAGEL directory with llm_config.json, ema.safetensors "
+                                "and ae.safetensors); run `unigrpo pretrain` or `unigrpo demo` first")
 
 
 def load_sharded_bundle(base: str, dist_cfg, device: torch.device, *, reference: bool, image_size: int = 1024):
