@@ -32,7 +32,7 @@ from unigrpo.viz import save_image_grid
 from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify
 from unigrpo.world.geneval import is_shapes_metadata
 from unigrpo.world.render import to_uint8
-from unigrpo.model import PackedLayout, Segment, no_text_head, padded_ids
+from unigrpo.model import no_text_head, text_then_blocks
 from unigrpo.world.data import pretrain_example
 from unigrpo.world.render import to_float
 
@@ -316,10 +316,7 @@ def velocity_drift(model, ref_model, tokenizer, codec, samples: int = 64, seed: 
     sig = torch.tensor(sigmas, dtype=torch.float32, device=dev)
     lat = ((1 - sig.view(-1, 1, 1, 1, 1)) * x0[None] + sig.view(-1, 1, 1, 1, 1) * eps).transpose(0, 1)  # [n, K, ...]
     ctx = [tokenizer.encode_prompt(p.text) + tokenizer.encode_reasoning(plan) for p, plan in zip(prompts, plans)]
-    n_img = model.cfg.image_tokens
-    layout = PackedLayout.build([[[Segment("text", len(c))] + [Segment("noise", n_img)] * len(sigmas)] for c in ctx],
-                                device=dev)
-    ids = padded_ids(ctx, layout.shape, tokenizer.pad_id).to(dev)
+    layout, ids = text_then_blocks(ctx, len(sigmas), model.cfg.image_tokens, tokenizer.pad_id, device=dev)
     lat_M, sig_M = lat.flatten(0, 1), sig.repeat(len(ctx))
     diffs = []
     for m in (model, ref_model):

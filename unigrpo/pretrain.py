@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from unigrpo.checkpoint import save_checkpoint
 from unigrpo.config import config_to_dict, load_config, resolve_config_path
-from unigrpo.model import PackedLayout, Segment, preset
+from unigrpo.model import padded_ids, preset, text_then_blocks
 from unigrpo.model.build import build_bundle
 from unigrpo.world import make_prompts, pretrain_example
 from unigrpo.world.render import to_float
@@ -90,7 +90,7 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 def make_batch(bundle, prompts, rng: np.random.Generator, cfg: PretrainConfig, gen: torch.Generator):
     """One packed training batch: (layout, text ids [B, S], targets [B, S] (-100 = no loss), x_σ, σ, target v)."""
     tok, mcfg = bundle.tokenizer, bundle.model.cfg
-    rows, ids, tgts, images = [], [], [], []
+    ids, tgts, images = [], [], []
     empty = tok.encode_prompt("") + tok.encode_reasoning("")
     for p in prompts:
         plan, image = pretrain_example(p, rng, cfg.flaw_prob, canvas=mcfg.image_size)
@@ -103,17 +103,11 @@ def make_batch(bundle, prompts, rng: np.random.Generator, cfg: PretrainConfig, g
         target = [-100] * len(seq)
         for i in range(n_prompt - 1, len(seq) - 1):  # position i predicts token i + 1 (a reasoning token)
             target[i] = seq[i + 1]
-        rows.append([[Segment("text", len(seq))] + [Segment("noise", mcfg.image_tokens)] * cfg.blocks_per_sample])
         ids.append(seq)
         tgts.append(target)
         images.append(image)
-    layout = PackedLayout.build(rows)
-    B, S = layout.shape
-    ids_BS = torch.full((B, S), tok.pad_id, dtype=torch.long)
-    tgt_BS = torch.full((B, S), -100, dtype=torch.long)
-    for i, (s, t) in enumerate(zip(ids, tgts)):
-        ids_BS[i, :len(s)] = torch.tensor(s)
-        tgt_BS[i, :len(t)] = torch.tensor(t)
+    layout, ids_BS = text_then_blocks(ids, cfg.blocks_per_sample, mcfg.image_tokens, tok.pad_id)
+    tgt_BS = padded_ids(tgts, layout.shape, -100)
     x0 = bundle.codec.encode(to_float(np.stack(images)))
     x0 = x0.repeat_interleave(cfg.blocks_per_sample, dim=0)  # block order: row-major, blocks of a row adjacent
     sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unigrpo.model import PackedLayout, Segment, padded_ids
+from unigrpo.model import PackedLayout, text_then_blocks
 from unigrpo.rollout.rollout import Trajectories
 
 __all__ = ["PackedBatch", "pack", "pack_unconditional", "chunks"]
@@ -30,26 +30,24 @@ def pack(traj: Trajectories, rows: list[int], sigmas: torch.Tensor, image_tokens
     rs = traj.reasoning
     W = traj.x_RW.shape[1]
     T = rs.tokens_BT.shape[1]
-    seqs, segs, pos, tgt, slot = [], [], [], [], []
+    seqs, pos, tgt, slot = [], [], [], []
     for i, r in enumerate(rows):
         p_ids = rs.prompt_ids[r]
         n = int(rs.mask_BT[r].sum())
         o_ids = rs.tokens_BT[r, :n].tolist()
         seqs.append(p_ids + o_ids)
-        segs.append([[Segment("text", len(p_ids) + n)] + [Segment("noise", image_tokens)] * W])
         base = len(p_ids) - 1
         pos.append(torch.arange(base, base + n))
         tgt.append(torch.tensor(o_ids, dtype=torch.long))
         slot.append(torch.arange(n) + i * T)
     dev = traj.x_RW.device   # index tensors are built on the host, then moved once
-    layout = PackedLayout.build(segs, device=dev)
-    R, S = layout.shape
-    ids = padded_ids(seqs, (R, S), pad_id)
+    layout, ids = text_then_blocks(seqs, W, image_tokens, pad_id, device=dev)
+    S = layout.shape[1]
     text_pos = torch.cat([p + i * S for i, p in enumerate(pos)])
     idx = torch.tensor(rows, device=dev)
     lat = traj.x_RW[idx].flatten(0, 1)
     sig = sigmas.to(dev)[traj.window_steps[idx].flatten()].float()
-    return PackedBatch(layout, ids.to(dev), text_pos.to(dev), torch.cat(tgt).to(dev), torch.cat(slot).to(dev),
+    return PackedBatch(layout, ids, text_pos.to(dev), torch.cat(tgt).to(dev), torch.cat(slot).to(dev),
                        lat, sig)
 
 
@@ -59,11 +57,9 @@ def pack_unconditional(batch: PackedBatch, uncond_ids: list[int], image_tokens: 
     R, M = batch.ids_BS.shape[0], batch.latents_M.shape[0]
     W = M // R
     dev = batch.latents_M.device
-    layout = PackedLayout.build([[[Segment("text", len(uncond_ids))] + [Segment("noise", image_tokens)] * W]] * R,
-                                device=dev)
-    ids = padded_ids([uncond_ids] * R, layout.shape, pad_id)
+    layout, ids = text_then_blocks([uncond_ids] * R, W, image_tokens, pad_id, device=dev)
     none = torch.zeros(0, dtype=torch.long, device=dev)
-    return PackedBatch(layout, ids.to(dev), none, none, none, batch.latents_M, batch.sigma_M)
+    return PackedBatch(layout, ids, none, none, none, batch.latents_M, batch.sigma_M)
 
 
 def chunks(items: list, n: int):

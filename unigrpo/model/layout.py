@@ -241,6 +241,16 @@ def padded_ids(seqs: Sequence[Sequence[int]], shape: tuple[int, int], pad_id: in
     return ids
 
 
+def text_then_blocks(texts: Sequence[Sequence[int]], blocks: int, block_tokens: int, pad_id: int,
+                     device: torch.device | str = "cpu") -> tuple[PackedLayout, torch.Tensor]:
+    """The packed layout of rows [texts[i]] + `blocks` noise blocks of `block_tokens` tokens (one document a
+    row: every block sees the row's text and itself) and its text ids padded with pad_id: (layout, long [R, S]),
+    both on `device`."""
+    rows = [[[Segment("text", len(t))] + [Segment("noise", block_tokens)] * blocks] for t in texts]
+    layout = PackedLayout.build(rows, device=device)
+    return layout, padded_ids(texts, layout.shape, pad_id).to(device)
+
+
 def no_text_head(hidden: torch.Tensor, weight: torch.Tensor) -> None:
     """A forward_packed text_head for forwards that need only the velocities."""
     return None
