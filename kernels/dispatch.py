@@ -17,11 +17,11 @@ import importlib.util
 import logging
 import os
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["resolve_backend", "available_backends", "KNOWN_BACKENDS", "OP_BACKENDS", "triton_interpreted"]
+__all__ = ["resolve_backend", "resolve_request", "available_backends", "KNOWN_BACKENDS", "OP_BACKENDS", "triton_interpreted"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,26 +94,48 @@ def available_backends(device=None, op: str | None = None) -> list[str]:
     return [name for name in _AUTO_ORDER if name in implemented and _PROBES[name](dev)]
 
 
+def resolve_request(name, *, kind: str, known: Sequence[str], choose: Callable[[str], str], where: str,
+                    logged: set, log: logging.Logger, note: Callable[[str], str] = lambda chosen: "") -> str:
+    """The one skeleton of every backend switch (the fused ops' here, attention's in unigrpo.model.attention):
+    `name` ("auto" or one of `known`, any case and spacing) → choose(request) → the concrete backend, logged
+    once per (request, where, choice) into `logged` through `log`, with note(choice) appended. A ValueError names a bad request and what
+    is allowed; `choose` raises one for a known backend that cannot run `where`."""
+    if not isinstance(name, str):
+        raise ValueError(f"{kind} backend must be a string, got {name!r}")
+    req = name.strip().lower()
+    if req != "auto" and req not in known:
+        raise ValueError(f"unknown {kind} backend {name!r}; expected 'auto' or one of {', '.join(known)}")
+    chosen = choose(req)
+    key = (req, where, chosen)
+    if key not in logged and not torch.compiler.is_compiling():   # logging does not trace under dynamo
+        logged.add(key)
+        log.info("unigrpo %s: backend %r on %s -> %s%s", kind, req, where, chosen, note(chosen))
+    return chosen
+
+
 def resolve_backend(name: str = "auto", device=None, op: str | None = None) -> str:
     """Resolve a backend request ("auto" | "torch" | "triton" | "cuda") for `op` on `device` to a concrete
     available backend name. Raises ValueError for an unknown name, a backend the op does not implement, or
     one unavailable on the device."""
-    if not isinstance(name, str):
-        raise ValueError(f"backend name must be a string, got {name!r}")
     if op is not None and op not in OP_BACKENDS:
         raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OP_BACKENDS)}")
-    req = name.strip().lower()
-    if req != "auto" and req not in KNOWN_BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; expected 'auto' or one of {', '.join(KNOWN_BACKENDS)}")
-    if op is not None and req != "auto" and req not in OP_BACKENDS[op]:
-        raise ValueError(f"op {op} has no {req!r} backend; it has {', '.join(OP_BACKENDS[op])}")
     dev = _as_device(device)
-    avail = available_backends(dev, op)
-    if req == "auto":
+    implemented = OP_BACKENDS[op] if op is not None else KNOWN_BACKENDS
+
+    def choose(req: str) -> str:
+        if op is not None and req != "auto" and req not in implemented:
+            raise ValueError(f"op {op} has no {req!r} backend; it has {', '.join(implemented)}")
+        avail = available_backends(dev, op)
+        if req in avail:
+            return req
+        if req != "auto":
+            hint = (" (Triton runs on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 before importing "
+                    "triton)" if req == "triton" and (dev is None or dev.type == "cpu") else "")
+            raise ValueError(f"kernel backend {req!r} is not available on device {dev}"
+                             f"{' for ' + op if op else ''}; available: {', '.join(avail)}{hint}")
         native = [b for b in avail if not (b == "triton" and (dev is None or dev.type != "cuda"))]
         chosen = native[0] if native else "torch"
         on_gpu = dev.type == "cuda" if dev is not None else torch.cuda.is_available()
-        implemented = OP_BACKENDS[op] if op is not None else KNOWN_BACKENDS
         passed = [b for b in _AUTO_ORDER[:_AUTO_ORDER.index(chosen)] if b in implemented and b not in avail]
         key = ("fallback", str(dev), op, chosen)
         if on_gpu and passed and key not in _logged and not torch.compiler.is_compiling():
@@ -121,16 +143,8 @@ def resolve_backend(name: str = "auto", device=None, op: str | None = None) -> s
             msg = (f"unigrpo_kernels: backend 'auto' for {op or 'ops'} on {dev or 'cuda'} falls back to {chosen!r}: "
                    + "; ".join(f"{b} {_why_unavailable(b, dev)}" for b in passed))
             logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    elif req in avail:
-        chosen = req
-    else:
-        hint = (" (Triton runs on CPU tensors only in the interpreter: set TRITON_INTERPRET=1 before importing "
-                "triton)" if req == "triton" and (dev is None or dev.type == "cpu") else "")
-        raise ValueError(f"kernel backend {req!r} is not available on device {dev}"
-                         f"{' for ' + op if op else ''}; available: {', '.join(avail)}{hint}")
-    key = (req, str(dev), op, chosen)
-    if key not in _logged and not torch.compiler.is_compiling():   # logging does not trace under dynamo
-        _logged.add(key)
-        logger.info("unigrpo_kernels: %s backend %r on device %s -> %s", op or "ops", req, dev, chosen)
-    return chosen
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return chosen
+
+    return resolve_request(name, kind="kernel", known=KNOWN_BACKENDS, choose=choose, logged=_logged, log=logger,
+                           where=f"device {dev}" + (f" for {op}" if op else ""))

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from unigrpo.model.layout import FULL, NOISE, PAD, TEXT, PackedLayout
+from unigrpo_kernels.dispatch import resolve_request
 
 logger = logging.getLogger(__name__)
 
@@ -91,30 +92,23 @@ def resolve_attention_backend(name: str = "auto", device=None) -> str:
     available). "auto" is "flex" on CUDA and "sdpa" elsewhere (flash-attn is used only when asked for);
     "flash" must be importable and on CUDA; "flex" on CPU is allowed but forward-only. Logged once per
     (request, device, choice). ValueError names a bad request and what is allowed."""
-    if not isinstance(name, str):
-        raise ValueError(f"attention backend must be a string, got {name!r}")
-    req = name.strip().lower()
-    if req != "auto" and req not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
                                                                        else "cpu")
-    if req == "auto":
-        chosen = "flex" if dev.type == "cuda" else "sdpa"
-    elif req == "flash":
-        if not flash_available():
+
+    def choose(req: str) -> str:
+        if req == "auto":
+            return "flex" if dev.type == "cuda" else "sdpa"
+        if req == "flash" and not flash_available():
             raise ValueError(f"attention backend 'flash' needs flash-attn, not importable here ({_flash['error']});"
                              " install the optional extra or choose 'auto', 'flex', 'split' or 'sdpa'")
-        if dev.type != "cuda":
+        if req == "flash" and dev.type != "cuda":
             raise ValueError(f"attention backend 'flash' runs on CUDA only, not on device {dev}")
-        chosen = "flash"
-    else:
-        chosen = req
-    key = (req, str(dev), chosen)
-    if key not in _logged and not torch.compiler.is_compiling():
-        _logged.add(key)
-        extra = " (FlexAttention on CPU: eager, forward only)" if chosen == "flex" and dev.type != "cuda" else ""
-        logger.info("unigrpo attention: backend %r on device %s -> %s%s", req, dev, chosen, extra)
-    return chosen
+        return req
+
+    return resolve_request(name, kind="attention", known=BACKENDS, choose=choose, where=f"device {dev}",
+                           logged=_logged, log=logger,
+                           note=lambda c: " (FlexAttention on CPU: eager, forward only)" if c == "flex"
+                           and dev.type != "cuda" else "")
 
 
 def flex_bucket(length: int, granule: int = 128, steps_per_octave: int = 8) -> int:
