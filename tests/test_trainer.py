@@ -252,3 +252,23 @@ def test_a_non_finite_gradient_skips_the_step_and_stops_the_run(tmp_path):
     metrics = fresh.iteration()
     assert metrics["skipped_steps"] == 2 * 2   # 6 rows in mini-batches of 4 → 2 per epoch, 2 epochs
     assert not np.isfinite(metrics["loss"])
+
+
+def test_grad_norms_read_each_gradient_once_and_equal_clip_grad_norm():
+    """The per-group norms equal float64 ‖g‖ (rtol 1e-5: fp32 sums of ≤10³ squares) and the total is the very
+    tensor clip_grad_norm_ computes (bitwise: the trainer's clipping and its metrics come from one pass)."""
+    from unigrpo.trainer import grad_norms
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    groups = {"text": [torch.nn.Parameter(torch.zeros(n)) for n in (5, 300)],
+              "image": [torch.nn.Parameter(torch.zeros(7, 11)), torch.nn.Parameter(torch.zeros(3))]}
+    for ps in groups.values():
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) * 10 ** float(torch.randint(-4, 4, (), generator=gen))
+    groups["image"][1].grad = None
+    norms, total = grad_norms(groups)
+    for k, ps in groups.items():
+        want = sum(float((p.grad.double() ** 2).sum()) for p in ps if p.grad is not None) ** 0.5
+        assert norms[k] == pytest.approx(want, rel=1e-5), k
+    params = [p for ps in groups.values() for p in ps]
+    assert torch.equal(total, torch.nn.utils.clip_grad_norm_(params, 1.0))
+    assert grad_norms({"text": groups["text"], "image": [groups["image"][1]]})[0]["image"] == 0.0

@@ -264,19 +264,16 @@ class Trainer:
         oc = self.cfg.optim
         old = self.objective.prepare(traj, rows, adv_R, prompts, self._balanced_chunks)
         params = [p for ps in self.groups.values() for p in ps]
-        sums: dict[str, float] = {}
-        count = 0
-        gnorms = {"text": 0.0, "image": 0.0}
+        sums, count, gnorms = {}, 0, {"text": 0.0, "image": 0.0}   # metric sums; grad norms: the max over steps
         for _ in range(oc.epochs):
             order = [rows[i] for i in self.rng.permutation(len(rows))]
             for mb, weight in self._balanced_chunks(order, oc.minibatch):
                 loss, m = self.objective.loss(old, mb)
                 self.opt.zero_grad(set_to_none=True)
                 (loss * weight if weight != 1.0 else loss).backward()
-                for name, group in self.groups.items():
-                    norm = _grad_norm(group)   # a collective under FSDP: every rank computes it
-                    gnorms[name] = max(gnorms[name], norm) if weight > 0 else gnorms[name]
-                total_norm = _local(torch.nn.utils.clip_grad_norm_(params, oc.grad_clip))
+                norms, total_norm = grad_norms(self.groups)   # collectives under FSDP: every rank runs them
+                gnorms = {k: max(gnorms[k], norms[k]) if weight > 0 else gnorms[k] for k in gnorms}
+                torch.nn.utils.clip_grads_with_norm_(params, oc.grad_clip, total_norm)
                 if torch.isfinite(total_norm):
                     self.opt.step()
                 elif weight > 0:
@@ -289,7 +286,7 @@ class Trainer:
                 count += 1
         out = {k: val / count for k, val in sums.items() if k != "skipped_steps"} if count else {}
         out["skipped_steps"] = sums.get("skipped_steps", 0.0)
-        out["grad_norm/text"], out["grad_norm/image"] = gnorms["text"], gnorms["image"]
+        out.update({f"grad_norm/{k}": v for k, v in gnorms.items()})
         out.update(old.metrics)
         return out
 
@@ -333,12 +330,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _grad_norm(params) -> float:
-    """L2 norm of the gradients of `params` (sharded or not); 0.0 when none has a gradient."""
-    g = [p.grad for p in params if p.grad is not None]
-    if not g:
-        return 0.0
-    return _local(torch.linalg.vector_norm(torch.stack([_local(torch.linalg.vector_norm(x)) for x in g]))).item()
+def grad_norms(groups: dict[str, list]) -> tuple[dict[str, float], torch.Tensor]:
+    """The gradients' L2 norms, each gradient read once: per group (0.0 for a group without gradients) and in
+    total (a 0-dim tensor, the value clip_grad_norm_ computes: the norm of the per-tensor norms, in group order).
+    Sharded (DTensor) gradients reduce across ranks here."""
+    per_tensor = {k: [torch.linalg.vector_norm(p.grad) for p in ps if p.grad is not None] for k, ps in groups.items()}
+    every = [n for ns in per_tensor.values() for n in ns]
+    total = _local(torch.linalg.vector_norm(torch.stack(every))) if every else torch.tensor(0.0)
+    return {k: _local(torch.linalg.vector_norm(torch.stack(ns))).item() if ns else 0.0
+            for k, ns in per_tensor.items()}, total
 
 
 def _tensorboard(out: str):
