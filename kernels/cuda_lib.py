@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .dtypes import KERNEL_DTYPES
+
 __all__ = ["cuda_library_available", "cuda_library_status", "library_candidates", "sde_step_fwd", "flow_sums_fwd",
            "flow_sums_bwd", "LIB_NAME", "ENV_VAR", "ABI_VERSION"]
 
@@ -44,7 +46,6 @@ LIB_NAME = "libunigrpo_cuda.so"
 ENV_VAR = "UNIGRPO_CUDA_LIB"
 ABI_VERSION = 1                                  # must match kAbiVersion in kernels/cuda/flow.cu
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # DTypeCode in flow_thread.cuh
-_V_DTYPES = tuple(_DTYPE_CODES)
 _PKG_DIR = Path(__file__).resolve().parent
 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -257,7 +258,7 @@ def sde_step_fwd(x_BD: Tensor, v_BD: Tensor, xi_BD: Tensor, a_B: Tensor, b_B: Te
     None) to write into, `chunks` and `workspace` (≥ B·chunks fp32) to force the reduction layout."""
     B, D = _check_2d("x_BD", x_BD)
     _check("x_BD", x_BD, (B, D), (torch.float32,))
-    _check("v_BD", v_BD, (B, D), _V_DTYPES)
+    _check("v_BD", v_BD, (B, D), KERNEL_DTYPES)
     _check("xi_BD", xi_BD, (B, D), (torch.float32,))
     for name, t in (("a_B", a_B), ("b_B", b_B), ("std_B", std_B)):
         _check(name, t, (B,), (torch.float32,))
@@ -296,7 +297,7 @@ def sde_step_fwd(x_BD: Tensor, v_BD: Tensor, xi_BD: Tensor, a_B: Tensor, b_B: Te
 
 def _check_flow_streams(v_BD, xi_BD, v_old_BD, v_ref_BD) -> tuple[int, int]:
     B, D = _check_2d("v_BD", v_BD)
-    _check("v_BD", v_BD, (B, D), _V_DTYPES)
+    _check("v_BD", v_BD, (B, D), KERNEL_DTYPES)
     _check("xi_BD", xi_BD, (B, D), (torch.float32,))
     _check("v_old_BD", v_old_BD, (B, D), (v_BD.dtype,))
     _check("v_ref_BD", v_ref_BD, (B, D), (v_BD.dtype,))

@@ -32,13 +32,13 @@ import torch
 from torch import Tensor
 
 from .dispatch import resolve_backend
+from .dtypes import KERNEL_DTYPES
 from .reference import flow as ref
 from .reference.common import per_row
 
 __all__ = ["sde_step", "flow_grpo_loss"]
 
 logger = logging.getLogger(__name__)
-_V_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _finalize_impl(mod):
@@ -186,7 +186,7 @@ def sde_step(x_BD: Tensor, v_BD: Tensor, *, a_B, b_B, std_B, noise_BD: Tensor, r
     B, dev = x_BD.shape[0], x_BD.device
     x = x_BD.reshape(B, -1).float().contiguous()
     v = v_BD.reshape(B, -1)
-    v = (v if v.dtype in _V_DTYPES else v.float()).contiguous()
+    v = (v if v.dtype in KERNEL_DTYPES else v.float()).contiguous()
     xi = noise_BD.reshape(B, -1).float().contiguous()
     a, b, s = (per_row(val, B, name, torch.float32, dev).contiguous()
                for name, val in (("a_B", a_B), ("b_B", b_B), ("std_B", std_B)))
@@ -216,7 +216,7 @@ def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: T
                     std_B=std_B, h_B=h_B)
     B, dev = v_BD.shape[0], v_BD.device
     v, v_old, v_ref = (t.reshape(B, -1) for t in (v_BD, v_old_BD.detach(), v_ref_BD.detach()))
-    if not (v.dtype == v_old.dtype == v_ref.dtype and v.dtype in _V_DTYPES):
+    if not (v.dtype == v_old.dtype == v_ref.dtype and v.dtype in KERNEL_DTYPES):
         v, v_old, v_ref = v.float(), v_old.float(), v_ref.float()
     v, v_old, v_ref = v.contiguous(), v_old.contiguous(), v_ref.contiguous()
     xi = xi_BD.detach().reshape(B, -1).float().contiguous()

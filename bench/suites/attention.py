@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from bench.harness import OpCase, Row, make_row, run_op_case, time_ms
 from unigrpo.model import attention as A
 from unigrpo.model.layout import NOISE, TEXT, PackedLayout, Segment
+from unigrpo_kernels.dtypes import dtype_name
 
 NAME = "attention"
 DESCRIPTION = ("packed text+image attention (fwd/bwd/full): sdpa dense mask (torch), flex, split, flash; "
                "vs dense causal SDPA at equal useful FLOPs")
 
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -151,7 +151,7 @@ def packed_case(spec: dict, device: torch.device) -> PackedCase:
              f"H={H}/{Hk} hd={hd}")
     f = hd * H * pairs
     return PackedCase(
-        suite=NAME, op="packed_attention", shape=shape, dtype=_SHORT[dtype], make_inputs=make_inputs,
+        suite=NAME, op="packed_attention", shape=shape, dtype=dtype_name(dtype), make_inputs=make_inputs,
         providers=provs, outputs=lambda res: {"out": res}, loss=loss, grad_inputs=("q", "k", "v"),
         tol={"out": 1e-2 if low else 1e-4, **{f"grad:{n}": 2e-2 if low else 1e-4 for n in "qkv"}},
         modes=("fwd", "bwd", "full"), flops={"fwd": 4 * f, "bwd": 10 * f, "full": 14 * f},
@@ -179,7 +179,7 @@ def causal_case(spec: dict, pairs: int, device: torch.device) -> OpCase:
     low = dtype != torch.float32
     return OpCase(
         suite=NAME, op="causal_attention", shape=f"{spec['name']}-equivalent: B=1 L={L} H={H} hd={hd}",
-        dtype=_SHORT[dtype], make_inputs=make_inputs, providers={"torch": sdpa_causal},
+        dtype=dtype_name(dtype), make_inputs=make_inputs, providers={"torch": sdpa_causal},
         outputs=lambda res: {"out": res}, loss=lambda res: res.float().sum(), grad_inputs=("q", "k", "v"),
         tol={"out": 1e-2 if low else 1e-4, **{f"grad:{n}": 2e-2 if low else 1e-4 for n in "qkv"}},
         modes=("fwd", "bwd", "full"), flops={"fwd": 4 * f, "bwd": 10 * f, "full": 14 * f},

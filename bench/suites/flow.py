@@ -47,12 +47,12 @@ import torch
 from bench.harness import OpCase, compiled, run_op_case
 from unigrpo_kernels import available_backends
 from unigrpo_kernels import flow as fused
+from unigrpo_kernels.dtypes import dtype_name
 from unigrpo_kernels.reference import flow as ref
 
 NAME = "flow"
 DESCRIPTION = "sde_step (fwd) and flow_grpo_loss (fwd/bwd/full): torch, torch.compile, triton, cuda"
 
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _LOSS_KW = dict(clip_eps=0.2, beta=1.5e-5, reg="mse", ratio_norm=True, grad_reweight=False)
 
 
@@ -93,7 +93,7 @@ def sde_step_case(B: int, D: int, v_dtype: torch.dtype, device: torch.device) ->
                 "noise_BD": _randn(g, (B, D), device), "a_B": co["a"], "b_B": co["b"], "std_B": co["std"]}
 
     return OpCase(
-        suite=NAME, op="sde_step", shape=f"B={B} D={D}", dtype=f"v={_SHORT[v_dtype]} x,ξ=fp32",
+        suite=NAME, op="sde_step", shape=f"B={B} D={D}", dtype=f"v={dtype_name(v_dtype)} x,ξ=fp32",
         make_inputs=make_inputs, providers=providers("sde_step", device),
         outputs=lambda res: {"x_next": res[0], "logp": res[1]}, tol={"x_next": 1e-5, "logp": 1e-4},
         modes=("fwd",), bytes={"fwd": B * D * (12 + e_v)})
@@ -113,7 +113,7 @@ def flow_loss_case(B: int, D: int, v_dtype: torch.dtype, device: torch.device) -
 
     per_pass = B * D * (4 + 3 * e_v)
     return OpCase(
-        suite=NAME, op="flow_grpo_loss", shape=f"B={B} D={D}", dtype=f"v={_SHORT[v_dtype]} ξ=fp32",
+        suite=NAME, op="flow_grpo_loss", shape=f"B={B} D={D}", dtype=f"v={dtype_name(v_dtype)} ξ=fp32",
         make_inputs=make_inputs, providers=providers("flow_grpo_loss", device),
         outputs=lambda res: {"loss": res[0]}, loss=lambda res: res[0], grad_inputs=("v_BD",),
         tol={"loss": 1e-4, "grad:v_BD": 1e-2 if e_v < 4 else 1e-5},

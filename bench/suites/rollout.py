@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.harness import Context, Row, make_row, peak_mem_mib, rel_err, sync, time_ms
+from unigrpo_kernels.dtypes import DTYPE_NAMES
 
 NAME = "rollout"
 DESCRIPTION = "rollout generation: denoising images/s (eager vs CUDA graph, with/without CFG), decoding tokens/s"
@@ -92,7 +93,7 @@ def _build(case: RolloutCase, ctx: Context):
     from unigrpo.model.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
+    dtype = DTYPE_NAMES[case.dtype]
     with torch.device(ctx.device):
         model = UnifiedModel(preset(case.preset))
     torch.nn.init.normal_(model.image_out.weight, std=0.02)

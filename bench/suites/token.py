@@ -40,13 +40,13 @@ import torch
 
 from bench.harness import OpCase, run_op_case
 from unigrpo_kernels import available_backends
+from unigrpo_kernels.dtypes import dtype_name
 from unigrpo_kernels.reference import text as ref
 
 NAME = "token"
 DESCRIPTION = ("token_logprobs (fwd/bwd/full, +entropy fwd) and linear_text_grpo_loss (full): torch, compile, "
                "triton, liger")
 
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _LOSS_KW = dict(eps_lo=0.2, eps_hi=0.28, aggregation="sequence")
 
 
@@ -114,7 +114,7 @@ def token_case(B: int, L: int, H: int, V: int, dtype: torch.dtype, device: torch
         provs["liger"] = liger
     low = dtype != torch.float32
     f = T * H * V
-    common = dict(suite=NAME, op="token_logprobs", shape=f"T={T} H={H} V={V}", dtype=_SHORT[dtype],
+    common = dict(suite=NAME, op="token_logprobs", shape=f"T={T} H={H} V={V}", dtype=dtype_name(dtype),
                   make_inputs=make_inputs, providers=provs)
     if entropy:
         return OpCase(**common, outputs=lambda res: {"logp": res[0], "entropy": res[1]},
@@ -157,7 +157,7 @@ def loss_case(B: int, L: int, H: int, V: int, dtype: torch.dtype, device: torch.
     for be, fn in _fused(device, "linear_text_grpo_loss").items():
         provs[be] = lambda fn=fn, be=be, **kw: fn(**kw, backend=be)
     low = dtype != torch.float32
-    return OpCase(suite=NAME, op="linear_text_grpo_loss", shape=f"B={B} L={L} H={H} V={V}", dtype=_SHORT[dtype],
+    return OpCase(suite=NAME, op="linear_text_grpo_loss", shape=f"B={B} L={L} H={H} V={V}", dtype=dtype_name(dtype),
                   make_inputs=make_inputs, providers=provs, outputs=lambda res: {"loss": res[0]},
                   loss=lambda res: res[0], grad_inputs=("hidden_TH", "weight_VH"),
                   tol={"loss": 1e-3 if low else 1e-4, "grad:hidden_TH": 1e-2 if low else 1e-4,

@@ -31,13 +31,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..dtypes import KERNEL_DTYPES
 from ..reference.flow import FLOW_METRICS, REGS
 
 __all__ = ["sde_step_fwd", "flow_sums_fwd", "flow_sums_partials", "flow_loss_finalize", "flow_sums_bwd"]
 
 
 
-_V_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _config(D: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -244,7 +244,7 @@ def sde_step_fwd(x_BD: Tensor, v_BD: Tensor, xi_BD: Tensor, a_B: Tensor, b_B: Te
     Returns (x_next_BD fp32, sqsum_B fp32 = Σ_d (x' − μ)², mean_BD fp32 if want_mean else None)."""
     B, D = x_BD.shape
     _check("x_BD", x_BD, B, D, (torch.float32,))
-    _check("v_BD", v_BD, B, D, _V_DTYPES)
+    _check("v_BD", v_BD, B, D, KERNEL_DTYPES)
     _check("xi_BD", xi_BD, B, D, (torch.float32,))
     for name, t in (("a_B", a_B), ("b_B", b_B), ("std_B", std_B)):
         _check(name, t.view(B, 1), B, 1, (torch.float32,))
@@ -266,7 +266,7 @@ def flow_sums_fwd(v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tenso
 def flow_sums_partials(v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor) -> Tensor:
     """The row sums of `flow_sums_fwd` before their last reduction: [B, chunks, 3] fp32 partials."""
     B, D = v_BD.shape
-    _check("v_BD", v_BD, B, D, _V_DTYPES)
+    _check("v_BD", v_BD, B, D, KERNEL_DTYPES)
     _check("xi_BD", xi_BD, B, D, (torch.float32,))
     _check("v_old_BD", v_old_BD, B, D, (v_BD.dtype,))
     _check("v_ref_BD", v_ref_BD, B, D, (v_BD.dtype,))
@@ -310,7 +310,7 @@ def flow_sums_bwd(g_B3: Tensor, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v
     is off is not read. g_B3 fp32 [B, 3] (the upstream gradient of the sums). Returns dv in v's dtype."""
     B, D = v_BD.shape
     _check("g_B3", g_B3, B, 3, (torch.float32,))
-    _check("v_BD", v_BD, B, D, _V_DTYPES)
+    _check("v_BD", v_BD, B, D, KERNEL_DTYPES)
     _check("xi_BD", xi_BD, B, D, (torch.float32,))
     _check("v_old_BD", v_old_BD, B, D, (v_BD.dtype,))
     _check("v_ref_BD", v_ref_BD, B, D, (v_BD.dtype,))

@@ -56,10 +56,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..dispatch import triton_interpreted
+from ..dtypes import KERNEL_DTYPES
 
 __all__ = ["token_forward", "token_backward"]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ def _token_mm_kernel(a_ptr, b_ptr, acc_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, 
 # ---------------------------------------------------------------------------------------------- launchers
 
 def _check(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor) -> None:
-    if hidden_TH.dtype not in _DTYPES or weight_VH.dtype not in _DTYPES:
+    if hidden_TH.dtype not in KERNEL_DTYPES or weight_VH.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the triton token kernels take fp32/bf16/fp16 hidden and weight, got {hidden_TH.dtype} "
                          f"and {weight_VH.dtype} (use backend='torch' for float64)")
     if hidden_TH.device != weight_VH.device or targets_T.device != hidden_TH.device:

@@ -28,10 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from unigrpo_kernels.dtypes import DTYPE_NAMES
+
 __all__ = ["DTYPES", "DistConfig", "apply_fsdp", "unsharded", "optimizer_offloaded", "full_model_state", "full_optimizer_state",
            "load_full_model_state", "load_full_optimizer_state"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {k: DTYPE_NAMES[k] for k in ("fp32", "bf16")}   # the parameter dtypes FSDP gathers in
 
 
 @dataclass

@@ -48,7 +48,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from unigrpo_kernels import sde_step, sigma_schedule, step_coeffs_batch
+from unigrpo_kernels import ode_step, sde_step, sigma_schedule, step_coeffs_batch
 
 logger = logging.getLogger(__name__)
 
@@ -231,16 +231,12 @@ def make_velocity(model, cache, *, uncond_cache=None, cfg_scale: float = 1.0, cu
 
 # ------------------------------------------------------------------------------------------------ loops
 
-def ode_update(x_BChw: torch.Tensor, v_BChw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Euler step x − h·v (§2); h a 0-dim float32 tensor on x's device (a row of OdeTables.h_N)."""
-    return x_BChw - h * v_BChw
-
-
 def ode_loop(velocity: Velocity, x_BChw: torch.Tensor, tables: OdeTables) -> torch.Tensor:
-    """N Euler steps from x (fp32 [R, C, h, w]); returns the final latent. No host syncs."""
+    """N Euler steps (ode_step, §2) from x (fp32 [R, C, h, w]); returns the final latent. No host syncs: h is a
+    0-dim tensor on x's device."""
     x = x_BChw
     for k in range(tables.steps):
-        x = ode_update(x, velocity(x, tables.sigma_NR[k]), tables.h_N[k])
+        x = ode_step(x, velocity(x, tables.sigma_NR[k]), tables.h_N[k])
     return x
 
 
