@@ -1,5 +1,5 @@
 """A per-GPU memory estimate of UniGRPO training under FSDP2 and a plan of the settings that make a run fit
-(docs/DESIGN.md "Memory"), computed from a ModelConfig so the tables in the docs are reproducible:
+(docs/DESIGN.md "Memory per GPU"), computed from a ModelConfig so the tables in the docs are reproducible:
 
     python -m unigrpo.distributed.memory --config paper --gpus 4      the plan for 4 GPUs (+ the settings)
     python -m unigrpo.distributed.memory --table                      the per-component table, 4 … 64 GPUs

@@ -1,6 +1,7 @@
 """FSDP2 for the unified model, applied in one place and in a fixed order: activation checkpointing flags,
-then `fully_shard` on every decoder layer, then on the root (STYLE.md item 8). Plus the full (world-size
-independent) state dicts used by checkpoints, and unsharding for generation.
+then `fully_shard` on every decoder layer, then on the root (torchtitan's order: the root group then holds only
+the parameters outside the layers). Plus the full (world-size independent) state dicts used by checkpoints,
+and unsharding for generation.
 
 Decisions:
 - Mixed precision: parameters gathered in `param_dtype` (bf16 for real runs, fp32 in the CPU tests), gradients

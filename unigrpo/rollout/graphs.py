@@ -1,5 +1,6 @@
 """The fast denoising path: static shapes, per-step tables on the device, no host syncs in the loop, and a
-CUDA graph of the model evaluation (STYLE.md item 12; gpt-fast's generate.py pattern).
+CUDA graph of the model evaluation (the pattern of gpt-fast's generate.py: capture the fixed-shape decode step
+once, replay it every step).
 
 Pieces, used by both generate.denoise (evaluation: ODE, optional CFG) and rollout.rollout (training: one
 SDE window per group):
