@@ -7,11 +7,12 @@ import sys
 import numpy as np
 import pytest
 
+from _images import render_batch
 from unigrpo.data import (FilePromptSource, PromptFileError, build_prompt_source, check_prompt_lengths,
                           load_prompt_file, shapes_records)
 from unigrpo.model.tokenizer import ByteTokenizer
 from unigrpo.rewards.verifier import ShapesVerifierReward
-from unigrpo.world import CATEGORIES, all_prompts, render_batch, sample_layout
+from unigrpo.world import CATEGORIES, all_prompts, sample_layout
 from unigrpo.world.geneval import from_geneval, to_geneval
 
 # a few lines of GenEval's own evaluation_metadata.jsonl, as GenEval writes them (classes from its COCO list)

@@ -11,6 +11,7 @@ import pytest
 import requests
 import torch
 
+from _images import render_batch
 from unigrpo.data import shapes_records
 from unigrpo.rewards.base import RewardError, score
 from unigrpo.rewards.registry import RewardSet, RewardSpec, build_reward
@@ -18,7 +19,7 @@ from unigrpo.rewards.remote import RemoteReward, images_to_png, pngs_to_images
 from unigrpo.rewards.server import RewardServer
 from unigrpo.rewards.verifier import ShapesVerifierReward
 from unigrpo.rewards.vlm_judge import VlmJudgeReward
-from unigrpo.world import make_prompts, render_batch, sample_layout
+from unigrpo.world import make_prompts, sample_layout
 
 
 def _batch(n=10, seed=1):

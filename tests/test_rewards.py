@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from _images import render_batch
 from unigrpo.data import shapes_records
 from unigrpo.rewards.base import RewardError, score
 from unigrpo.rewards.registry import RewardSet, RewardSpec, normalise_rewards
 from unigrpo.rewards.verifier import ShapesVerifierReward
-from unigrpo.world import PlacedObject, all_prompts, make_prompts, render_batch, sample_layout
+from unigrpo.world import PlacedObject, all_prompts, make_prompts, sample_layout
 from unigrpo.world.geneval import to_geneval
 
 

@@ -5,8 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _images import render_batch
 from unigrpo.rewards.surrogate import colour_masses, stray_light, surrogate_reward, target_masses
-from unigrpo.world import PlacedObject, all_prompts, make_prompts, render_batch, sample_layout
+from unigrpo.world import PlacedObject, all_prompts, make_prompts, sample_layout
 from unigrpo.world.prompts import COLORS
 from unigrpo.world.render import shape_mask
 

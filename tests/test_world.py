@@ -7,10 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _images import render_batch
 from unigrpo.world.layout import center_px
-from unigrpo.world import (CANVAS, CATEGORIES, CELL, COLORS, GAP, OBJ, SHAPES, PlacedObject, all_prompt_texts,
-                           all_prompts, corrupt_layout, grid_range, layout_checks, make_prompts, parse_plan,
-                           plan_text, pretrain_example, render, render_batch, sample_layout, to_uint8, verify)
+from unigrpo.world import (CANVAS, CATEGORIES, CELL, COLORS, GAP, OBJ, SHAPES, PlacedObject, all_prompts,
+                           corrupt_layout, grid_range, layout_checks, make_prompts, parse_plan,
+                           plan_text, pretrain_example, render, sample_layout, to_uint8, verify)
 from unigrpo.world.verify import components, segment
 
 SPLIT_BY_TEXT = ("colors", "position", "color_attr")
@@ -66,13 +67,13 @@ def test_heldout_disjoint_from_train(cat):
     train = {p.text for p in make_prompts("train", 2000, 1, categories=(cat,))}
     held = {p.text for p in make_prompts("heldout", 2000, 1, categories=(cat,))}
     assert train and held and not train & held
-    assert train | held == set(all_prompt_texts(cat))  # every text is reachable from one split
+    assert train | held == {p.text for p in all_prompts(cat)}  # every text is reachable from one split
     assert 0.15 <= len(held) / (len(train) + len(held)) <= 0.35
 
 
 def test_prompt_texts_short_ascii_lowercase_unique():
     for cat in CATEGORIES:
-        texts = all_prompt_texts(cat)
+        texts = [p.text for p in all_prompts(cat)]
         assert len(set(texts)) == len(texts)
         for t in texts:
             assert t.isascii() and t == t.lower() and len(t) <= 40

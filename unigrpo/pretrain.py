@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from unigrpo.checkpoint import save_checkpoint
-from unigrpo.config import config_to_dict, load_config, resolve_config_path
+from unigrpo.config import (config_to_dict, load_config, require_min, require_positive, require_range,
+                            resolve_config_path)
 from unigrpo.model import padded_ids, preset, text_then_blocks
 from unigrpo.model.build import build_bundle
 from unigrpo.world import make_prompts, pretrain_example
@@ -70,13 +71,10 @@ class PretrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch", "blocks_per_sample"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"pretrain.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"pretrain.lr must be > 0, got {self.lr}")
+            require_min(f"pretrain.{name}", getattr(self, name), 1)
+        require_positive("pretrain.lr", self.lr)
         for name in ("flaw_prob", "p_uncond"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"pretrain.{name} must be in [0, 1], got {getattr(self, name)}")
+            require_range(f"pretrain.{name}", getattr(self, name), 0, 1)
         preset(self.model)  # unknown preset names fail here, before any work
 
 

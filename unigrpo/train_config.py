@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from unigrpo.config import require_positive
 from unigrpo.data import DataConfig
 from unigrpo.distributed import DistConfig
 from unigrpo.losses.config import LossConfig, ReFLConfig
@@ -37,13 +38,10 @@ class OptimConfig:
     """trajectories per mini-batch"""
 
     def __post_init__(self):
-        for name in ("lr_text", "lr_image"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lr_text", "lr_image", "grad_clip"):
+            require_positive(f"optim.{name}", getattr(self, name))
         if self.epochs < 1 or self.minibatch < 1:
             raise ValueError(f"optim.epochs and optim.minibatch must be >= 1, got {self.epochs}, {self.minibatch}")
-        if not self.grad_clip > 0:
-            raise ValueError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
 
 
 @dataclass

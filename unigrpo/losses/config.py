@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unigrpo.config import require_min, require_positive
 from unigrpo_kernels.reference.flow import REGS
 from unigrpo_kernels.reference.text import AGGREGATIONS
 
@@ -59,7 +60,5 @@ class ReFLConfig:
     """edge width of the surrogate's soft colour membership (RGB distance units, unigrpo/rewards/surrogate.py)"""
 
     def __post_init__(self):
-        if self.late_steps < 1:
-            raise ValueError(f"refl.late_steps must be >= 1, got {self.late_steps}")
-        if not self.softness > 0:
-            raise ValueError(f"refl.softness must be > 0, got {self.softness}")
+        require_min("refl.late_steps", self.late_steps, 1)
+        require_positive("refl.softness", self.softness)

@@ -8,15 +8,15 @@ from unigrpo.world.data import pretrain_example
 from unigrpo.world.layout import (CANVAS, CELL, GAP, OBJ, Layout, PlacedObject, corrupt_layout, grid_range,
                                   layout_checks, sample_layout)
 from unigrpo.world.plan import parse_plan, plan_text
-from unigrpo.world.prompts import (CATEGORIES, COLORS, RELATIONS, SHAPES, ObjectSpec, Prompt, all_prompt_texts,
-                                   all_prompts, make_prompts, split_prompts)
-from unigrpo.world.render import render, render_batch, to_uint8
+from unigrpo.world.prompts import (CATEGORIES, COLORS, RELATIONS, SHAPES, ObjectSpec, Prompt, all_prompts,
+                                   make_prompts, split_prompts)
+from unigrpo.world.render import render, to_uint8
 from unigrpo.world.verify import VerifyResult, detect, verify
 
 __all__ = [
     "CANVAS", "CATEGORIES", "CELL", "COLORS", "GAP", "OBJ", "RELATIONS", "SHAPES",
     "Found", "Layout", "ObjectSpec", "PlacedObject", "Prompt", "VerifyResult",
-    "all_prompt_texts", "all_prompts", "check_objects", "corrupt_layout", "detect", "grid_range",
+    "all_prompts", "check_objects", "corrupt_layout", "detect", "grid_range",
     "layout_checks", "make_prompts", "parse_plan", "plan_text", "pretrain_example", "render",
-    "render_batch", "sample_layout", "split_prompts", "to_uint8", "verify",
+    "sample_layout", "split_prompts", "to_uint8", "verify",
 ]

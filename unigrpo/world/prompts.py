@@ -83,10 +83,6 @@ def all_prompts(category: str) -> tuple[Prompt, ...]:
     raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
 
 
-def all_prompt_texts(category: str) -> tuple[str, ...]:
-    return tuple(p.text for p in all_prompts(category))
-
-
 def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 

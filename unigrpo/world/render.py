@@ -49,13 +49,6 @@ def render(layout: Layout, canvas: int = CANVAS, obj: int = OBJ) -> np.ndarray:
     return img
 
 
-def render_batch(layouts, canvas: int = CANVAS, obj: int = OBJ) -> torch.Tensor:
-    """float32 [B, 3, canvas, canvas] in [-1, 1]."""
-    imgs = np.stack([render(lay, canvas, obj) for lay in layouts]) if layouts else \
-        np.zeros((0, canvas, canvas, 3), np.uint8)
-    return to_float(imgs)
-
-
 def to_float(images: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] in [-1, 1] (the inverse of to_uint8)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
