@@ -1,7 +1,8 @@
 """The UniGRPO trainer (ALGORITHM.md §4–§9), the loop around an objective (unigrpo/losses):
 
-    __init__      the build order: process group → policy (and frozen reference) → backends → AdamW with the
-                  text and image expert groups → rewards → prompts → RNG streams → resume from <out>/checkpoint
+    __init__      the build order: process group → policy (and frozen reference; or an in-memory bundle) →
+                  backends → objective → AdamW with the text and image expert groups → rewards → prompts →
+                  RNG streams → resume from <out>/checkpoint when one is there (nothing is written)
     iteration()   prompts and windows from (seed, step) → rollout → decode → rewards → group advantages →
                   train_step on the groups with signal
     train_step()  objective.prepare (no-grad recompute of the old policy, ξ) → K PPO epochs of mini-batches:
@@ -10,14 +11,15 @@
     save()/load() safetensors or DCP checkpoints; resuming continues exactly (tests/test_trainer.py checks a
                   bit-identical next step on CPU)
 
-The objective is UniGRPO's (losses/grpo.py) or ReFL's (losses/refl.py, method = "refl"). Zero-std groups
+The objective is UniGRPO's (losses/grpo.py) or ReFL's (losses/refl.py, method = "refl"); the method is
+chosen once, in __init__, and what differs between them (FSDP, advantages, text training, rollout windows,
+the prompts it accepts) is the objective's to say. Zero-std groups
 carry no signal (§5) and are dropped before training (`skip_zero_std`). Ablations: `loss.train_text = false`
 freezes the text expert (FlowGRPO only), `loss.train_image = false` the image expert (TextGRPO only).
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -46,7 +48,6 @@ from unigrpo.model.build import load_bundle
 from unigrpo.model.bundle import Bundle
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
 from unigrpo.rewards.registry import RewardSet
-from unigrpo.rewards.surrogate import check_surrogate_records
 from unigrpo.rollout.rollout import Trajectories, check_rollout_batch, draw_windows, rollout_in_batches
 from unigrpo.train_config import OptimConfig, TrainConfig
 from unigrpo_kernels import resolve_backend, sigma_schedule
@@ -88,28 +89,6 @@ class Trainer:
             raise ValueError("attention_backend='flex' needs a CUDA device (FlexAttention has no CPU backward); "
                              "use 'sdpa' or 'split' on CPU")
         self.policy.train()
-        if cfg.method == "refl" and env.enabled:
-            raise ValueError("method 'refl' is a single-process baseline; run it without torchrun")
-        groups = self.policy.parameter_groups()
-        for p in groups["text"]:
-            p.requires_grad_(cfg.loss.train_text and cfg.method == "grpo")
-        for p in groups["image"]:
-            p.requires_grad_(cfg.loss.train_image)
-        o = cfg.optim
-        self.opt = torch.optim.AdamW(
-            [{"params": groups["text"], "lr": o.lr_text, "name": "text"},
-             {"params": groups["image"], "lr": o.lr_image, "name": "image"}],
-            betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        self.groups = groups
-        self.rewards = RewardSet(cfg.rewards)
-        self.source = build_prompt_source(cfg.data.train, "train", cfg.seed)
-        check_prompt_lengths(self.source.records, self.bundle.tokenizer, self.policy.cfg.max_text_len)
-        self.rewards.check_records(self.source.records)
-        if cfg.method == "refl":   # its surrogate reads the prompts' shapes-world metadata
-            check_surrogate_records(self.source.records)
-        self.rng = np.random.default_rng(cfg.seed)
-        # rank r samples from its own stream (rank 0's is the single-process one)
-        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed + 7919 * env.rank)
         self.sigmas = sigma_schedule(cfg.rollout.steps, cfg.rollout.shift)
         tok = self.bundle.tokenizer   # the context CFG contrasts with (generate.unconditional_cache)
         forward = PackedForward(temperature=cfg.rollout.temperature, cfg_scale=cfg.rollout.cfg_scale,
@@ -121,6 +100,27 @@ class Trainer:
         else:
             self.objective = UniGRPOObjective(cfg, forward, self.policy, self.ref, self.sigmas, dev,
                                               self.flow_backend, self.text_backend)
+        if env.enabled and not self.objective.distributed:
+            raise ValueError(f"method {cfg.method!r} is a single-process baseline; run it without torchrun")
+        groups = self.policy.parameter_groups()
+        for p in groups["text"]:
+            p.requires_grad_(self.objective.trains_text)
+        for p in groups["image"]:
+            p.requires_grad_(cfg.loss.train_image)
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(
+            [{"params": groups["text"], "lr": o.lr_text, "name": "text"},
+             {"params": groups["image"], "lr": o.lr_image, "name": "image"}],
+            betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        self.groups = groups
+        self.rewards = RewardSet(cfg.rewards)
+        self.source = build_prompt_source(cfg.data.train, "train", cfg.seed)
+        check_prompt_lengths(self.source.records, tok, self.policy.cfg.max_text_len)
+        self.rewards.check_records(self.source.records)
+        self.objective.check_records(self.source.records)
+        self.rng = np.random.default_rng(cfg.seed)
+        # rank r samples from its own stream (rank 0's is the single-process one)
+        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed + 7919 * env.rank)
         self.step = 0
         self.ckpt_dir = os.path.join(cfg.out, "checkpoint")
         if cfg.resume and (os.path.exists(os.path.join(self.ckpt_dir, "model.safetensors"))
@@ -192,9 +192,7 @@ class Trainer:
         env = self.env
         step_rng = np.random.default_rng([cfg.seed, self.step])  # prompts and windows: f(seed, step) only (§4)
         batch_prompts = self.source.batch(self.step, cfg.prompts_per_iter, step_rng)
-        if cfg.method == "refl":   # one late step per group: x_k before it is where the gradient enters
-            rc = dataclasses.replace(rc, window_size=1, window_lo=rc.steps - cfg.refl.late_steps,
-                                     window_hi=rc.steps)
+        rc = self.objective.rollout_config(rc)
         windows = draw_windows(step_rng, cfg.prompts_per_iter, rc)
         mine = slice(env.rank * cfg.prompts_per_iter // env.world, (env.rank + 1) * cfg.prompts_per_iter // env.world)
         prompts = batch_prompts[mine]
@@ -228,9 +226,9 @@ class Trainer:
         for tag in tag_order([p.tag for p in group_prompts]):
             sel = [i for i, p in enumerate(group_prompts) if p.tag == tag]
             metrics[f"reward_tag/{tag}"] = rewards[sel].mean().item()
-        if cfg.method == "refl":   # ReFL needs no advantages: every trajectory trains
-            metrics.update(self.train_step(traj, list(range(len(group_prompts))), adv, group_prompts))
-        elif rows or env.enabled:   # under FSDP every rank joins the update's collectives, even with no rows
+        if not self.objective.uses_advantages:   # ReFL: every trajectory trains
+            rows = list(range(len(group_prompts)))
+        if rows or env.enabled:   # under FSDP every rank joins the update's collectives, even with no rows
             metrics.update(self.train_step(traj, rows, adv, group_prompts))
         self.step += 1
         t_end = time.perf_counter()

@@ -49,11 +49,29 @@ class OldPolicy:
 
 
 class UniGRPOObjective:
+    """What the Trainer asks of an objective (ReFLObjective answers the same): `prepare`, `loss`, and
+    `distributed` (runs under FSDP), `uses_advantages` (trains only the groups with signal; otherwise every
+    trajectory), `trains_text` (the text expert gets gradients), `rollout_config` (its rollout windows) and
+    `check_records` (the prompts it can train on)."""
+
+    distributed = True
+    uses_advantages = True
+
     def __init__(self, cfg, forward: PackedForward, policy, ref, sigmas: torch.Tensor, device: torch.device,
                  flow_backend: str, text_backend: str):
         self.cfg, self.forward, self.policy, self.ref = cfg, forward, policy, ref
         self.sigmas, self.device = sigmas, device
         self.flow_backend, self.text_backend = flow_backend, text_backend
+
+    @property
+    def trains_text(self) -> bool:
+        return self.cfg.loss.train_text
+
+    def rollout_config(self, rc):
+        return rc
+
+    def check_records(self, records) -> None:
+        """Any prompt: the rewards check theirs."""
 
     def _pack(self, traj: Trajectories, mb: list[int]):
         return pack(traj, mb, self.sigmas, self.forward.image_tokens, self.forward.pad_id)

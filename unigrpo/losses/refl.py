@@ -4,13 +4,15 @@ loss = −mean surrogate + β·velocity MSE to the reference (loss.reg = "mse").
 trains; the text expert does not."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from unigrpo.losses.forward import PackedForward
 from unigrpo.losses.grpo import Minibatches
 from unigrpo.losses.packing import pack
 from unigrpo.model.codec import PixelCodec
-from unigrpo.rewards.surrogate import surrogate_reward_of
+from unigrpo.rewards.surrogate import check_surrogate_records, surrogate_reward_of
 from unigrpo.rollout.rollout import Trajectories
 
 __all__ = ["ReFLObjective", "ReFLBatch"]
@@ -25,12 +27,27 @@ class ReFLBatch:
 
 
 class ReFLObjective:
+    """A single-process baseline: every trajectory trains (no advantages), only the image expert, at one late
+    step per group."""
+
+    distributed = False
+    uses_advantages = False
+    trains_text = False
+
     def __init__(self, cfg, forward: PackedForward, policy, ref, sigmas: torch.Tensor, codec):
         if not isinstance(codec, PixelCodec):
             raise ValueError(f"method 'refl' back-propagates through the decoder, which needs the pixel codec; "
                              f"{cfg.base} uses {type(codec).__name__}")
         self.cfg, self.forward, self.policy, self.ref = cfg, forward, policy, ref
         self.sigmas, self.codec = sigmas, codec
+
+    def rollout_config(self, rc):
+        """One late step per group: x_k before it is where the gradient enters."""
+        return dataclasses.replace(rc, window_size=1, window_lo=rc.steps - self.cfg.refl.late_steps,
+                                   window_hi=rc.steps)
+
+    def check_records(self, records) -> None:
+        check_surrogate_records(records)   # the surrogate reads the prompts' shapes-world metadata
 
     def _pack(self, traj: Trajectories, mb: list[int]):
         return pack(traj, mb, self.sigmas, self.forward.image_tokens, self.forward.pad_id)
