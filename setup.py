@@ -1,7 +1,8 @@
 """unigrpo: a kernel-accelerated UniGRPO trainer.
 
-Packages: `unigrpo` (the trainer library), `unigrpo_kernels` (the fused ops, sources in kernels/) and
-`unigrpo_experiments` (the paper's comparisons behind `unigrpo compare`, sources in experiments/).
+Packages: `unigrpo` (the trainer library), `unigrpo_kernels` (the fused ops, sources in kernels/),
+`unigrpo_experiments` (the paper's comparisons behind `unigrpo compare`, sources in experiments/) and
+`unigrpo_bench` (the benchmarks behind `unigrpo bench`, sources in bench/).
 The kernels folder is installed under the namespaced name `unigrpo_kernels`: a bare top-level `kernels`
 module would be mistaken by transformers for the Hugging Face kernels-hub package.
 
@@ -21,7 +22,7 @@ from setuptools.command.build_py import build_py
 
 # source folder → installed package name: bare top-level names like `kernels` or `experiments` would clash
 # with other distributions' packages
-PACKAGE_DIRS = {"kernels": "unigrpo_kernels", "experiments": "unigrpo_experiments"}
+PACKAGE_DIRS = {"kernels": "unigrpo_kernels", "experiments": "unigrpo_experiments", "bench": "unigrpo_bench"}
 
 
 def _find_packages():

@@ -1,6 +1,6 @@
-"""`python -m bench ...`: runs bench.harness.main (see bench/README.md)."""
+"""`python -m bench ...`: runs main() of bench/harness.py (see bench/README.md)."""
 import sys
 
-from bench.harness import main
+from .harness import main
 
 sys.exit(main())

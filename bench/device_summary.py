@@ -25,7 +25,8 @@ import os
 import re
 import sys
 
-from bench import harness
+from .context import Row
+from .reporting import write_results
 
 PASS_CODES = (0, 5)
 SCREEN_OP_LINES = 30
@@ -68,12 +69,12 @@ def load_results(results_dir: str) -> list[dict]:
     return sorted(runs, key=lambda r: r.get("started", ""))
 
 
-def merge(runs: list[dict]) -> tuple[dict, list[harness.Row]]:
+def merge(runs: list[dict]) -> tuple[dict, list[Row]]:
     """(header, rows) of the runs as one result (see the module docstring)."""
     if not runs:
         raise ValueError("no bench results to merge")
-    fields = {f.name for f in dataclasses.fields(harness.Row)}
-    rows = [harness.Row(**{k: v for k, v in r.items() if k in fields}) for run in runs for r in run["rows"]]
+    fields = {f.name for f in dataclasses.fields(Row)}
+    rows = [Row(**{k: v for k, v in r.items() if k in fields}) for run in runs for r in run["rows"]]
     head = {k: v for k, v in runs[0].items() if k != "rows"}
     head.update(suites=[s for run in runs for s in run["suites"]], wall_s=round(sum(r["wall_s"] for r in runs), 1),
                 command="; ".join(r["command"] for r in runs), quick=[r["quick"] for r in runs],
@@ -81,11 +82,11 @@ def merge(runs: list[dict]) -> tuple[dict, list[harness.Row]]:
     return head, rows
 
 
-def write_merged(head: dict, rows: list[harness.Row], out_dir: str) -> dict[str, str]:
-    return harness.write_results(head, rows, out_dir)
+def write_merged(head: dict, rows: list[Row], out_dir: str) -> dict[str, str]:
+    return write_results(head, rows, out_dir)
 
 
-def _provider_cell(r: harness.Row) -> str:
+def _provider_cell(r: Row) -> str:
     if not r.ok:
         return f"{r.provider} FAIL"
     if r.ms_p50 is None:
@@ -100,10 +101,10 @@ def _provider_cell(r: harness.Row) -> str:
     return cell
 
 
-def op_lines(rows: list[harness.Row]) -> list[str]:
+def op_lines(rows: list[Row]) -> list[str]:
     """One line per (suite, op, mode, shape, dtype): the non-reference providers' cells (torch's own time
     first, as the yardstick)."""
-    groups: dict[tuple, list[harness.Row]] = {}
+    groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault((r.suite, r.op, r.mode, r.shape, r.dtype), []).append(r)
     lines = []
@@ -116,12 +117,12 @@ def op_lines(rows: list[harness.Row]) -> list[str]:
     return lines
 
 
-def failures(steps: list[dict], rows: list[harness.Row]) -> tuple[list[str], list[harness.Row]]:
+def failures(steps: list[dict], rows: list[Row]) -> tuple[list[str], list[Row]]:
     """(names of the steps that failed or timed out, rows that disagree with their reference)."""
     return [s["name"] for s in steps if s["rc"] not in PASS_CODES], [r for r in rows if not r.ok]
 
 
-def render(steps: list[dict], rows: list[harness.Row], paths: dict[str, str] | None = None) -> str:
+def render(steps: list[dict], rows: list[Row], paths: dict[str, str] | None = None) -> str:
     out = ["== device check summary =="]
     for s in steps:
         verdict = "ok" if s["rc"] in PASS_CODES else ("TIMEOUT" if s["rc"] in (124, 137) else f"FAIL rc={s['rc']}")

@@ -2,7 +2,7 @@
 
 - `flow step --quick` writes the JSON / markdown / PNG results with rows for the torch providers (eager and
   torch.compile for the ops; torch for the whole step), positive times and throughputs, and the ceilings.
-- A deliberately wrong provider, injected through the documented test hook `bench.harness.TEST_PROVIDERS`
+- A deliberately wrong provider, injected through the documented test hook `bench.checks.TEST_PROVIDERS`
   (no library code is touched), fails its reference check: the run exits 1 and the row says why.
 - Usage errors exit 2; `python -m bench --list` and `unigrpo bench --list` reach the same harness.
 Runs main() in-process (one torch import); the torch.compile provider's first compile dominates the time.
@@ -14,12 +14,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # bench/ is a source-tree package, not installed (bench/__init__.py)
-    sys.path.insert(0, REPO)
+from unigrpo_bench import checks, context, environment, harness, reporting, timing
+from unigrpo_kernels.reference import flow as ref
 
-from bench import harness  # noqa: E402
-from unigrpo_kernels.reference import flow as ref  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(out_dir):
@@ -42,7 +40,7 @@ def test_flow_and_step_quick_write_results(tmp_path):
         assert key in res["environment"]
     rows = res["rows"]
     assert all(r["ok"] for r in rows)
-    assert set(rows[0]) == set(harness.ROW_FIELDS)
+    assert set(rows[0]) == set(context.ROW_FIELDS)
     for op, modes in (("sde_step", ("fwd",)), ("flow_grpo_loss", ("fwd", "bwd", "full"))):
         for prov in ("torch", "torch.compile"):
             for mode in modes:
@@ -69,7 +67,7 @@ def test_wrong_provider_fails_the_run(tmp_path, monkeypatch):
         x_next, logp = ref.sde_step(x_BD, v_BD, **kw)
         return x_next * 1.001, logp
 
-    monkeypatch.setitem(harness.TEST_PROVIDERS, "sde_step", {"wrong": wrong_sde_step})
+    monkeypatch.setitem(checks.TEST_PROVIDERS, "sde_step", {"wrong": wrong_sde_step})
     rc = harness.main(["flow", "--quick", "--providers", "torch", "--out", str(tmp_path)])
     assert rc == 1
     res, md, _ = _load(tmp_path)
@@ -99,7 +97,7 @@ def test_device_slug(name):
     import torch
 
     env = {"device": "NVIDIA H100 80GB HBM3", "cpu": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"}
-    slug = harness.device_slug(env, torch.device(name))
+    slug = environment.device_slug(env, torch.device(name))
     assert slug == ("nvidia-h100-80gb-hbm3" if name == "cuda" else "cpu-intel-xeon-platinum-8481c")
 
 
@@ -122,7 +120,7 @@ def test_attention_quick_checks_split_against_dense_sdpa(tmp_path):
     the dense mask's visible pairs between real tokens."""
     import torch
 
-    from bench.suites import attention as suite
+    from unigrpo_bench.suites import attention as suite
     from unigrpo.model.layout import PAD
 
     rc = harness.main(["attention", "--quick", "--providers", "torch,split", "--out", str(tmp_path)])
@@ -137,7 +135,7 @@ def test_attention_quick_checks_split_against_dense_sdpa(tmp_path):
             assert r["unit"] == "TFLOP/s" and r["value"] > 0 and 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"]
     assert {r["provider"] for r in rows if r["op"] == "packed_attention_inputs"} == {"torch", "split"}
     assert any(r["op"] == "causal_attention" for r in rows) and "packed_attention" in md
-    for spec in suite.shapes(harness.Context(device=torch.device("cpu"), quick=True)):
+    for spec in suite.shapes(context.Context(device=torch.device("cpu"), quick=True)):
         lay = suite.build_layout(spec["rows"], "cpu")
         real = lay.kind_BS != PAD
         visible = lay.dense_mask()[:, 0] & real[:, :, None] & real[:, None, :]
@@ -152,9 +150,9 @@ def test_quick_shrinks_the_gpu_shapes():
     GPU cases (the shapes are pure functions of the context: no GPU needed to read them)."""
     import torch
 
-    from bench.suites import attention, token
+    from unigrpo_bench.suites import attention, token
 
-    full, quick = (harness.Context(device=torch.device("cuda"), quick=q) for q in (False, True))
+    full, quick = (context.Context(device=torch.device("cuda"), quick=q) for q in (False, True))
     tv = lambda cases: sum(B * L * H * V for B, L, H, V, _ in cases)  # noqa: E731 - the GEMM work, ∝ T·H·V
     assert token.shapes(full)[0][2:4] == (3584, 152_064)          # the paper's model in the full run
     assert len(token.shapes(quick)) < len(token.shapes(full)) and tv(token.shapes(quick)) * 4 < tv(token.shapes(full))
@@ -168,14 +166,14 @@ def test_kernel_time_counts_only_the_timed_calls_device_events():
     of the marker does not), events of the untimed setup outside every range do not; None on CPU."""
     import torch
 
-    M = harness._MARK
+    M = timing._MARK
     events = [("setup_fwd_kernel", True, 0.0, 50.0),        # the setup's kernel, before the range opens
               (M, False, 60.0, 200.0), (M, True, 61.0, 190.0),
               ("k1", True, 70.0, 100.0), ("memset", True, 100.0, 104.0), ("cpu_op", False, 65.0, 80.0),
               (M, False, 300.0, 400.0), ("k1", True, 310.0, 330.0),
               ("late", True, 500.0, 510.0)]
-    total, n = harness.attribute_device_time(events)
+    total, n = timing.attribute_device_time(events)
     assert n == 2 and total == (30 + 4) + 20
-    ctx = harness.Context(device=torch.device("cpu"))
-    assert harness.kernel_ms(ctx, lambda _: torch.ones(3).sum()) is None
-    assert "| kernel ms |" in harness.MD_HEADER and "kernel_ms" in harness.ROW_FIELDS
+    ctx = context.Context(device=torch.device("cpu"))
+    assert timing.kernel_ms(ctx, lambda _: torch.ones(3).sum()) is None
+    assert "| kernel ms |" in reporting.MD_HEADER and "kernel_ms" in context.ROW_FIELDS

@@ -19,8 +19,6 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "bench", "device_check.sh")
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 
 def _run(*args, env=None, timeout=120):
@@ -104,7 +102,7 @@ def test_runner_records_failures_timeouts_and_merges_the_bench(check_run):
 
 
 def test_summary_fails_on_a_disagreeing_row(check_run, tmp_path, capsys):
-    from bench import device_summary as S
+    from unigrpo_bench import device_summary as S
 
     _, out = check_run
     merged = next(f for f in os.listdir(out) if f.endswith(".json"))

@@ -146,6 +146,8 @@ def test_the_checker_sees_modules_and_imports():
     assert "unigrpo.trainer" in modules and "unigrpo_kernels.flow" in modules
     assert any(t == "unigrpo.config" for t, _, _ in edges["unigrpo.trainer"]) or \
         any(t == "unigrpo.config" for m in edges for t, _, _ in edges[m])
+    # relative imports resolve (bench's modules import each other only relatively)
+    assert any(t == "unigrpo_bench.checks" for t, _, _ in edges["unigrpo_bench.suites.flow"])
     # the checker finds a circle when there is one
     fake = {"a": [("b", False, 1)], "b": [("c", True, 1)], "c": [("a", False, 1)], "d": [("a", False, 1)]}
     assert _cycles(fake) == [["a", "b", "c"]]

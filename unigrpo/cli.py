@@ -5,7 +5,7 @@
     unigrpo pretrain [--config FILE] [key=value ...] supervised pre-training of a base checkpoint
     unigrpo eval     [--config FILE] [key=value ...] held-out scores per category with 95% intervals + grid
     unigrpo sample   --checkpoint DIR --prompt TEXT [--out PNG]
-    unigrpo bench    [suite ...] [--quick] [--out DIR]   benchmarks (= `python -m bench`, needs the source tree)
+    unigrpo bench    [suite ...] [--quick] [--out DIR]   benchmarks (= `python -m bench`; package unigrpo_bench)
     unigrpo compare  [--config FILE] [key=value ...]  the paper's comparisons: every baseline × seeds → results.md
     unigrpo serve-reward --reward NAME [--port P] [key=value ...]   a reward served over HTTP (rewards/server.py)
     unigrpo export-prompts [--split heldout] [--n N] [--seed S] out=FILE.jsonl   shapes prompts in GenEval's format
@@ -128,19 +128,9 @@ def cmd_export_prompts(args) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """Benchmarks: the same command as `python -m bench` (bench/README.md). bench/ is not installed: it is
-    imported from the source checkout that holds this (editable) unigrpo, or from the current directory."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for cand in (root, os.getcwd()):
-        if os.path.exists(os.path.join(cand, "bench", "harness.py")):
-            if cand not in sys.path:
-                sys.path.insert(0, cand)
-            break
-    else:
-        print("unigrpo bench: error: bench/ not found; it ships with the source tree, not the installed package: "
-              "run from a checkout (pip install -e .) or use `python -m bench` in the repo root", file=sys.stderr)
-        return 2
-    from bench.harness import main as bench_main
+    """Benchmarks: the same command as `python -m bench` (bench/README.md); bench/ is installed as
+    `unigrpo_bench`."""
+    from unigrpo_bench.harness import main as bench_main
 
     return bench_main(argv)
 

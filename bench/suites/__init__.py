@@ -7,18 +7,18 @@ A suite module defines:
     def cases(ctx) -> list                 the cases to run on ctx.device (honour ctx.quick and ctx.is_cuda:
                                            small CPU shapes so CI smoke-tests the harness); each case has a
                                            `.name` (str) for logs and --list
-    def run(case, ctx) -> list[Row]        check, then time, one case; returns harness.Row objects
+    def run(case, ctx) -> list[Row]        check, then time, one case; returns context.Row objects
 
-`ctx` is a harness.Context: ctx.device, ctx.is_cuda, ctx.quick, ctx.wants(provider) (the --providers
+`ctx` is a context.Context: ctx.device, ctx.is_cuda, ctx.quick, ctx.wants(provider) (the --providers
 filter), ctx.ceilings (measured copy GB/s and matmul TFLOP/s), ctx.log(msg).
 
-Op suites (flow, token, ...) need not write `run` themselves: describe each case as a harness.OpCase
+Op suites (flow, token, ...) need not write `run` themselves: describe each case as a checks.OpCase
 (inputs, providers with "torch" = the reference, outputs to check with their tolerances, modes, bytes or
-FLOPs per mode) and set `run = harness.run_op_case`. That gives the whole protocol: each provider's outputs
+FLOPs per mode) and set `run = checks.run_op_case`. That gives the whole protocol: each provider's outputs
 (and gradients) are checked against the torch reference on the benchmarked inputs before anything is timed,
 a provider that disagrees gets a failing row (and the run exits non-zero), then each mode is timed, its
 throughput computed against the same run's ceiling, and its peak memory taken. bench/suites/flow.py is the
-model to copy. Whole-program suites (step) build their Rows with harness.make_row.
+model to copy. Whole-program suites (step) build their Rows with context.make_row.
 
 Suites: flow (sde_step, flow_grpo_loss), token (token_logprobs, linear_text_grpo_loss), attention (packed
 text/image attention against dense causal FlashAttention), rollout (denoising loop with/without CFG and CUDA

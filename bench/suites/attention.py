@@ -45,7 +45,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from bench.harness import OpCase, Row, make_row, run_op_case, time_ms
+from ..checks import OpCase, run_op_case
+from ..context import Row, make_row
+from ..timing import time_ms
 from unigrpo.model import attention as A
 from unigrpo.model.layout import NOISE, TEXT, PackedLayout, Segment
 from unigrpo_kernels.dtypes import dtype_name
@@ -196,7 +198,7 @@ def cases(ctx) -> list[OpCase]:
 
 
 def run(case: OpCase, ctx) -> list[Row]:
-    """The op protocol (harness.run_op_case), then for packed cases the build time of each wanted backend's
+    """The op protocol (checks.run_op_case), then for packed cases the build time of each wanted backend's
     per-batch inputs (dense mask / block mask / split plan; flash uses the split plan) on a fresh copy of the
     layout."""
     rows = run_op_case(case, ctx)

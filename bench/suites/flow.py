@@ -44,7 +44,7 @@ from functools import partial
 
 import torch
 
-from bench.harness import OpCase, compiled, run_op_case
+from ..checks import OpCase, compiled, run_op_case
 from unigrpo_kernels import available_backends
 from unigrpo_kernels import flow as fused
 from unigrpo_kernels.dtypes import dtype_name

@@ -41,7 +41,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.harness import Context, Row, make_row, peak_mem_mib, rel_err, sync, time_ms
+from ..checks import rel_err
+from ..context import Context, Row, make_row
+from ..timing import peak_mem_mib, sync, time_ms
 from unigrpo_kernels.dtypes import DTYPE_NAMES
 
 NAME = "rollout"
@@ -101,7 +103,7 @@ def _build(case: RolloutCase, ctx: Context):
 
 
 def _flops(mcfg, *, prompt, reasoning, steps, cfg_scale):
-    from bench.suites.step import model_flops
+    from .step import model_flops
 
     return model_flops(mcfg, {"prompt": prompt, "reasoning": reasoning}, steps=steps, window=0, epochs=0,
                        cfg_scale=cfg_scale, nograd_forwards=0)

@@ -58,7 +58,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.harness import Context, Row, make_row, sync
+from ..context import Context, Row, make_row
+from ..timing import sync
 
 NAME = "step"
 DESCRIPTION = "whole UniGRPO iterations (rollout, reward, K epochs) on a random model: torch vs fused backends"

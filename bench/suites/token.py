@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import OpCase, run_op_case
+from ..checks import OpCase, run_op_case
 from unigrpo_kernels import available_backends
 from unigrpo_kernels.dtypes import dtype_name
 from unigrpo_kernels.reference import text as ref
