@@ -8,8 +8,8 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from tests.test_reward_server import _Bad
-from tests.test_trainer import small_cfg, tiny_base
+from test_reward_server import _Bad
+from test_trainer import small_cfg, tiny_base
 from unigrpo.checkpoint import load_checkpoint
 from unigrpo.data import DataConfig, shapes_records, write_prompt_file
 from unigrpo.data.prompts import PromptRecord
