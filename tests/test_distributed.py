@@ -63,7 +63,11 @@ def _torchrun(tmp_path, *args, nproc=2):
     assert res.returncode == 0, f"torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
 
 
-def test_fsdp_update_equals_single_process_update(tmp_path):
+@pytest.mark.parametrize("fsdp_optim", [{}, {"optim.minibatch": 4, "optim.microbatch": 1}],
+                         ids=["one-pass", "micro-batches"])
+def test_fsdp_update_equals_single_process_update(tmp_path, fsdp_optim):
+    """Each rank's 3 rows in one mini-batch (one pass; or micro-batches of 1 plus one dummy, which FSDP needs
+    for equal collectives on every rank) give the single process's step over all 6 rows."""
     tiny_base(tmp_path / "base")
     ov = _overrides(tmp_path)
     # trajectories from the single-process trainer's policy, shared by both runs
@@ -80,7 +84,7 @@ def test_fsdp_update_equals_single_process_update(tmp_path):
     after = single.policy.state_dict()
 
     with open(tmp_path / "cfg.json", "w") as f:
-        json.dump(ov, f)
+        json.dump({**ov, **fsdp_optim}, f)
     _torchrun(tmp_path, "update", tmp_path / "cfg.json", tmp_path / "traj.pt", tmp_path / "fsdp.pt")
     fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=False)
     moved = max((after[k] - before[k]).abs().max().item() for k in after)

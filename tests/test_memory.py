@@ -69,9 +69,9 @@ def test_plan_fits_4_and_8_gpus_of_80_gb(bagel):
     assert p4.fits and p4.estimate.peak <= 80 * GB
     assert p4.settings["dist.offload_optimizer"] is True and p4.settings["dist.rollout_batch"] == 24
     assert p4.settings["dist.offload_reference"] is True
-    assert "optim.minibatch" in p4.settings and p4.notes   # the training side needs a smaller mini-batch
+    assert "optim.microbatch" in p4.settings and p4.notes   # the training side accumulates micro-batches
     p8 = plan(bagel, 8, gpu_memory=80 * GB, micro_batch=4)
-    assert p8.fits and "dist.offload_optimizer" not in p8.settings and "optim.minibatch" not in p8.settings
+    assert p8.fits and "dist.offload_optimizer" not in p8.settings and "optim.microbatch" not in p8.settings
     assert "dist.offload_reference" not in p8.settings
     # without any option the rollout of all 192 rows at once is far over
     assert estimate(bagel, 4, micro_batch=4, overhead=4 * GB).rollout_total > 2 * 80 * GB

@@ -11,6 +11,7 @@ from unigrpo.config import load_config
 from unigrpo.losses.forward import PackedForward
 from unigrpo.model import preset
 from unigrpo.model.build import build_bundle
+from unigrpo.optimizer import grad_norms
 from unigrpo.rollout.rollout import RolloutConfig, rollout
 from unigrpo.trainer import OptimConfig, ReFLConfig, TrainConfig, Trainer
 from unigrpo_kernels import gaussian_logprob, sigma_schedule, step_coeffs
@@ -229,7 +230,8 @@ def test_bad_method_configs_stop_before_work(overrides, pattern):
 def _poison(trainer):
     """Make every mini-batch loss NaN (so its gradients are), keeping the rest of the objective."""
     real = trainer.objective.loss
-    trainer.objective.loss = lambda old, mb: (lambda out: (out[0] * float("nan"), out[1]))(real(old, mb))
+    trainer.objective.loss = lambda old, mb, within=None: (lambda out: (out[0] * float("nan"), out[1]))(
+        real(old, mb, within))
 
 
 def test_a_non_finite_gradient_skips_the_step_and_stops_the_run(tmp_path):
@@ -257,7 +259,6 @@ def test_a_non_finite_gradient_skips_the_step_and_stops_the_run(tmp_path):
 def test_grad_norms_read_each_gradient_once_and_equal_clip_grad_norm():
     """The per-group norms equal float64 ‖g‖ (rtol 1e-5: fp32 sums of ≤10³ squares) and the total is the very
     tensor clip_grad_norm_ computes (bitwise: the trainer's clipping and its metrics come from one pass)."""
-    from unigrpo.trainer import grad_norms
     gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
     groups = {"text": [torch.nn.Parameter(torch.zeros(n)) for n in (5, 300)],
               "image": [torch.nn.Parameter(torch.zeros(7, 11)), torch.nn.Parameter(torch.zeros(3))]}
@@ -272,3 +273,69 @@ def test_grad_norms_read_each_gradient_once_and_equal_clip_grad_norm():
     params = [p for ps in groups.values() for p in ps]
     assert torch.equal(total, torch.nn.utils.clip_grad_norm_(params, 1.0))
     assert grad_norms({"text": groups["text"], "image": [groups["image"][1]]})[0]["image"] == 0.0
+
+
+@pytest.mark.parametrize("method,aggregation", [("grpo", "sequence"), ("grpo", "token"), ("grpo", "constant"),
+                                                ("refl", "sequence")])
+def test_micro_batches_accumulate_the_mini_batch_gradient(tmp_path, method, aggregation):
+    """Σ over micro-batches of objective.loss(old, part, within=mb) has the gradient of loss(old, mb): each
+    term's share is its part of the aggregation's denominator (sequences with tokens, tokens, rows). fp32
+    gradients summed over ≤ 6 parts: rtol 1e-4 (measured ≤ 1e-6); a share off by one row or by the token count
+    of one sequence is ≥ 10%."""
+    from unigrpo.losses.config import LossConfig
+    from unigrpo.losses.packing import chunks
+    b = tiny_base(tmp_path / "base")
+    rc = RolloutConfig(group_size=3, steps=5, window_size=2, window_hi=4, max_new_tokens=12)
+    cfg = small_cfg(tmp_path, iterations=1, prompts_per_iter=2, rollout=rc, method=method,
+                    loss=LossConfig(aggregation=aggregation, kl_coef=0.05 if method == "grpo" else 0.0),
+                    refl=ReFLConfig(late_steps=3))
+    tr = Trainer(cfg, progress=False, bundle=b)
+    seen = {}
+    tr.train_step = lambda traj, rows, adv, prompts: seen.update(args=(traj, rows, adv, prompts)) or {}
+    tr.iteration()
+    traj, rows, adv, prompts = seen["args"]
+    assert len(rows) == 6
+    for r, n in zip(rows, (12, 3, 7, 0, 12, 5)):   # the tiny base never stops early: cut reasoning as EOS would
+        traj.reasoning.mask_BT[r, n:] = False
+    adv = torch.randn(len(rows), generator=torch.Generator().manual_seed(int(np.random.default_rng().integers(99))))
+    old = tr.objective.prepare(traj, rows, adv, prompts, tr._balanced_chunks)
+    params = [p for p in tr.policy.parameters() if p.requires_grad]
+
+    def grads(parts, within):
+        tr.opt.zero_grad(set_to_none=True)
+        for part in parts:
+            tr.objective.loss(old, part, within)[0].backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    full = grads([rows], None)
+    assert max(g.abs().max().item() for g in full) > 0
+    for k in (1, 4):   # 4: uneven parts of 4 and 2
+        acc = grads(list(chunks(rows, k)), rows)
+        for g_acc, g_full in zip(acc, full):
+            torch.testing.assert_close(g_acc, g_full, rtol=1e-4, atol=1e-5 * g_full.abs().max().item() + 1e-12)
+
+
+def test_train_step_with_micro_batches_takes_the_same_step(tmp_path):
+    """optim.microbatch changes memory, not the optimisation: from the same trajectories and advantages, the
+    same loss and gradient norms (scale-sensitive, unlike AdamW's first step) as one pass, and the same
+    weights after the step (AdamW's first step is ±lr where the gradient is not ~0: 1e-6 of lr 1e-3)."""
+    b = tiny_base(tmp_path / "base")
+    seen = {}
+    first = Trainer(small_cfg(tmp_path, iterations=1, out=str(tmp_path / "r")), progress=False, bundle=b)
+    first.train_step = lambda traj, rows, adv, prompts: seen.update(args=(traj, rows, prompts)) or {}
+    first.iteration()
+    traj, rows, prompts = seen["args"]
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.2, 0.8, -1.0])
+    out, weights = {}, {}
+    for micro in (None, 2):
+        cfg = small_cfg(tmp_path, iterations=1, out=str(tmp_path / f"m{micro}"),
+                        optim=OptimConfig(minibatch=4, microbatch=micro, epochs=1, lr_text=1e-3, lr_image=1e-3))
+        tr = Trainer(cfg, progress=False)
+        out[micro] = tr.train_step(traj, rows, adv, prompts)
+        weights[micro] = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+    assert out[None]["grad_norm/image"] > 1e-3 and out[None]["grad_norm/text"] > 1e-3
+    for key in ("loss", "grad_norm/text", "grad_norm/image", "flow/policy_loss"):
+        assert out[2][key] == pytest.approx(out[None][key], rel=1e-4, abs=1e-9), key
+    assert max((weights[2][k] - weights[None][k]).abs().max().item() for k in weights[None]) < 1e-5
+    with pytest.raises(ValueError, match=r"optim.microbatch=5 must be in \[1, optim.minibatch=4\]"):
+        OptimConfig(minibatch=4, microbatch=5)

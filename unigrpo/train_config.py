@@ -35,13 +35,24 @@ class OptimConfig:
     epochs: int = 2
     """K: PPO epochs over each batch"""
     minibatch: int = 16
-    """trajectories per mini-batch"""
+    """trajectories per mini-batch (per optimizer step, per rank)"""
+    microbatch: int | None = None
+    """trajectories per forward/backward; a mini-batch's gradient is accumulated over its micro-batches (the
+    same gradient as one pass, less activation memory). None: the whole mini-batch at once"""
 
     def __post_init__(self):
         for name in ("lr_text", "lr_image", "grad_clip"):
             require_positive(f"optim.{name}", getattr(self, name))
         if self.epochs < 1 or self.minibatch < 1:
             raise ValueError(f"optim.epochs and optim.minibatch must be >= 1, got {self.epochs}, {self.minibatch}")
+        if self.microbatch is not None and not 1 <= self.microbatch <= self.minibatch:
+            raise ValueError(f"optim.microbatch={self.microbatch} must be in [1, optim.minibatch={self.minibatch}] "
+                             "(or null: the whole mini-batch at once)")
+
+    @property
+    def micro(self) -> int:
+        """Trajectories per forward/backward."""
+        return self.microbatch or self.minibatch
 
 
 @dataclass

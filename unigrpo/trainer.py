@@ -49,6 +49,7 @@ from unigrpo.model.bundle import Bundle
 from unigrpo.rewards.advantages import group_advantages, group_has_signal
 from unigrpo.rewards.registry import RewardSet
 from unigrpo.rollout.rollout import Trajectories, check_rollout_batch, draw_windows, rollout_in_batches
+from unigrpo.optimizer import build_optimizer, grad_norms
 from unigrpo.train_config import OptimConfig, TrainConfig
 from unigrpo_kernels import resolve_backend, sigma_schedule
 
@@ -107,11 +108,7 @@ class Trainer:
             p.requires_grad_(self.objective.trains_text)
         for p in groups["image"]:
             p.requires_grad_(cfg.loss.train_image)
-        o = cfg.optim
-        self.opt = torch.optim.AdamW(
-            [{"params": groups["text"], "lr": o.lr_text, "name": "text"},
-             {"params": groups["image"], "lr": o.lr_image, "name": "image"}],
-            betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        self.opt = build_optimizer(groups, cfg.optim)
         self.groups = groups
         self.rewards = RewardSet(cfg.rewards)
         self.source = build_prompt_source(cfg.data.train, "train", cfg.seed)
@@ -256,19 +253,32 @@ class Trainer:
 
     def train_step(self, traj: Trajectories, rows: list[int], adv_R: torch.Tensor, prompts: list) -> dict:
         """K PPO epochs over the rows `rows` of `traj` in mini-batches, one AdamW step each (§9): the objective
-        fixes the old policy's quantities once, then gives each mini-batch's loss. A step whose gradient norm
-        is not finite is not taken (counted in "skipped_steps"); its metrics are not finite either, so train()
-        stops the run with FloatingPointError naming them, before the next checkpoint."""
-        oc = self.cfg.optim
+        fixes the old policy's quantities once, then gives each mini-batch's loss, accumulated over micro-batches
+        of optim.microbatch rows (the same gradient as one pass). A step whose gradient norm is not finite is
+        not taken (counted in "skipped_steps"); its metrics are not finite either, so train() stops the run with
+        FloatingPointError naming them, before the next checkpoint."""
+        oc, fsdp = self.cfg.optim, self.env.enabled
         old = self.objective.prepare(traj, rows, adv_R, prompts, self._balanced_chunks)
         params = [p for ps in self.groups.values() for p in ps]
-        sums, count, gnorms = {}, 0, {"text": 0.0, "image": 0.0}   # metric sums; grad norms: the max over steps
+        sums, steps = {"loss": 0.0}, 0   # metric sums over the real steps (a step's: over its micro-batches by rows)
+        gnorms = {"text": 0.0, "image": 0.0}   # the max over steps
         for _ in range(oc.epochs):
             order = [rows[i] for i in self.rng.permutation(len(rows))]
             for mb, weight in self._balanced_chunks(order, oc.minibatch):
-                loss, m = self.objective.loss(old, mb)
                 self.opt.zero_grad(set_to_none=True)
-                (loss * weight if weight != 1.0 else loss).backward()
+                parts = list(chunks(mb, oc.micro))
+                n_real, within = len(parts), mb if len(parts) > 1 else None
+                parts += [[0]] * ((-(-oc.minibatch // oc.micro) - n_real) if fsdp else 0)   # as many on every rank
+                step_loss = 0.0
+                for j, part in enumerate(parts):
+                    loss, m = self.objective.loss(old, part, within)
+                    w = weight if j < n_real else 0.0
+                    (loss * w if w != 1.0 else loss).backward()
+                    if w > 0:
+                        step_loss += float(loss.detach())
+                        frac = 1.0 if within is None else len(part) / len(mb)
+                        for k, val in m.items():
+                            sums[k] = sums.get(k, 0.0) + float(val) * frac
                 norms, total_norm = grad_norms(self.groups)   # collectives under FSDP: every rank runs them
                 gnorms = {k: max(gnorms[k], norms[k]) if weight > 0 else gnorms[k] for k in gnorms}
                 torch.nn.utils.clip_grads_with_norm_(params, oc.grad_clip, total_norm)
@@ -276,13 +286,9 @@ class Trainer:
                     self.opt.step()
                 elif weight > 0:
                     sums["skipped_steps"] = sums.get("skipped_steps", 0.0) + 1
-                if weight == 0:
-                    continue
-                m["loss"] = loss.detach()
-                for k, val in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(val)
-                count += 1
-        out = {k: val / count for k, val in sums.items() if k != "skipped_steps"} if count else {}
+                if weight > 0:
+                    sums["loss"], steps = sums["loss"] + step_loss, steps + 1
+        out = {k: val / steps for k, val in sums.items() if k != "skipped_steps"} if steps else {}
         out["skipped_steps"] = sums.get("skipped_steps", 0.0)
         out.update({f"grad_norm/{k}": v for k, v in gnorms.items()})
         out.update(old.metrics)
@@ -321,22 +327,6 @@ class Trainer:
         if writer is not None:
             writer.close()
         return history
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (FSDP gradient norms are DTensors), or the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def grad_norms(groups: dict[str, list]) -> tuple[dict[str, float], torch.Tensor]:
-    """The gradients' L2 norms, each gradient read once: per group (0.0 for a group without gradients) and in
-    total (a 0-dim tensor, the value clip_grad_norm_ computes: the norm of the per-tensor norms, in group order).
-    Sharded (DTensor) gradients reduce across ranks here."""
-    per_tensor = {k: [torch.linalg.vector_norm(p.grad) for p in ps if p.grad is not None] for k, ps in groups.items()}
-    every = [n for ns in per_tensor.values() for n in ns]
-    total = _local(torch.linalg.vector_norm(torch.stack(every))) if every else torch.tensor(0.0)
-    return {k: _local(torch.linalg.vector_norm(torch.stack(ns))).item() if ns else 0.0
-            for k, ns in per_tensor.items()}, total
 
 
 def _tensorboard(out: str):

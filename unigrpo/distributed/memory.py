@@ -217,9 +217,9 @@ def plan(cfg: ModelConfig, gpus: int, *, gpu_memory: float = 80 * GB, group: int
     if off_ref:
         settings["dist.offload_reference"] = True
     if mb != micro_batch:
-        settings["optim.minibatch"] = mb
-        notes.append(f"optim.minibatch {micro_batch} → {mb}: more optimizer steps per iteration (no gradient "
-                     "accumulation), not the same optimisation as the paper's setting")
+        settings["optim.microbatch"] = mb
+        notes.append(f"optim.microbatch {mb}: each mini-batch of {micro_batch} is accumulated over micro-batches "
+                     f"of {mb} (the same optimisation as the paper's setting, more forward/backward passes)")
     fits = best.peak <= gpu_memory
     if not fits:
         notes.append("does not fit even with every option")
@@ -270,7 +270,7 @@ def _from_config(name: str | None):
     if os.path.exists(os.path.join(tc.base, "config.json")):
         model = ModelConfig(**read_json_object(os.path.join(tc.base, "config.json"))["model"])
     kw = dict(group=tc.rollout.group_size, prompts=tc.prompts_per_iter, window=tc.rollout.window_size,
-              micro_batch=tc.optim.minibatch, checkpointing=tc.dist.activation_checkpointing)
+              micro_batch=tc.optim.micro, checkpointing=tc.dist.activation_checkpointing)
     if tc.rollout.max_new_tokens:
         kw["text_tokens"] = 64 + tc.rollout.max_new_tokens
     return model, kw

@@ -92,7 +92,7 @@ class UniGRPOObjective:
         v_ref_t = torch.zeros_like(traj.x_RW)
         mism_text, mism_flow = 0.0, 0.0
         with torch.no_grad():
-            for mb, weight in minibatches(rows, oc.minibatch):
+            for mb, weight in minibatches(rows, oc.micro):
                 batch = self._pack(traj, mb)
                 idx = torch.tensor(mb, device=dev)
                 if cfg.recompute_old:
@@ -128,8 +128,23 @@ class UniGRPOObjective:
         return OldPolicy(traj, rows, adv_R, old_logp, ref_logp, v_old, v_ref_t if self.ref is not None else v_old,
                          xi, b_RW, s_RW, h_RW, metrics)
 
-    def loss(self, old: OldPolicy, mb: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(0-dim loss with grad, detached metrics) of the mini-batch `mb` (rows of old.traj)."""
+    def shares(self, old: OldPolicy, mb: list[int], within: list[int]) -> tuple[float, float]:
+        """(text, flow) shares of the micro-batch `mb` in the mini-batch `within`: the mini-batch's loss is
+        Σ over its micro-batches of share·loss(micro-batch), term by term, because each term is a ratio whose
+        denominator splits this way (the aggregation's: sequences with tokens, tokens or rows; flow: rows)."""
+        mask = old.traj.reasoning.mask_BT
+
+        def count(rows):
+            m = mask[torch.tensor(rows, device=mask.device)]
+            agg = self.cfg.loss.aggregation
+            return float(m.any(1).sum() if agg == "sequence" else m.sum() if agg == "token" else len(rows))
+        total = count(within)
+        return (count(mb) / total if total else 0.0), len(mb) / len(within)
+
+    def loss(self, old: OldPolicy, mb: list[int], within: list[int] | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(0-dim loss with grad, detached metrics) of the mini-batch `mb` (rows of old.traj); with `within`,
+        mb is a micro-batch of that mini-batch and the loss is its share of the mini-batch's (see `shares`)."""
         lc, rc = self.cfg.loss, self.cfg.rollout
         traj, adv_R, mask_RT = old.traj, old.adv_R, old.traj.reasoning.mask_BT
         W = traj.x_RW.shape[1]
@@ -156,9 +171,10 @@ class UniGRPOObjective:
             v = self.forward.guided(self.policy, batch, v)
         loss = torch.zeros((), device=dev)
         m: dict[str, torch.Tensor] = {}
+        share_text, share_flow = (1.0, 1.0) if within is None else self.shares(old, mb, within)
         if lc.train_text:
             l_text, mt, lp_RT = text_out
-            loss = loss + l_text
+            loss = loss + (l_text if within is None else share_text * l_text)
             m.update(mt)
             with torch.no_grad():
                 d = (old.old_logp[idx] - lp_RT)[mask_RT[idx]]
@@ -170,6 +186,6 @@ class UniGRPOObjective:
                 adv_B=adv_R[idx].repeat_interleave(W), b_B=old.b_RW[idx].flatten(), std_B=old.s_RW[idx].flatten(),
                 h_B=old.h_RW[idx].flatten(), clip_eps=lc.flow_clip, flow_weight=lam, beta=lc.beta, reg=lc.reg,
                 ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight, backend=self.flow_backend)
-            loss = loss + l_flow   # = λ·L_flow + β·L_reg, both terms from one fused pass over the window
+            loss = loss + (l_flow if within is None else share_flow * l_flow)   # = λ·L_flow + β·L_reg, one pass
             m.update(mf)
         return loss, m

@@ -59,12 +59,15 @@ class ReFLObjective:
         v_ref = torch.zeros_like(traj.x_RW[:, 0])
         if use_ref:
             with torch.no_grad():
-                for mb, _ in minibatches(rows, oc.minibatch):
+                for mb, _ in minibatches(rows, oc.micro):
                     v_r = self.forward.velocities(self.ref, self._pack(traj, mb))
                     v_ref[torch.tensor(mb, device=v_ref.device)] = v_r.float()
         return ReFLBatch(traj, prompts, v_ref, use_ref)
 
-    def loss(self, old: ReFLBatch, mb: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, old: ReFLBatch, mb: list[int], within: list[int] | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(0-dim loss with grad, detached metrics) of the rows `mb`; with `within`, mb's share of that
+        mini-batch's loss (both terms are means over rows: the share is len(mb) / len(within))."""
         batch = self._pack(old.traj, mb)
         v = self.forward.velocities(self.policy, batch).float()
         x0 = batch.latents_M - batch.sigma_M.view(-1, *([1] * (v.dim() - 1))) * v
@@ -73,4 +76,6 @@ class ReFLObjective:
         loss = -sur.mean()
         mse = ((v - old.v_ref[torch.tensor(mb, device=v.device)]) ** 2).mean() if old.use_ref else torch.zeros(())
         loss = loss + self.cfg.loss.beta * mse
+        if within is not None:
+            loss = loss * (len(mb) / len(within))
         return loss, {"refl/surrogate": sur.mean().detach(), "flow/velocity_mse": mse.detach()}
