@@ -80,7 +80,8 @@ def test_sharded_load_names_bad_keys(tmp_path):
 
 
 # a test model big enough that the load dominates the interpreter's noise, small enough for a 2-core CI
-BIG = dict(hidden=768, heads=12, kv_heads=4, intermediate=3072, layers=8, vocab_size=16384, max_text_len=64)
+BIG = dict(hidden=768, heads=12, kv_heads=4, intermediate=3072, layers=16, vocab_size=16384,
+           max_text_len=64)   # 303M parameters, the "~300M"
 
 
 def write_random_base(path, cfg):
