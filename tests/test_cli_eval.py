@@ -9,7 +9,7 @@ import torch
 
 from unigrpo.checkpoint import save_checkpoint
 from unigrpo.cli import main
-from unigrpo.evaluate import mean_ci, summarize, wilson
+from unigrpo.evaluate import format_table, mean_ci, score_changes, summarize, wilson
 from unigrpo.model import preset
 from unigrpo.model.build import build_bundle, load_bundle
 
@@ -85,6 +85,21 @@ def test_summarize_counts_each_category():
     cats = ["colors", "colors", "position"]
     s = summarize(cats, np.array([1.0, 0.5, 0.0]), np.array([1.0, 0.0, 0.0]))
     assert s["colors"]["n"] == 2 and s["colors"]["ta"] == 0.75 and s["overall"]["geneval"] == pytest.approx(1 / 3)
+
+
+def test_strict_stands_beside_geneval_and_ta_in_every_row_and_in_the_change_line():
+    cats = ["colors", "colors", "position", "position"]
+    ta, gen, strict = np.array([1.0, 0.5, 0.5, 0.0]), np.array([1.0, 1.0, 0.0, 0.0]), np.array([1.0, 0.0, 0.0, 0.0])
+    after = summarize(cats, ta, gen, strict)
+    table = format_table(after).splitlines()
+    assert table[0].split()[-3:] == ["TA-style", "GenEval-style", "strict"]
+    colors = next(r for r in table if r.startswith("colors"))
+    lo, hi = wilson(1, 2)
+    assert colors.split()[-2:] == [f"[{lo:.3f},", f"{hi:.3f}]"] and "0.500" in colors.split()[-3]
+    before = summarize(cats, ta * 0, gen * 0, strict * 0)
+    line = score_changes(before, after)
+    assert [part.split()[0] for part in line.split("; ")] == ["strict", "GenEval-style", "TA-style"]
+    assert line.startswith("strict 0.000 [0.000, ") and "-> 0.250 [" in line and "(+0.250)" in line
 
 
 def test_velocity_drift_is_zero_for_the_reference_and_grows_with_a_perturbation():

@@ -132,17 +132,24 @@ def image_statistics(images: np.ndarray) -> dict[str, float]:
             "lit_fraction": float((x.max(-1) > 0.125).mean())}
 
 
+SCORES = (("ta", "TA-style"), ("geneval", "GenEval-style"), ("strict", "strict"))
+"""the shapes table's scores, in column order; strict = GenEval-style and exactly the asked-for objects"""
+
+
+def _cell(s: dict, key: str) -> str:
+    return f"{s[key]:.3f} [{s[key + '_ci'][0]:.3f}, {s[key + '_ci'][1]:.3f}]"
+
+
 def format_table(summary: dict, title: str = "") -> str:
+    """One row per category: TA-style, GenEval-style and (when scored) strict, each mean [95% interval]."""
     rows = [title] if title else []
-    rows.append(f"{'category':<14} {'n':>4}  {'TA-style':>22}  {'GenEval-style':>22}")
-    for name, s in summary.items():
-        rows.append(f"{name:<14} {s['n']:>4}  {s['ta']:.3f} [{s['ta_ci'][0]:.3f}, {s['ta_ci'][1]:.3f}]"
-                    f"  {s['geneval']:.3f} [{s['geneval_ci'][0]:.3f}, {s['geneval_ci'][1]:.3f}]")
     overall = summary.get("overall", {})
+    keys = [(k, name) for k, name in SCORES if k in overall]
+    rows.append(f"{'category':<14} {'n':>4}" + "".join(f"  {name:>22}" for _, name in keys))
+    for name, s in summary.items():
+        rows.append(f"{name:<14} {s['n']:>4}" + "".join(f"  {_cell(s, k):>22}" for k, _ in keys))
     if "strict" in overall:
-        lo, hi = overall["strict_ci"]
-        rows.append(f"strict (GenEval-style and exactly the asked-for objects): {overall['strict']:.3f} "
-                    f"[{lo:.3f}, {hi:.3f}]")
+        rows.append("strict: GenEval-style and exactly the asked-for objects (extra objects and blobs fail it)")
     if "plan_valid" in overall:
         rows.append(f"reasoning that parses as a layout plan: {overall['plan_valid']:.1%}")
     if "images" in overall:
@@ -150,6 +157,14 @@ def format_table(summary: dict, title: str = "") -> str:
         rows.append(f"images: saturation {st['saturation']:.3f}, edge energy {st['edge_energy']:.4f}, "
                     f"lit fraction {st['lit_fraction']:.3f}")
     return "\n".join(rows)
+
+
+def score_changes(before: dict, after: dict, arrow: str = "->") -> str:
+    """Before → after of the shapes table's overall scores (strict, GenEval-style, TA-style), one line."""
+    b, a = before["overall"], after["overall"]
+    parts = [f"{name} {_cell(b, k)} {arrow} {_cell(a, k)} ({a[k] - b[k]:+.3f})"
+             for k, name in reversed(SCORES) if k in a and k in b]
+    return "; ".join(parts)
 
 
 def reward_ci(x: np.ndarray, z: float = 1.96) -> tuple[float, float]:

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from unigrpo.evaluate import format_summary, is_reward_summary
+from unigrpo.evaluate import format_summary, is_reward_summary, score_changes
 from unigrpo.io import save_figure, write_text_atomic
 
 
@@ -58,16 +58,14 @@ def write_report(out_dir: str, *, before: dict | None, after: dict | None, histo
         lines += ["", "Per-tag means with 95% intervals below.", ""]
     elif before and after:
         b, a = before["overall"], after["overall"]
-        lines += [f"GenEval-style {b['geneval']:.3f} → {a['geneval']:.3f} ({a['geneval'] - b['geneval']:+.3f}); "
-                  f"TA-style {b['ta']:.3f} → {a['ta']:.3f} ({a['ta'] - b['ta']:+.3f}), held-out, 95% intervals below.",
-                  ""]
-        if "strict" in b and "strict" in a:   # reward-hacking indicators (never rewards)
-            lines += [f"Strict check (GenEval-style and exactly the asked-for objects): {b['strict']:.3f} → "
-                      f"{a['strict']:.3f}. A GenEval-style gain without a strict gain means extra objects.", ""]
+        lines += [f"Held-out, 95% intervals: {score_changes(before, after, '→')}.", "",
+                  "Strict is GenEval-style and exactly the asked-for objects, a reward-hacking indicator (never a "
+                  "reward): a GenEval-style gain without a strict gain means extra objects.", ""]
         if "images" in b and "images" in a:
             bi, ai = b["images"], a["images"]
-            lines += ["| image statistic | base | after |", "|---|---|---|"]
-            lines += [f"| {k.replace('_', ' ')} | {bi[k]:.4f} | {ai[k]:.4f} |" for k in bi if k in ai]
+            lines += ["| image statistic | base | after | after / base |", "|---|---|---|---|"]
+            lines += [f"| {k.replace('_', ' ')} | {bi[k]:.4f} | {ai[k]:.4f} | {ai[k] / bi[k] if bi[k] else float('nan'):.2f} |"
+                      for k in bi if k in ai]
             lines += [""]
     for title, summ in (("Before (base)", before), ("After (UniGRPO)", after)):
         if summ:

@@ -14,7 +14,8 @@ import torch
 
 from unigrpo.config import config_to_dict, load_config, resolve_config_path
 from unigrpo.distributed import unsharded
-from unigrpo.evaluate import EvalConfig, evaluate, format_summary, headline, is_reward_summary, write_eval
+from unigrpo.evaluate import (EvalConfig, evaluate, format_summary, headline, is_reward_summary, score_changes,
+                              write_eval)
 from unigrpo.report import plot_reward_curve, read_metrics, write_report
 from unigrpo.rewards.base import RewardError
 from unigrpo.trainer import TrainConfig, Trainer
@@ -76,8 +77,7 @@ def change_line(before: dict, after: dict) -> str:
     if is_reward_summary(after) and is_reward_summary(before):
         return ", ".join(f"{k} {b['rewards'][k]['mean']:.3f} -> {v['mean']:.3f} ({v['mean'] - b['rewards'][k]['mean']:+.3f})"
                          for k, v in a["rewards"].items() if k in b["rewards"])
-    return (f"GenEval-style {b['geneval']:.3f} -> {a['geneval']:.3f} ({a['geneval'] - b['geneval']:+.3f}), "
-            f"TA-style {b['ta']:.3f} -> {a['ta']:.3f} ({a['ta'] - b['ta']:+.3f})")
+    return score_changes(before, after)
 
 
 def main(argv=None) -> int:
