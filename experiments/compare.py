@@ -38,13 +38,13 @@ from unigrpo.model.build import load_bundle
 from unigrpo.pretrain import ensure_base
 from unigrpo.trainer import TrainConfig, Trainer
 
-from .config import BASE, METHODS, CompareConfig, run_dir
+from .config import BASE, CompareConfig, method_spec, run_dir
 from .report import write_results
 
 
 def train_overrides(cfg: CompareConfig, method: str, seed: int) -> list[str]:
     """The training overrides of one run: shared budget, then the method's own."""
-    own = [o.format(cfg_scale=cfg.cfg_scale) for o in METHODS[method].overrides]
+    own = [o.format(cfg_scale=cfg.cfg_scale) for o in method_spec(method).overrides]
     return [f"base={cfg.base}", f"out={run_dir(cfg, method, seed)}", f"iterations={cfg.iterations}",
             f"seed={seed}", f"checkpoint_every={max(1, cfg.iterations // 3)}", *cfg.overrides, *own]
 
@@ -84,7 +84,7 @@ def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0)
     ref = load_bundle(cfg.base).model.to(next(bundle.model.parameters()).device)
     result = {"method": method, "seed": seed, "train_s": t_train,
               "train_config": None if train_cfg is None else dataclasses.asdict(train_cfg)}
-    result.update(_evaluations(cfg, bundle, ref, out, with_cfg=method == BASE or METHODS[method].eval_cfg))
+    result.update(_evaluations(cfg, bundle, ref, out, with_cfg=method == BASE or method_spec(method).eval_cfg))
     result["total_s"] = time.time() - t0
     write_text_atomic(os.path.join(out, "result.json"), json.dumps(result, indent=1))
     return result
@@ -98,7 +98,7 @@ def prepare_base(cfg: CompareConfig) -> None:
 
 
 def pending_runs(cfg: CompareConfig) -> list[tuple[str, int | None]]:
-    runs = [(BASE, None)] + [(m, s) for s in cfg.seeds for m in cfg.methods]   # seed-major: whole seeds first
+    runs = [(BASE, None)] + [(m, s) for s in cfg.seeds for m in cfg.all_methods]   # seed-major: whole seeds first
     return [(m, s) for m, s in runs if not os.path.exists(os.path.join(run_dir(cfg, m, s), "result.json"))]
 
 

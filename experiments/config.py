@@ -38,6 +38,8 @@ METHODS: dict[str, Method] = {
                              "plain ratio, same clip range"),
 }
 BASE = "base"
+SWEEP_PREFIX = "beta="
+"""a β-sweep run's method name: "beta=<β>", UniGRPO with velocity MSE at that β (CompareConfig.betas)"""
 RESERVED = ("base", "out", "iterations", "seed", "method", "checkpoint_every", "resume")
 
 
@@ -59,6 +61,8 @@ class CompareConfig:
     """training seeds of every method"""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     """methods to run (keys of unigrpo.compare.METHODS)"""
+    betas: list[float] = field(default_factory=list)
+    """β sweep: one more UniGRPO method per value (velocity MSE at that β), named "beta=<β>" (empty: none)"""
     jobs: int = 2
     """runs in parallel; each gets max(1, cores // jobs) torch threads"""
     eval_samples: int = 256
@@ -81,6 +85,11 @@ class CompareConfig:
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
         for m in self.methods:
             require_in("methods[]", m, list(METHODS))
+        for b in self.betas:
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
+                raise ValueError(f"betas[] must be numbers > 0 (the sweep's velocity-MSE weights), got {b!r}")
+        if len({float(b) for b in self.betas}) != len(self.betas):
+            raise ValueError(f"betas must be distinct, got {self.betas}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods must be distinct, got {self.methods}")
         for o in self.overrides:
@@ -92,12 +101,37 @@ class CompareConfig:
             raise ValueError(f"cfg_scale must be > 1 (1 is no CFG), got {self.cfg_scale}")
 
     @property
+    def all_methods(self) -> list[str]:
+        """The methods to run: `methods`, then the β sweep's "beta=<β>" in ascending β."""
+        return list(self.methods) + [sweep_name(b) for b in sorted(self.betas)]
+
+    @property
     def base(self) -> str:
         return os.path.join(self.out, "base")
 
     @property
     def report_path(self) -> str:
         return self.report or os.path.join(self.out, "results.md")
+
+
+def sweep_name(beta: float) -> str:
+    return f"{SWEEP_PREFIX}{float(beta):g}"
+
+
+def sweep_beta(method: str) -> float | None:
+    """β of a sweep method name, None for a method of METHODS."""
+    return float(method[len(SWEEP_PREFIX):]) if method.startswith(SWEEP_PREFIX) else None
+
+
+def method_spec(method: str) -> Method:
+    """The Method behind a name: a key of METHODS or a β-sweep name "beta=<β>"."""
+    beta = sweep_beta(method)
+    if beta is not None:
+        return Method(f"UniGRPO, β = {beta:g}", ("loss.reg=mse", f"loss.beta={beta:g}"), False,
+                      "β sweep: velocity MSE at this weight")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)} or {SWEEP_PREFIX}<β>")
+    return METHODS[method]
 
 
 def run_dir(cfg: CompareConfig, method: str, seed: int | None) -> str:

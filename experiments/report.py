@@ -19,7 +19,7 @@ from unigrpo.report import read_metrics
 from unigrpo.viz import save_image_grid
 from unigrpo.world import CATEGORIES
 
-from .config import BASE, METHODS, CompareConfig, run_dir
+from .config import BASE, METHODS, CompareConfig, method_spec, run_dir, sweep_beta
 
 DISCUSSION = ("<!-- discussion -->", "<!-- /discussion -->")
 SCORES = ("ta", "geneval", "strict")
@@ -30,7 +30,7 @@ SCORE_NAMES = {"ta": "TA-style", "geneval": "GenEval-style", "strict": "strict"}
 def load_results(cfg: CompareConfig) -> dict[str, list[dict]]:
     """{method: [result per finished seed]} for the base and every configured method (missing runs left out)."""
     out: dict[str, list[dict]] = {}
-    for m, seeds in [(BASE, [None])] + [(m, cfg.seeds) for m in cfg.methods]:
+    for m, seeds in [(BASE, [None])] + [(m, cfg.seeds) for m in cfg.all_methods]:
         rs = []
         for s in seeds:
             path = os.path.join(run_dir(cfg, m, s), "result.json")
@@ -57,7 +57,7 @@ def _check_same_setup(cfg: CompareConfig, r: dict, path: str) -> None:
 
 
 def label(method: str) -> str:
-    return "base (pre-trained)" if method == BASE else METHODS[method].label
+    return "base (pre-trained)" if method == BASE else method_spec(method).label
 
 
 def pooled(results: list[dict], score: str, ev: str = "nocfg", category: str | None = None) -> tuple[float, tuple]:
@@ -280,6 +280,63 @@ def plot_hacking(res: dict[str, list[dict]], path: str) -> str:
     return save_figure(fig, path)
 
 
+def sweep_methods(res: dict[str, list[dict]]) -> list[str]:
+    """The finished β-sweep methods, ascending β."""
+    return sorted((m for m in res if sweep_beta(m) is not None), key=sweep_beta)
+
+
+def beta_sweep_table(res: dict[str, list[dict]]) -> str:
+    """Per β: strict and GenEval-style pooled, strict paired against the base and against `reg_none`, the lit
+    fraction as a multiple of the base's, and the velocity drift."""
+    lit0 = _mean_of(res[BASE], lambda o: o["images"]["lit_fraction"])
+    rows = ["| β | seeds | strict | GenEval-style | strict − base [95% CI] | strict − no regulariser [95% CI] | "
+            "lit fraction / base | velocity drift |", "|---|---|---|---|---|---|---|---|"]
+    for m in ([k for k in ("reg_none",) if k in res] + sweep_methods(res)):
+        vs_base = paired(res[m], res[BASE], "strict")
+        vs_none = paired(res[m], res["reg_none"], "strict") if "reg_none" in res and m != "reg_none" else None
+        lit = _mean_of(res[m], lambda o: o["images"]["lit_fraction"])
+        beta = "none (reg_none)" if m == "reg_none" else f"{sweep_beta(m):g}"
+        rows.append(f"| {beta} | {len(res[m])} | {_ci(*pooled(res[m], 'strict'))} | {_ci(*pooled(res[m], 'geneval'))} | "
+                    f"{vs_base['diff']:+.3f} [{vs_base['ci'][0]:+.3f}, {vs_base['ci'][1]:+.3f}] | "
+                    + (f"{vs_none['diff']:+.3f} [{vs_none['ci'][0]:+.3f}, {vs_none['ci'][1]:+.3f}]" if vs_none else "—")
+                    + f" | {lit / lit0:.2f}× | {np.mean([r['velocity_drift'] for r in res[m]]):.4f} |")
+    return "\n".join(rows)
+
+
+def plot_beta_sweep(res: dict[str, list[dict]], path: str) -> str:
+    """Strict and GenEval-style (pooled, 95% intervals) and the lit fraction against β (log axis); the base and
+    `reg_none` as horizontal lines."""
+    plt = _plt()
+    ms = sweep_methods(res)
+    betas = [sweep_beta(m) for m in ms]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for score, color in (("strict", "C0"), ("geneval", "C2")):
+        mean_ci = [pooled(res[m], score) for m in ms]
+        y = np.array([v for v, _ in mean_ci])
+        lo = np.array([c[0] for _, c in mean_ci])
+        hi = np.array([c[1] for _, c in mean_ci])
+        axes[0].errorbar(betas, y, yerr=[y - lo, hi - y], fmt="o-", color=color, capsize=3, label=SCORE_NAMES[score])
+        for ref, style in ((BASE, ":"), ("reg_none", "--")):
+            if ref in res:
+                axes[0].axhline(pooled(res[ref], score)[0], color=color, ls=style, lw=1,
+                                label=f"{SCORE_NAMES[score]}, {label(ref)}")
+    axes[0].set_title("held-out scores vs β (seeds pooled)")
+    lit = [_mean_of(res[m], lambda o: o["images"]["lit_fraction"]) for m in ms]
+    axes[1].plot(betas, lit, "o-", color="C1", label="lit fraction")
+    for ref, style in ((BASE, ":"), ("reg_none", "--")):
+        if ref in res:
+            axes[1].axhline(_mean_of(res[ref], lambda o: o["images"]["lit_fraction"]), color="C1", ls=style, lw=1,
+                            label=f"lit fraction, {label(ref)}")
+    axes[1].set_title("lit fraction vs β")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("β (velocity-MSE weight)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def sample_grid(cfg: CompareConfig, methods: list[str], path: str, per_category: int = 2) -> str:
     """Rows = methods (seed-0 runs or the first seed present), columns = the same held-out prompts and noise."""
     n = per_category * len(CATEGORIES)
@@ -312,6 +369,20 @@ def write_results(cfg: CompareConfig, grid: bool = True) -> str:
     figs = {"curves": plot_curves(cfg, list(res), os.path.join(fig_dir, "curves.png")),
             "categories": plot_categories(res, os.path.join(fig_dir, "categories.png")),
             "hacking": plot_hacking(res, os.path.join(fig_dir, "hacking.png"))}
+    sweep = ""
+    if sweep_methods(res):
+        figs["beta_sweep"] = plot_beta_sweep(res, os.path.join(fig_dir, "beta_sweep.png"))
+        sweep = f"""## The β sweep: velocity MSE at each weight
+
+UniGRPO with velocity MSE at each β, same budget and seeds; paired differences over the shared held-out
+prompts. The regulariser claim holds at a β where strict − no regulariser is above 0 and the lit fraction stays
+near 1× the base's.
+
+{beta_sweep_table(res)}
+
+![β sweep]({rel}/beta_sweep.png)
+
+"""
     if grid:
         figs["samples"] = sample_grid(cfg, list(res), os.path.join(fig_dir, "samples.png"))
     any_run = next(r for m, rs in res.items() if m != BASE for r in rs) if len(res) > 1 else None
@@ -382,7 +453,7 @@ interval excludes 0 on the claimed side and every seed pair agrees.
 
 ![reward-hacking indicators]({rel}/hacking.png)
 
-## Samples
+{sweep}## Samples
 
 Rows: methods (first finished seed); columns: the same held-out prompts and seed, 2 per category; a green
 frame = GenEval-style pass.
@@ -394,7 +465,7 @@ frame = GenEval-style pass.
 | key | method | overrides | note |
 |---|---|---|---|
 """ + "\n".join(f"| `{k}` | {v.label} | {' '.join('`' + o.format(cfg_scale=cfg.cfg_scale) + '`' for o in v.overrides) or '—'} "
-                f"| {v.note} |" for k, v in METHODS.items() if k in cfg.methods) + f"""
+                f"| {v.note} |" for k, v in ((k, method_spec(k)) for k in cfg.all_methods)) + f"""
 
 ## Discussion
 

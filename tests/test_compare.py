@@ -8,9 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from unigrpo_experiments.compare import BASE, METHODS, CompareConfig, run_dir, train_overrides
+from unigrpo_experiments.compare import train_overrides
+from unigrpo_experiments.config import BASE, METHODS, CompareConfig, run_dir
 from unigrpo_experiments.report import DISCUSSION, load_results, paired, verdict, write_results
-from unigrpo.config import load_config
+from unigrpo.config import load_config, resolve_config_path
+from unigrpo.trainer import TrainConfig
 from unigrpo.world import CATEGORIES
 
 
@@ -23,6 +25,8 @@ from unigrpo.world import CATEGORIES
     ("methods=[refl,refl]", "methods must be distinct"),
     ("overrides=[iterations=5]", "overrides may not set 'iterations'"),
     ("overrides=[method=grpo]", "overrides may not set 'method'"),
+    ("betas=[0.01,-1]", "betas\\[\\] must be numbers > 0.*got -1"),
+    ("betas=[0.01,0.01]", "betas must be distinct"),
 ])
 def test_bad_compare_configs_name_the_value(override, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -39,6 +43,39 @@ def test_every_method_gets_the_same_budget_and_only_its_own_overrides():
         assert shared == [f"base={cfg.base}", f"out={run_dir(cfg, m, 2)}", "iterations=7", "seed=2",
                           "checkpoint_every=2", "prompts_per_iter=4"]
     assert "rollout.cfg_scale=3.0" in train_overrides(cfg, "cfg_rollouts", 0)
+
+
+def test_the_beta_sweep_runs_velocity_mse_at_each_beta_after_the_methods():
+    cfg = CompareConfig(out="o", methods=["unigrpo", "reg_none"], betas=[0.15, 1.5e-5, 0.015])
+    assert cfg.all_methods == ["unigrpo", "reg_none", "beta=1.5e-05", "beta=0.015", "beta=0.15"]
+    ov = train_overrides(cfg, "beta=0.015", 1)
+    assert ov[-2:] == ["loss.reg=mse", "loss.beta=0.015"] and f"out={run_dir(cfg, 'beta=0.015', 1)}" in ov
+    tc = load_config(TrainConfig, resolve_config_path("tiny"), [o for o in ov if not o.startswith(("base=", "out="))])
+    assert tc.loss.beta == 0.015 and tc.loss.reg == "mse"
+    with pytest.raises(ValueError, match="unknown method 'beta0.1'"):
+        train_overrides(cfg, "beta0.1", 0)
+
+
+def test_report_holds_the_beta_sweep_table_and_plot(tmp_path):
+    rng = np.random.default_rng(3)
+    cfg = CompareConfig(out=str(tmp_path), seeds=[0, 1], methods=["reg_none"], betas=[0.01, 1.0], eval_samples=60)
+    runs = {BASE: _fake(rng, 60, 0.3, [None]), "reg_none": _fake(rng, 60, 0.1, [0, 1]),
+            "beta=0.01": _fake(rng, 60, 0.5, [0, 1]), "beta=1": _fake(rng, 60, 0.3, [0, 1])}
+    for m, rs in runs.items():
+        for r in rs:
+            os.makedirs(run_dir(cfg, m, r["seed"]))
+            with open(os.path.join(run_dir(cfg, m, r["seed"]), "result.json"), "w") as f:
+                json.dump(r, f)
+    text = open(write_results(cfg, grid=False)).read()
+    assert os.path.getsize(os.path.join(tmp_path, "results", "beta_sweep.png")) > 1000
+    row = next(line for line in text.splitlines() if line.startswith("| 0.01 |"))
+    # strict − no regulariser, by hand: per prompt, each side's strict averaged over its two seeds
+    a = np.mean([r["nocfg"]["strict"] for r in runs["beta=0.01"]], axis=0)
+    b = np.mean([r["nocfg"]["strict"] for r in runs["reg_none"]], axis=0)
+    d = a - b
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    assert f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]" in row
+    assert row.split("|")[2].strip() == "2" and "| 1.00× |" in row   # seeds; lit fraction equal to the base's
 
 
 def _fake(rng, n, p_geneval, seeds):
