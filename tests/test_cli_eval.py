@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unigrpo.checkpoint import save_checkpoint
+from unigrpo.data import DataConfig
 from unigrpo.cli import main
 from unigrpo.evaluate import format_table, mean_ci, score_changes, summarize, wilson
 from unigrpo.model import preset
@@ -44,6 +45,31 @@ def test_eval_writes_scores_and_grid(small_checkpoint, tmp_path, capsys):
     data = json.load(open(os.path.join(out, "eval.json")))
     assert len(data["samples"]) == 7 and data["summary"]["overall"]["n"] == 7
     assert os.path.getsize(os.path.join(out, "grid.png")) > 0
+
+
+def test_oracle_reasoning_conditions_on_the_correct_plan(small_checkpoint, tmp_path):
+    """eval.reasoning=oracle: every reasoning is a plan whose own render passes the prompt's checks."""
+    from _images import render_batch
+    from unigrpo.evaluate import EvalConfig, evaluate
+    from unigrpo.world import make_prompts, parse_plan, verify
+
+    torch.manual_seed(0)
+    bundle = build_bundle(preset("tiny", hidden=32, heads=2, kv_heads=1, intermediate=64, layers=1, max_text_len=96))
+    r = evaluate(bundle, EvalConfig(samples=12, steps=2, batch=5, reasoning="oracle"), progress=False)
+    layouts = [parse_plan(t) for t in r.reasoning]
+    assert all(lay is not None for lay in layouts)
+    truth = verify(render_batch(layouts), make_prompts("heldout", 12, seed=1234))
+    assert [p.text for p in make_prompts("heldout", 12, seed=1234)] == r.prompts
+    assert truth.strict.tolist() == [1.0] * 12
+    with pytest.raises(ValueError, match="eval.reasoning must be one of 'sampled', 'oracle'; got 'gold'"):
+        EvalConfig(reasoning="gold")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\n")
+    with pytest.raises(ValueError, match="makes the context longer than max_text_len=48"):
+        evaluate(load_bundle(small_checkpoint), EvalConfig(samples=2, steps=1, reasoning="oracle"), progress=False)
+    with pytest.raises(ValueError, match="p.txt"):
+        evaluate(bundle, EvalConfig(samples=1, steps=1, reasoning="oracle",
+                                                           data=DataConfig(eval=str(prompts))), progress=False)
 
 
 def test_sample_writes_png(small_checkpoint, tmp_path, capsys):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from unigrpo.config import require_in
 from unigrpo.data import DataConfig, PromptRecord, build_prompt_source, check_prompt_lengths, tag_order
 from unigrpo.io import write_text_atomic
 from unigrpo.rewards.registry import RewardSet, RewardSpec
@@ -36,6 +37,7 @@ from unigrpo.model import no_text_head, text_then_blocks
 from unigrpo.world.data import pretrain_example
 from unigrpo.world.render import to_float
 
+REASONING = ("sampled", "oracle")
 TOTAL = "total"
 """the weighted sum of the rewards, in reward tables"""
 @dataclass
@@ -56,6 +58,9 @@ class EvalConfig:
     """classifier-free guidance scale (1 = none)"""
     batch: int = 128
     """prompts per sampling batch"""
+    reasoning: str = "sampled"
+    """"sampled" (the policy's own reasoning) or "oracle": the shapes world's correct plan for each prompt, so
+    the image expert alone is scored (the most that training only the text expert could reach)"""
     out: str = ""
     """where to write eval.json and the grid (default: <checkpoint>/eval)"""
     grid: int = 48
@@ -70,6 +75,7 @@ class EvalConfig:
         for name in ("samples", "steps", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        require_in("eval.reasoning", self.reasoning, REASONING)
         if self.temperature < 0:
             raise ValueError(f"eval.temperature must be >= 0, got {self.temperature}")
 
@@ -249,6 +255,10 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=model.embed.weight.device).manual_seed(cfg.seed)
+    oracle = None
+    if cfg.reasoning == "oracle":   # the world's correct plans, seeded by the evaluation seed
+        rng = np.random.default_rng(cfg.seed)
+        oracle = [pretrain_example(p, rng, flaw_prob=0.0)[0] for p in records_to_prompts(records)]
     shapes = [] if rewards is None else None
     weighted = [] if rewards is None else [sp for sp in rewards.specs if sp.weight != 0]
     show_total = not (len(weighted) == 1 and weighted[0].weight == 1.0)   # else it equals that reward
@@ -258,7 +268,8 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
         chunk = records[i:i + cfg.batch]
         reasoning, images = sample(model, bundle.tokenizer, bundle.codec, [r.text for r in chunk],
                                    temperature=cfg.temperature, num_steps=cfg.steps, shift=cfg.shift,
-                                   cfg_scale=cfg.cfg_scale, generator=gen)
+                                   cfg_scale=cfg.cfg_scale, generator=gen,
+                                   reasoning=None if oracle is None else oracle[i:i + cfg.batch])
         images = images.float().cpu()
         if rewards is None:
             res = verify(images, records_to_prompts(chunk))

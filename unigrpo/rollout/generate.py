@@ -128,10 +128,23 @@ def denoise(model: UnifiedModel, cache: KVCache, *, num_steps: int, shift: float
 @torch.no_grad()
 def sample(model: UnifiedModel, tokenizer, codec, prompts: list[str], *, temperature: float = 1.0,
            num_steps: int = 50, shift: float = 3.0, cfg_scale: float = 1.0, generator=None,
-           cuda_graph: bool = True):
-    """Prompts → (reasoning texts, images [B, 3, H, W] in [-1, 1]) on the evaluation (ODE) path."""
-    reasoning = generate_reasoning(model, tokenizer, prompts, temperature=temperature, generator=generator)
+           cuda_graph: bool = True, reasoning: list[str] | None = None):
+    """Prompts → (reasoning texts, images [B, 3, H, W] in [-1, 1]) on the evaluation (ODE) path. With
+    `reasoning` (one text per prompt) the image is conditioned on that text instead of sampled reasoning."""
+    if reasoning is None:
+        r = generate_reasoning(model, tokenizer, prompts, temperature=temperature, generator=generator)
+        texts, cache = r.texts, r.cache
+    else:
+        if len(reasoning) != len(prompts):
+            raise ValueError(f"{len(reasoning)} reasoning texts for {len(prompts)} prompts")
+        ids = [p + tokenizer.encode_reasoning(t) for p, t in
+               zip(encode_prompts(tokenizer, prompts, model.cfg.max_text_len), reasoning)]
+        too_long = [t for t, x in zip(reasoning, ids) if len(x) > model.cfg.max_text_len]
+        if too_long:
+            raise ValueError(f"reasoning {too_long[0][:60]!r} makes the context longer than "
+                             f"max_text_len={model.cfg.max_text_len} tokens")
+        texts, (cache, _) = list(reasoning), _prefill(model, tokenizer, ids, 0)
     uncond = unconditional_cache(model, tokenizer, len(prompts)) if cfg_scale != 1.0 else None
-    latents = denoise(model, reasoning.cache, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
+    latents = denoise(model, cache, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
                       uncond_cache=uncond, generator=generator, cuda_graph=cuda_graph)
-    return reasoning.texts, codec.decode(latents)
+    return texts, codec.decode(latents)
