@@ -21,7 +21,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "unigrpo": Method("UniGRPO", (), True,
-                      "text GRPO + FlowGRPO, velocity MSE (β = 1.5e-5), RatioNorm, CFG-free rollouts"),
+                      "text GRPO + FlowGRPO, velocity MSE (β of the training config), RatioNorm, CFG-free rollouts"),
     "flowgrpo_only": Method("FlowGRPO only", ("loss.train_text=false",), False,
                             "reasoning sampled, text expert frozen"),
     "textgrpo_only": Method("TextGRPO only", ("loss.train_image=false",), False, "λ = 0, image expert frozen"),
