@@ -186,3 +186,9 @@ def test_intervals_are_over_prompts_not_over_seed_copies():
     r = _fake(np.random.default_rng(3), 120, 0.5, [0])[0]
     one, three = pooled([r], "ta"), pooled([dict(r, seed=s) for s in range(3)], "ta")
     assert three == one and one[1] == pytest.approx(mean_ci(np.asarray(r["nocfg"]["ta"])))
+
+
+def test_the_bundled_beta_sweep_spans_three_orders_of_magnitude_on_a_hackable_reward():
+    cfg = load_config(CompareConfig, resolve_config_path("beta_sweep"), [])
+    assert len(cfg.betas) >= 4 and max(cfg.betas) / min(cfg.betas) >= 1e3 and "reg_none" in cfg.methods
+    assert cfg.overrides == ["rewards=[shapes_ta]"] and len(cfg.seeds) == 3
