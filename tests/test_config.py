@@ -179,3 +179,20 @@ def test_validation_helpers():
         require_in("x.mode", "c", ("a", "b"))
     with pytest.raises(ValueError, match=r"x.p must be in \[0, 1\], got 2"):
         require_range("x.p", 2, 0, 1)
+
+
+def test_loss_config_issue20_flow_fields():
+    """loss.flow_clip_lo / flow_clip_hi (None = flow_clip) and loss.latent_kl_norm load from overrides and
+    are validated with errors that name the field, the bad value and what was expected."""
+    from unigrpo.losses.config import LossConfig
+    from unigrpo.train_config import TrainConfig
+    d = LossConfig()
+    assert (d.flow_clip_lo, d.flow_clip_hi, d.latent_kl_norm) == (None, None, "project")
+    cfg = load_config(TrainConfig, overrides=["loss.flow_clip_lo=1e-4", "loss.flow_clip_hi=3e-4",
+                                              "loss.latent_kl_norm=flow_grpo"])
+    assert (cfg.loss.flow_clip_lo, cfg.loss.flow_clip_hi, cfg.loss.latent_kl_norm) == (1e-4, 3e-4, "flow_grpo")
+    assert load_config(TrainConfig, overrides=["loss.flow_clip_lo=null"]).loss.flow_clip_lo is None
+    with pytest.raises(ValueError, match=r"loss.flow_clip_hi must be None \(= loss.flow_clip\) or >= 0, got -0.1"):
+        LossConfig(flow_clip_hi=-0.1)
+    with pytest.raises(ValueError, match=r"loss.latent_kl_norm must be one of .*'flow_grpo'.*got 'sum'"):
+        LossConfig(latent_kl_norm="sum")

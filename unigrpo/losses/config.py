@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unigrpo.config import require_min, require_positive
-from unigrpo_kernels.reference.flow import REGS
+from unigrpo_kernels.reference.flow import LATENT_KL_NORMS, REGS
 from unigrpo_kernels.reference.text import AGGREGATIONS
 
 __all__ = ["AGGREGATIONS", "REGS", "LossConfig", "ReFLConfig"]
@@ -23,10 +23,16 @@ class LossConfig:
     """weight of the k3 text KL to the reference (paper: 0)"""
     flow_clip: float = 1e-6
     """ε_f: flow ratio clip range"""
+    flow_clip_lo: float | None = None
+    """flow ratio clip range below 1 (ratio ≥ 1 − flow_clip_lo; Flow-GRPO Bagel's clip_range_lt); None = flow_clip"""
+    flow_clip_hi: float | None = None
+    """flow ratio clip range above 1 (ratio ≤ 1 + flow_clip_hi; Flow-GRPO Bagel's clip_range_gt); None = flow_clip"""
     beta: float = 1.5e-5
     """β: weight of the velocity regulariser"""
     reg: str = "mse"
     """regulariser: "mse" (velocity MSE), "latent_kl" or "none" (§8)"""
+    latent_kl_norm: str = "project"
+    """reg="latent_kl" only: "project" (÷ 2s², s the step std) or "flow_grpo" (÷ 2g², Flow-GRPO's, = h × project)"""
     ratio_norm: bool = True
     """RatioNorm on the flow ratio (§7)"""
     grad_reweight: bool = False
@@ -43,9 +49,14 @@ class LossConfig:
             raise ValueError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.reg not in REGS:
             raise ValueError(f"loss.reg {self.reg!r} is not a known regulariser; expected one of {REGS}")
+        if self.latent_kl_norm not in LATENT_KL_NORMS:
+            raise ValueError(f"loss.latent_kl_norm must be one of {LATENT_KL_NORMS}, got {self.latent_kl_norm!r}")
         for name in ("eps_lo", "eps_hi", "flow_clip", "beta", "kl_coef", "flow_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("flow_clip_lo", "flow_clip_hi"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"loss.{name} must be None (= loss.flow_clip) or >= 0, got {getattr(self, name)}")
         if not (self.train_text or (self.train_image and self.flow_weight > 0)):
             raise ValueError("nothing would be trained: need loss.train_text, or loss.train_image with "
                              f"loss.flow_weight > 0 (got train_text={self.train_text}, "

@@ -185,7 +185,8 @@ class UniGRPOObjective:
                 v_old_BD=old.v_old[idx].view(-1, D), v_ref_BD=old.v_ref[idx].view(-1, D),
                 adv_B=adv_R[idx].repeat_interleave(W), b_B=old.b_RW[idx].flatten(), std_B=old.s_RW[idx].flatten(),
                 h_B=old.h_RW[idx].flatten(), clip_eps=lc.flow_clip, flow_weight=lam, beta=lc.beta, reg=lc.reg,
-                ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight, backend=self.flow_backend)
+                ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight, clip_eps_lo=lc.flow_clip_lo,
+                clip_eps_hi=lc.flow_clip_hi, latent_kl_norm=lc.latent_kl_norm, backend=self.flow_backend)
             loss = loss + (l_flow if within is None else share_flow * l_flow)   # = λ·L_flow + β·L_reg, one pass
             m.update(mf)
         return loss, m
