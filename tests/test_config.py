@@ -196,3 +196,19 @@ def test_loss_config_issue20_flow_fields():
         LossConfig(flow_clip_hi=-0.1)
     with pytest.raises(ValueError, match=r"loss.latent_kl_norm must be one of .*'flow_grpo'.*got 'sum'"):
         LossConfig(latent_kl_norm="sum")
+
+
+def test_train_config_issue20_advantage_fields():
+    """adv_scope / adv_std / adv_clip / adv_group_by load from overrides; bad values name field and choices."""
+    from unigrpo.train_config import TrainConfig
+    d = TrainConfig()
+    assert (d.adv_scope, d.adv_std, d.adv_clip, d.adv_group_by) == ("group", "population", 5.0, "group")
+    cfg = load_config(TrainConfig, overrides=["adv_scope=none", "adv_std=sample", "adv_clip=null",
+                                              "adv_group_by=prompt"])
+    assert (cfg.adv_scope, cfg.adv_std, cfg.adv_clip, cfg.adv_group_by) == ("none", "sample", None, "prompt")
+    for override, needle in (("adv_scope=global", r"adv_scope must be one of .*'none'.*got 'global'"),
+                             ("adv_std=unbiased", r"adv_std must be one of .*'sample'.*got 'unbiased'"),
+                             ("adv_clip=0", r"adv_clip must be > 0 or null .*got 0"),
+                             ("adv_group_by=text", r"adv_group_by must be 'group' or 'prompt', got 'text'")):
+        with pytest.raises(ValueError, match=needle):
+            load_config(TrainConfig, overrides=[override])
