@@ -119,20 +119,22 @@ def token_logprobs(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, *, t
 
 def text_grpo_loss(*, logp_BL: Tensor, old_logp_BL: Tensor, adv_B, mask_BL: Tensor, eps_lo: float = 0.2,
                    eps_hi: float = 0.2, aggregation: str = "sequence", ref_logp_BL: Tensor | None = None,
-                   kl_coef: float = 0.0, max_len: int | None = None,
-                   backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
+                   kl_coef: float = 0.0, max_len: int | None = None, global_tokens: float | None = None,
+                   ratio_level: str = "token", backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss on reasoning tokens (§6); arguments, return and metrics exactly as the reference
     `text_grpo_loss`. Both backends run the reference math (see the file docstring)."""
     resolve_backend(backend, logp_BL.device if isinstance(logp_BL, Tensor) else None, op="text_grpo_loss")
     return ref.text_grpo_loss(logp_BL=logp_BL, old_logp_BL=old_logp_BL, adv_B=adv_B, mask_BL=mask_BL,
                               eps_lo=eps_lo, eps_hi=eps_hi, aggregation=aggregation, ref_logp_BL=ref_logp_BL,
-                              kl_coef=kl_coef, max_len=max_len)
+                              kl_coef=kl_coef, max_len=max_len, global_tokens=global_tokens,
+                              ratio_level=ratio_level)
 
 
 def linear_text_grpo_loss(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, *, slot_T: Tensor | None,
                           old_logp_BL: Tensor, adv_B, mask_BL: Tensor, temperature: float = 1.0,
                           eps_lo: float = 0.2, eps_hi: float = 0.2, aggregation: str = "sequence",
                           ref_logp_BL: Tensor | None = None, kl_coef: float = 0.0, max_len: int | None = None,
+                          global_tokens: float | None = None, ratio_level: str = "token",
                           return_logp: bool = False, backend: str = "auto"):
     """GRPO text loss straight from the hidden states: token_logprobs → [B, L] → text_grpo_loss, one call.
 
@@ -158,7 +160,8 @@ def linear_text_grpo_loss(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tenso
         logp_BL = logp_T.new_zeros(B * L).index_copy(0, slot_T.to(logp_T.device, torch.long), logp_T).view(B, L)
     loss, metrics = text_grpo_loss(logp_BL=logp_BL, old_logp_BL=old_logp_BL, adv_B=adv_B, mask_BL=mask_BL,
                                    eps_lo=eps_lo, eps_hi=eps_hi, aggregation=aggregation, ref_logp_BL=ref_logp_BL,
-                                   kl_coef=kl_coef, max_len=max_len, backend=backend)
+                                   kl_coef=kl_coef, max_len=max_len, global_tokens=global_tokens,
+                                   ratio_level=ratio_level, backend=backend)
     if return_logp:
         return loss, metrics, logp_BL.detach()
     return loss, metrics

@@ -212,3 +212,20 @@ def test_train_config_issue20_advantage_fields():
                              ("adv_group_by=text", r"adv_group_by must be 'group' or 'prompt', got 'text'")):
         with pytest.raises(ValueError, match=needle):
             load_config(TrainConfig, overrides=[override])
+
+
+def test_loss_config_issue20_loss_type():
+    """loss.loss_type sets aggregation and the ratio level (docs/DESIGN.md table); gspo ranges default 3e-4/4e-4."""
+    from unigrpo.losses.config import LossConfig
+    from unigrpo.train_config import TrainConfig
+    assert LossConfig().loss_type is None and LossConfig().ratio_level == "token"
+    for name, agg, level in (("grpo", "sequence", "token"), ("bnpo", "token", "token"),
+                             ("dr_grpo", "constant", "token"), ("dapo", "global", "token"),
+                             ("gspo", "sequence", "sequence")):
+        c = load_config(TrainConfig, overrides=[f"loss.loss_type={name}"]).loss
+        assert (c.aggregation, c.ratio_level) == (agg, level)
+    assert (LossConfig().gspo_eps_lo, LossConfig().gspo_eps_hi) == (3e-4, 4e-4)
+    with pytest.raises(ValueError, match=r"loss.loss_type must be one of .*'gspo'.* or None, got 'ppo'"):
+        LossConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match=r"loss.gspo_eps_hi must be >= 0, got -1"):
+        LossConfig(gspo_eps_hi=-1.0)

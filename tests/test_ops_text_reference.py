@@ -232,3 +232,109 @@ def test_text_loss_validation():
     with pytest.raises(ValueError, match="max_len=2"):
         K.text_grpo_loss(logp_BL=z, old_logp_BL=z, adv_B=torch.zeros(2), mask_BL=m, aggregation="constant",
                          max_len=2)
+
+
+# ---------------------------------------------- issue 20: GSPO sequence ratio, DAPO "global" aggregation
+from hypothesis import assume  # noqa: E402
+
+from unigrpo_kernels.reference import text as RT  # noqa: E402
+
+
+def _case(B, L, lengths, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    old = torch.randn(B, L, dtype=torch.float64, generator=g) - 2.0
+    logp = old + scale * torch.randn(B, L, dtype=torch.float64, generator=g)
+    logp = torch.where(mask, logp, torch.full_like(logp, float("inf")))     # garbage in padding must not count
+    adv = torch.randn(B, dtype=torch.float64, generator=g)
+    return logp, old, mask, adv
+
+
+def _gspo_peer(logp, old, mask, adv, eps_lo, eps_hi):
+    """GSPO paper (Zheng et al. 2025, eq. 5–7): s_i = (π_θ(y_i)/π_old(y_i))^(1/|y_i|) = exp(mean_t log ratio),
+    J = 1/G Σ_i min(s_i·A_i, clip(s_i, 1 − ε_lo, 1 + ε_hi)·A_i); rows without tokens (|y_i| = 0) left out."""
+    terms = []
+    for i in range(logp.shape[0]):
+        n = int(mask[i].sum())
+        if n == 0:
+            continue
+        lr = sum(float(logp[i, t]) - float(old[i, t]) for t in range(n)) / n
+        s, a = math.exp(lr), float(adv[i])
+        terms.append(min(s * a, min(max(s, 1 - eps_lo), 1 + eps_hi) * a))
+    return -sum(terms) / len(terms) if terms else 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 5), L=st.integers(1, 7), seed=st.integers(0, 2**31 - 1), data=st.data(),
+       eps=st.sampled_from([(3e-4, 4e-4), (0.0, 0.0), (0.2, 0.28), (0.05, 1e-3)]),
+       scale=st.sampled_from([1e-4, 1e-3, 0.1]))
+def test_gspo_sequence_ratio_against_paper_formula(B, L, seed, data, eps, scale):
+    """ragged masks incl. empty rows, both clip sides; sequence ratios kept 1e-9 from each bound (assume: the
+    clip decision is discontinuous there). Tolerance 1e-12: float64 means of ≤ 7 log-ratios of O(0.1)."""
+    lengths = data.draw(st.lists(st.integers(0, L), min_size=B, max_size=B))
+    logp, old, mask, adv = _case(B, L, lengths, seed, scale)
+    n = mask.sum(1)
+    s = torch.exp(torch.where(mask, logp - old, 0.0).sum(1) / n.clamp(min=1))[n > 0]
+    assume(bool(((s - (1 + eps[1])).abs() > 1e-9).all() and ((s - (1 - eps[0])).abs() > 1e-9).all()))
+    loss, m = RT.text_grpo_loss(logp_BL=logp, old_logp_BL=old, adv_B=adv, mask_BL=mask, eps_lo=eps[0],
+                                eps_hi=eps[1], ratio_level="sequence")
+    assert loss.item() == pytest.approx(_gspo_peer(logp, old, mask, adv, *eps), abs=1e-12)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token", "global"])
+def test_gspo_gradcheck(aggregation):
+    """Finite differences (float64, torch defaults) through the sequence ratio; ratios inside the clip range."""
+    logp, old, mask, adv = _case(4, 6, [6, 3, 0, 5], seed=3, scale=0.01)
+    logp = torch.where(mask, logp, 0.0).requires_grad_(True)
+    gt = 14.0 if aggregation == "global" else None
+    assert torch.autograd.gradcheck(
+        lambda lp: RT.text_grpo_loss(logp_BL=lp, old_logp_BL=old, adv_B=adv, mask_BL=mask, eps_lo=0.2, eps_hi=0.2,
+                                     aggregation=aggregation, global_tokens=gt, ratio_level="sequence")[0], (logp,))
+
+
+def _dapo_peer(logp, old, mask, adv, eps_lo, eps_hi, n_total):
+    """DAPO (Yu et al. 2025, eq. 8): −1/Σ_i|o_i| · Σ_i Σ_t min(r_t·A_i, clip(r_t, 1 − ε_low, 1 + ε_high)·A_i),
+    with Σ_i|o_i| the completion tokens of the whole sampled batch (n_total)."""
+    tot = 0.0
+    for i in range(logp.shape[0]):
+        for t in range(int(mask[i].sum())):
+            r, a = math.exp(float(logp[i, t]) - float(old[i, t])), float(adv[i])
+            tot += min(r * a, min(max(r, 1 - eps_lo), 1 + eps_hi) * a)
+    return -tot / n_total
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(2, 6), L=st.integers(1, 6), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_global_aggregation_against_dapo_formula_and_splits_add(B, L, seed, data):
+    """"global" ÷ the batch's token count: the DAPO value on the whole batch, and the losses of any split into
+    two mini-batches (same global_tokens) add up to it. Tolerance 1e-12: float64 sums of ≤ 36 O(1) terms."""
+    lengths = data.draw(st.lists(st.integers(0, L), min_size=B, max_size=B))
+    logp, old, mask, adv = _case(B, L, lengths, seed, scale=0.3)
+    n = float(mask.sum()) + 5.0                    # the generation batch has rows beyond this one too
+    kw = dict(eps_lo=0.2, eps_hi=0.28, aggregation="global", global_tokens=n)
+    loss, _ = RT.text_grpo_loss(logp_BL=logp, old_logp_BL=old, adv_B=adv, mask_BL=mask, **kw)
+    assert loss.item() == pytest.approx(_dapo_peer(logp, old, mask, adv, 0.2, 0.28, n), abs=1e-12)
+    k = data.draw(st.integers(1, B - 1))
+    parts = [RT.text_grpo_loss(logp_BL=logp[sl], old_logp_BL=old[sl], adv_B=adv[sl], mask_BL=mask[sl], **kw)[0]
+             for sl in (slice(0, k), slice(k, B))]
+    assert (parts[0] + parts[1]).item() == pytest.approx(loss.item(), abs=1e-12)
+
+
+def test_loss_types_map_to_aggregations_and_defaults_unchanged():
+    assert RT.LOSS_TYPES == {"grpo": ("sequence", "token"), "bnpo": ("token", "token"),
+                             "dr_grpo": ("constant", "token"), "dapo": ("global", "token"),
+                             "gspo": ("sequence", "sequence")}
+    logp, old, mask, adv = _case(4, 6, [6, 3, 0, 5], seed=1, scale=0.3)
+    for agg in ("sequence", "token", "constant"):
+        a = RT.text_grpo_loss(logp_BL=logp.float(), old_logp_BL=old.float(), adv_B=adv.float(), mask_BL=mask,
+                              aggregation=agg)
+        b = RT.text_grpo_loss(logp_BL=logp.float(), old_logp_BL=old.float(), adv_B=adv.float(), mask_BL=mask,
+                              aggregation=agg, ratio_level="token", global_tokens=None)
+        assert torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    with pytest.raises(ValueError, match="global_tokens=None is needed by, and only by, aggregation='global'"):
+        RT.text_grpo_loss(logp_BL=logp, old_logp_BL=old, adv_B=adv, mask_BL=mask, aggregation="global")
+    with pytest.raises(ValueError, match="global_tokens=3.0 is needed by, and only by"):
+        RT.text_grpo_loss(logp_BL=logp, old_logp_BL=old, adv_B=adv, mask_BL=mask, global_tokens=3.0)
+    with pytest.raises(ValueError, match="'tok'"):
+        RT.text_grpo_loss(logp_BL=logp, old_logp_BL=old, adv_B=adv, mask_BL=mask, ratio_level="tok")

@@ -428,3 +428,30 @@ def test_gpu_memory_never_holds_logits():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - (T * H + V * H) * 2
     assert extra < T * V * 4 / 4, f"peak extra memory {extra / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("opts", [dict(ratio_level="sequence", eps_lo=3e-4, eps_hi=4e-4),
+                                  dict(ratio_level="sequence", eps_lo=0.2, eps_hi=0.28, aggregation="token"),
+                                  dict(aggregation="global", global_tokens=40.0, eps_lo=0.2, eps_hi=0.28)],
+                         ids=["gspo", "gspo-token", "dapo"])
+def test_linear_text_grpo_loss_gspo_and_global_match_float64(poisoned, opts):
+    """Issue 20's options through the fused Triton log-probs (interpreter on CPU), same tolerance rule as
+    above; clip decisions (token or sequence ratios) kept 1e-4 from the bounds."""
+    c = _loss_case(21)
+    opts = dict(temperature=0.7, **opts)
+    lp = R.token_logprobs(c["h"].double(), c["w"].double(), c["tgt"], temperature=0.7)
+    lr = torch.zeros(c["B"] * c["L"], dtype=F64).index_copy(0, c["slot"], lp - c["old"].double().flatten()[c["slot"]])
+    lr = lr.view(c["B"], c["L"])
+    if opts.get("ratio_level") == "sequence":
+        r = torch.exp(lr.sum(1) / c["mask"].sum(1).clamp(min=1))
+    else:
+        r = torch.exp(lr[c["mask"]])
+    assert ((r - (1 + opts["eps_hi"])).abs() > 1e-4).all() and ((r - (1 - opts["eps_lo"])).abs() > 1e-4).all()
+    ref = _loss_run(c, None, F64, **opts)
+    t32 = _loss_run(c, None, torch.float32, **opts)
+    got = _loss_run(c, "triton", torch.float32, **opts)
+    _check("loss", got[0], ref[0], t32[0], 1e-5 * (1 + ref[0].abs()))
+    for key in ref[1]:
+        _check(key, got[1][key], ref[1][key], t32[1][key], 1e-5 * (1 + ref[1][key].abs()))
+    _check("dH", got[2], ref[2], t32[2], 1e-5 * ref[2].abs().max())
+    _check("dW", got[3], ref[3], t32[3], 1e-5 * ref[3].abs().max())

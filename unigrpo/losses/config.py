@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from unigrpo.config import require_min, require_positive
 from unigrpo_kernels.reference.flow import LATENT_KL_NORMS, REGS
-from unigrpo_kernels.reference.text import AGGREGATIONS
+from unigrpo_kernels.reference.text import AGGREGATIONS, LOSS_TYPES
 
-__all__ = ["AGGREGATIONS", "REGS", "LossConfig", "ReFLConfig"]
+__all__ = ["AGGREGATIONS", "LOSS_TYPES", "REGS", "LossConfig", "ReFLConfig"]
 
 
 @dataclass
@@ -18,7 +18,14 @@ class LossConfig:
     eps_hi: float = 0.2
     """text clip range above 1"""
     aggregation: str = "sequence"
-    """text loss normaliser: "sequence", "token" or "constant" (§6)"""
+    """text loss normaliser: "sequence", "token", "constant" or "global" (÷ the step's reasoning tokens, DAPO) (§6)"""
+    loss_type: str | None = None
+    """peer name that sets aggregation and ratio_level: grpo, bnpo, dr_grpo, dapo, gspo (docs/DESIGN.md table);
+    None keeps `aggregation` with token ratios"""
+    gspo_eps_lo: float = 3e-4
+    """sequence-ratio clip range below 1 (ratio_level "sequence", GSPO paper: 3e-4)"""
+    gspo_eps_hi: float = 4e-4
+    """sequence-ratio clip range above 1 (GSPO paper: 4e-4)"""
     kl_coef: float = 0.0
     """weight of the k3 text KL to the reference (paper: 0)"""
     flow_clip: float = 1e-6
@@ -44,14 +51,23 @@ class LossConfig:
     train_image: bool = True
     """train the image expert with L_flow (false = TextGRPO only)"""
 
+    @property
+    def ratio_level(self) -> str:
+        """"sequence" (GSPO's one ratio per sequence) for loss_type gspo, else "token"."""
+        return LOSS_TYPES[self.loss_type][1] if self.loss_type is not None else "token"
+
     def __post_init__(self):
+        if self.loss_type is not None:
+            if self.loss_type not in LOSS_TYPES:
+                raise ValueError(f"loss.loss_type must be one of {tuple(LOSS_TYPES)} or None, got {self.loss_type!r}")
+            self.aggregation = LOSS_TYPES[self.loss_type][0]
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.reg not in REGS:
             raise ValueError(f"loss.reg {self.reg!r} is not a known regulariser; expected one of {REGS}")
         if self.latent_kl_norm not in LATENT_KL_NORMS:
             raise ValueError(f"loss.latent_kl_norm must be one of {LATENT_KL_NORMS}, got {self.latent_kl_norm!r}")
-        for name in ("eps_lo", "eps_hi", "flow_clip", "beta", "kl_coef", "flow_weight"):
+        for name in ("eps_lo", "eps_hi", "flow_clip", "beta", "kl_coef", "flow_weight", "gspo_eps_lo", "gspo_eps_hi"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("flow_clip_lo", "flow_clip_hi"):
