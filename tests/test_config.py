@@ -229,3 +229,12 @@ def test_loss_config_issue20_loss_type():
         LossConfig(loss_type="ppo")
     with pytest.raises(ValueError, match=r"loss.gspo_eps_hi must be >= 0, got -1"):
         LossConfig(gspo_eps_hi=-1.0)
+
+
+def test_loss_config_kl_bias_correction():
+    """loss.kl_bias_correction (TRL's use_bias_correction_kl) defaults to false and loads from an override."""
+    from unigrpo.losses.config import LossConfig
+    from unigrpo.train_config import TrainConfig
+    assert LossConfig().kl_bias_correction is False
+    cfg = load_config(TrainConfig, overrides=["loss.kl_bias_correction=true", "loss.kl_coef=0.04"])
+    assert cfg.loss.kl_bias_correction is True and cfg.loss.kl_coef == 0.04

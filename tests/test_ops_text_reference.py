@@ -338,3 +338,208 @@ def test_loss_types_map_to_aggregations_and_defaults_unchanged():
         RT.text_grpo_loss(logp_BL=logp, old_logp_BL=old, adv_B=adv, mask_BL=mask, global_tokens=3.0)
     with pytest.raises(ValueError, match="'tok'"):
         RT.text_grpo_loss(logp_BL=logp, old_logp_BL=old, adv_B=adv, mask_BL=mask, ratio_level="tok")
+
+
+# --------------------- issue 20: TRL's formula for every loss_type, the bias-corrected KL, the KL metric, bias
+
+def _spec_loss(logp, old, adv, mask, eps_lo, eps_hi, aggregation, level, ref=None, kl_coef=0.0,
+               bias_correction=False, max_len=None, global_tokens=None):
+    """§6 with the issue-20 options, Python loops over real tokens (floats): returns (loss, kl_token_mean)."""
+    B, L = logp.shape
+    pol, kl, n_tok, n_seq = [], [], 0, 0
+    for i in range(B):
+        real = [t for t in range(L) if mask[i, t]]
+        lr = [logp[i, t].item() - old[i, t].item() for t in real]
+        seq = math.exp(sum(lr) / len(lr)) if real else 1.0
+        terms, kls = [], []
+        for t, x in zip(real, lr):
+            rho = seq if level == "sequence" else math.exp(x)
+            a = adv[i].item()
+            terms.append(-min(rho * a, min(max(rho, 1 - eps_lo), 1 + eps_hi) * a))
+            if ref is not None:
+                d = ref[i, t].item() - logp[i, t].item()
+                kls.append((math.exp(d) - d - 1) * (rho if bias_correction else 1.0))
+        pol.append(terms)
+        kl.append(kls)
+        n_tok += len(terms)
+        n_seq += len(terms) > 0
+
+    def agg(rows):
+        if aggregation == "sequence":
+            return sum(sum(r) / len(r) for r in rows if r) / max(n_seq, 1)
+        if aggregation == "token":
+            return sum(sum(r) for r in rows) / max(n_tok, 1)
+        if aggregation == "global":
+            return sum(sum(r) for r in rows) / max(global_tokens, 1)
+        return sum(sum(r) for r in rows) / (B * (max_len or L))
+
+    loss = agg(pol) + (kl_coef * agg(kl) if ref is not None else 0.0)
+    return loss, (sum(sum(r) for r in kl) / max(n_tok, 1) if ref is not None else None)
+
+
+def _trl_peer_loss(logp, old, adv, mask, loss_type, eps_lo, eps_hi, ref=None, beta=0.0, bias_correction=False,
+                   level="token", max_completion_length=None, num_items_in_batch=None):
+    """TRL's GRPOTrainer._compute_loss written from its published formulas (one process, one accumulation step),
+    with its mask-multiply style: per_token_loss = −min(coef_1·A, clamp(coef_1, 1−ε_lo, 1+ε_hi)·A) + β·kl,
+    coef_1 = exp(log_importance_weights) (token: logp − old; sequence: Σ(lr·m)/clamp(Σm, 1), one per row),
+    kl = k3 (× coef_1 with use_bias_correction_kl, not detached); loss_type picks the normaliser; the logged kl
+    is the masked batch mean of kl. Returns (loss, mean_kl)."""
+    m = mask.to(logp.dtype)
+    log_ratio = logp - old
+    if level == "sequence":
+        log_w = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    else:
+        log_w = log_ratio
+    coef_1 = torch.exp(log_w)
+    coef_2 = torch.clamp(coef_1, 1 - eps_lo, 1 + eps_hi)
+    per_token_loss = -torch.min(coef_1 * adv[:, None], coef_2 * adv[:, None])
+    mean_kl = None
+    if ref is not None:
+        per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if bias_correction:
+            per_token_kl = per_token_kl * coef_1
+        per_token_loss = per_token_loss + beta * per_token_kl
+        mean_kl = (per_token_kl * m).sum() / m.sum().clamp(min=1.0)
+    if loss_type == "grpo":
+        loss = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * m).sum() / (per_token_loss.size(0) * max_completion_length)
+    else:   # dapo
+        loss = (per_token_loss * m).sum() / num_items_in_batch
+    return loss, mean_kl
+
+
+def _ragged(B, L, seed, empty_row=True, spread=0.4):
+    """float64 logp / old / ref / adv with ragged lengths (one row empty when asked), padding filled with +inf."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, L, dtype=F64, generator=g) * 3
+    logp = old + spread * torch.randn(B, L, dtype=F64, generator=g)
+    ref = logp + 0.3 * torch.randn(B, L, dtype=F64, generator=g)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    if empty_row and B > 1:
+        lengths[B // 2] = 0
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    adv = torch.randn(B, dtype=F64, generator=g)
+    pad = torch.tensor(float("inf"), dtype=F64)
+    return torch.where(mask, logp, -pad), torch.where(mask, old, pad), torch.where(mask, ref, pad), adv, mask
+
+
+def _away_from_kinks(logp, old, mask, level, eps_lo, eps_hi, gap):
+    """True when every ratio the loss clips is at least `gap` from 1 − ε_lo and 1 + ε_hi (clip decisions are
+    discontinuous there)."""
+    lr = torch.where(mask, logp - old, torch.zeros((), dtype=F64))
+    if level == "sequence":
+        lr = torch.where(mask, (lr.sum(1) / mask.sum(1).clamp(min=1))[:, None], torch.zeros((), dtype=F64))
+    r = lr.exp()[mask]
+    return bool(((r - (1 + eps_hi)).abs() > gap).all() and ((r - (1 - eps_lo)).abs() > gap).all())
+
+
+@settings(max_examples=80, deadline=None)
+@given(B=st.integers(1, 6), L=st.integers(1, 10), seed=st.integers(0, 2 ** 16),
+       aggregation=st.sampled_from(["sequence", "token", "constant", "global"]),
+       level=st.sampled_from(["token", "sequence"]), bias_correction=st.booleans(), with_ref=st.booleans(),
+       eps=st.sampled_from([(0.2, 0.2), (0.1, 0.3), (3e-4, 4e-4), (0.0, 0.0)]), empty_row=st.booleans())
+def test_bias_corrected_kl_and_kl_metric_match_the_loop_spec(B, L, seed, aggregation, level, bias_correction,
+                                                             with_ref, eps, empty_row):
+    """The bias-corrected KL and "text/kl_token_mean" under every aggregation (incl. "global"), ratio level and
+    clip range, on ragged masks with an empty row and ±inf padding, against `_spec_loss` (loops over real
+    tokens): loss, "text/kl" / "text/kl_token_mean", and that padding gets exactly zero gradient.
+    Tolerance 1e-12 abs / 1e-10 rel: float64, ≤ 60 O(1) terms summed in another order. Ratios within 1e-9 of a
+    clip bound are skipped (assume): the clip decision is discontinuous there."""
+    logp, old, ref, adv, mask = _ragged(B, L, seed, empty_row)
+    assume(_away_from_kinks(logp, old, mask, level, *eps, 1e-9))
+    n_glob = int(mask.sum()) + 7 if aggregation == "global" else None   # the other mini-batches' tokens
+    kw = dict(old_logp_BL=old, adv_B=adv, mask_BL=mask, eps_lo=eps[0], eps_hi=eps[1], aggregation=aggregation,
+              ratio_level=level, kl_bias_correction=bias_correction,
+              ref_logp_BL=ref if with_ref else None, kl_coef=0.3 if with_ref else 0.0,
+              max_len=L + 3 if aggregation == "constant" else None, global_tokens=n_glob)
+    x = logp.clone().requires_grad_(True)
+    loss, m = K.text_grpo_loss(logp_BL=x, **kw)
+    exp_loss, exp_kl = _spec_loss(logp, old, adv, mask, eps[0], eps[1], aggregation, level,
+                                  ref if with_ref else None, 0.3 if with_ref else 0.0, bias_correction, L + 3, n_glob)
+    assert loss.item() == pytest.approx(exp_loss, abs=1e-12, rel=1e-10)
+    if with_ref:
+        assert m["text/kl_token_mean"].item() == pytest.approx(exp_kl, abs=1e-12, rel=1e-10)
+        torch.testing.assert_close(m["text/policy_loss"] + 0.3 * m["text/kl"], loss, atol=1e-14, rtol=0)
+    else:
+        assert "text/kl_token_mean" not in m
+    (grad,) = torch.autograd.grad(loss, x)
+    assert bool(torch.isfinite(grad).all()) and bool((grad[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "gspo"])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_loss_types_against_trl_formula(loss_type, bias_correction):
+    """LOSS_TYPES[loss_type] (+ GSPO's sequence level) gives TRL's loss, gradient and logged kl, computed by
+    `_trl_peer_loss` from TRL's published formulas. No empty row here: TRL's "grpo" averages over all B rows
+    (an empty row adds a 0), the project over the rows with tokens (tested in the loop-spec test above).
+    "dapo": the batch is split into two mini-batches, each normalised by the whole batch's token count; their
+    sum is TRL's dapo loss on the whole batch. Tolerance 1e-12 / 1e-10: float64, different op order."""
+    B, L = 6, 9
+    logp, old, ref, adv, mask = _ragged(B, L, seed=11, empty_row=False, spread=0.15)
+    eps = (3e-4, 4e-4) if loss_type == "gspo" else (0.2, 0.28)
+    agg, level = RT.LOSS_TYPES[loss_type]
+    n_items = int(mask.sum())
+    peer_type = "grpo" if loss_type == "gspo" else loss_type
+    lp_peer = torch.where(mask, logp, 0.0).requires_grad_(True)          # TRL's padding holds finite values
+    peer, peer_kl = _trl_peer_loss(lp_peer, torch.where(mask, old, 0.0), adv, mask, peer_type, *eps,
+                                   ref=torch.where(mask, ref, 0.0), beta=0.04, bias_correction=bias_correction,
+                                   level=level, max_completion_length=12, num_items_in_batch=n_items)
+    (g_peer,) = torch.autograd.grad(peer, lp_peer)
+    kw = dict(adv_B=adv, eps_lo=eps[0], eps_hi=eps[1], aggregation=agg, ratio_level=level,
+              kl_bias_correction=bias_correction, kl_coef=0.04, max_len=12 if agg == "constant" else None)
+    x = logp.clone().requires_grad_(True)
+    parts = [slice(0, 2), slice(2, B)] if loss_type == "dapo" else [slice(0, B)]
+    total, kls = 0.0, []
+    for sl in parts:
+        loss, m = K.text_grpo_loss(logp_BL=x[sl], old_logp_BL=old[sl], mask_BL=mask[sl], ref_logp_BL=ref[sl],
+                                   **{**kw, "adv_B": adv[sl]}, global_tokens=n_items if agg == "global" else None)
+        total = total + loss
+        kls.append(m["text/kl_token_mean"])
+    (grad,) = torch.autograd.grad(total, x)
+    assert total.item() == pytest.approx(peer.item(), abs=1e-12, rel=1e-10)
+    torch.testing.assert_close(torch.where(mask, grad, 0.0), torch.where(mask, g_peer, 0.0), atol=1e-13, rtol=1e-10)
+    if len(parts) == 1:
+        assert kls[0].item() == pytest.approx(peer_kl.item(), abs=1e-12, rel=1e-10)
+    if loss_type == "gspo":                  # the case does clip some sequences (GSPO's ranges are tiny)
+        assert 0 < m["text/clip_frac"].item() < 1
+    if loss_type == "dapo":                  # dapo on the whole batch at once is bnpo's token mean
+        bnpo, _ = K.text_grpo_loss(logp_BL=logp, old_logp_BL=old, mask_BL=mask, ref_logp_BL=ref,
+                                   **{**kw, "aggregation": "token"})
+        assert total.item() == pytest.approx(bnpo.item(), abs=1e-12, rel=1e-10)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("aggregation", ["sequence", "global"])
+def test_bias_corrected_kl_gradcheck(level, aggregation):
+    """Finite differences (torch defaults, float64) through the bias-corrected KL (its gradient through ρ or
+    s_i included) with the sequence / global normalisers; every ratio ≥ 0.05 from a kink."""
+    logp, old, ref, adv, mask = _ragged(5, 6, seed=5, spread=0.05)
+    assert _away_from_kinks(logp, old, mask, level, 0.2, 0.2, 0.05)
+    kw = dict(old_logp_BL=old, adv_B=adv, mask_BL=mask, ref_logp_BL=ref, kl_coef=0.5, kl_bias_correction=True,
+              ratio_level=level, aggregation=aggregation,
+              global_tokens=40 if aggregation == "global" else None)
+    x = torch.where(mask, logp, 0.0).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda lp: K.text_grpo_loss(logp_BL=lp, **kw)[0], (x,))
+
+
+def test_token_logprobs_with_bias_match_explicit_softmax_and_gradcheck():
+    """bias_V (an lm_head bias) adds to the logits before τ: vs an explicit softmax of hW + b, and finite
+    differences in hidden, weight and bias. Tolerance 1e-12 as for the unbiased case."""
+    hidden, weight, targets = _lm()
+    bias = torch.randn(11, dtype=F64, generator=torch.Generator().manual_seed(4))
+    logp, ent = K.token_logprobs(hidden, weight, targets, temperature=0.7, return_entropy=True, bias_V=bias)
+    z = (hidden @ weight.t() + bias) / 0.7
+    torch.testing.assert_close(logp, torch.log_softmax(z, -1).gather(1, targets[:, None])[:, 0], atol=1e-12, rtol=1e-12)
+    p = torch.softmax(z, -1)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1), atol=1e-12, rtol=1e-12)
+    h, w, b = hidden[:4, :3].clone(), weight[:6, :3].clone(), bias[:6].clone()
+    for t in (h, w, b):
+        t.requires_grad_(True)
+    tgt = targets[:4] % 6
+    fn = lambda h, w, b: K.token_logprobs(h, w, tgt, temperature=0.7, return_entropy=True, bias_V=b)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h, w, b))
+    with pytest.raises(ValueError, match=r"bias_V .*\[V=11\]"):
+        K.token_logprobs(hidden, weight, targets, bias_V=bias[:5])

@@ -29,11 +29,16 @@ Decisions:
   mean ("sequence"), bnpo = tokens of the local mini-batch ("token"), dr_grpo = ÷ batch × max completion
   length ("constant"), dapo = ÷ completion tokens of the generation batch ("global"), gspo = sequence ratio.
 - KL: k3 = exp(ref − θ) − (ref − θ) − 1 per token; needs ref_logp_BL when kl_coef > 0. "text/kl" is the
-  k3 aggregated like the loss, so loss = "text/policy_loss" + kl_coef·"text/kl".
+  k3 aggregated like the loss, so loss = "text/policy_loss" + kl_coef·"text/kl". kl_bias_correction (TRL's
+  use_bias_correction_kl, DeepSeek-V3.2) multiplies each token's k3 by that token's importance weight (ρ_{i,t},
+  or s_i with ratio_level="sequence") WITHOUT detaching it, as TRL does: the KL term's gradient then has a
+  k3·∂ρ part too. "text/kl_token_mean" is the (corrected, if asked) per-token KL averaged over all real tokens
+  of the batch, whatever the aggregation: the number TRL logs as "kl".
 - Differentiable in logp_BL only; old_logp_BL, ref_logp_BL and adv_B are detached.
 - Metrics over real tokens only: "text/ratio_mean|max|min" (1 when there is no real token),
   "text/clip_frac" (fraction where the clipped branch is strictly selected, i.e. the gradient is zeroed),
-  "text/policy_loss", "text/kl" (if ref given). All detached 0-dim tensors (no host sync).
+  "text/policy_loss", "text/kl" and "text/kl_token_mean" (if ref given). All detached 0-dim tensors (no host
+  sync).
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ LOSS_TYPES = {"grpo": ("sequence", "token"), "bnpo": ("token", "token"), "dr_grp
 """Peer loss_type names (TRL, DAPO, Dr. GRPO, GSPO) → (aggregation, ratio_level)."""
 
 
-def check_token_args(hidden_TH, weight_VH, targets_T, temperature) -> None:
+def check_token_args(hidden_TH, weight_VH, targets_T, temperature, bias_V=None) -> None:
     """The argument checks of token_logprobs, shared by every backend (ValueError naming the bad value)."""
     if not isinstance(hidden_TH, Tensor) or hidden_TH.dim() != 2:
         raise ValueError(f"hidden_TH must be a 2-D tensor [T, H], got {getattr(hidden_TH, 'shape', hidden_TH)}")
@@ -69,15 +74,23 @@ def check_token_args(hidden_TH, weight_VH, targets_T, temperature) -> None:
         raise ValueError(f"temperature={temperature!r} must be finite and > 0")
     if weight_VH.shape[0] < 1:
         raise ValueError("weight_VH must have at least one vocabulary row")
+    if bias_V is not None and (not isinstance(bias_V, Tensor) or bias_V.shape != (weight_VH.shape[0],)
+                               or not bias_V.dtype.is_floating_point):
+        raise ValueError(f"bias_V must be None or a floating tensor [V={weight_VH.shape[0]}], got "
+                         f"{getattr(bias_V, 'shape', bias_V)}")
 
 
 def token_logprobs(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False):
-    """log softmax(hidden·Wᵀ/τ) at the targets. hidden_TH [T, H], weight_VH [V, H], targets_T int [T].
-    Returns logp_T [T] (and entropy_T [T] with return_entropy) in float32 (float64 if an input is)."""
-    check_token_args(hidden_TH, weight_VH, targets_T, temperature)
-    dt = compute_dtype(hidden_TH, weight_VH)
-    z_TV = (hidden_TH.to(dt) @ weight_VH.to(dt).t()) / temperature
+                   return_entropy: bool = False, bias_V: Tensor | None = None):
+    """log softmax((hidden·Wᵀ + bias)/τ) at the targets. hidden_TH [T, H], weight_VH [V, H], targets_T int [T],
+    bias_V [V] or None (an lm_head with a bias). Returns logp_T [T] (and entropy_T [T] with return_entropy) in
+    float32 (float64 if an input is)."""
+    check_token_args(hidden_TH, weight_VH, targets_T, temperature, bias_V)
+    dt = compute_dtype(hidden_TH, weight_VH, bias_V)
+    logits_TV = hidden_TH.to(dt) @ weight_VH.to(dt).t()
+    if bias_V is not None:
+        logits_TV = logits_TV + bias_V.to(dt)
+    z_TV = logits_TV / temperature
     logp_TV = torch.log_softmax(z_TV, dim=-1)
     logp_T = logp_TV.gather(1, targets_T.long()[:, None])[:, 0]
     if not return_entropy:
@@ -110,12 +123,14 @@ def _aggregate(x_BL: Tensor, mask_BL: Tensor, aggregation: str, max_len: int | N
 def text_grpo_loss(*, logp_BL: Tensor, old_logp_BL: Tensor, adv_B, mask_BL: Tensor, eps_lo: float = 0.2,
                    eps_hi: float = 0.2, aggregation: str = "sequence", ref_logp_BL: Tensor | None = None,
                    kl_coef: float = 0.0, max_len: int | None = None, global_tokens: float | None = None,
-                   ratio_level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
+                   ratio_level: str = "token",
+                   kl_bias_correction: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss on reasoning tokens (§6).
 
     logp_BL (grad), old_logp_BL, mask_BL, ref_logp_BL: [B, L]; adv_B: number or [B].
-        loss = agg(−min(ρA, clip(ρ, 1−ε_lo, 1+ε_hi)A)) + kl_coef·agg(k3),  ρ = exp(logp − old)
-    agg is "sequence" | "token" | "constant" (see the file docstring). Returns a 0-dim loss in float32
+        loss = agg(−min(ρA, clip(ρ, 1−ε_lo, 1+ε_hi)A)) + kl_coef·agg(k3 [·ρ]),  ρ = exp(logp − old)
+    agg is "sequence" | "token" | "constant" | "global"; ρ is per token or, with ratio_level="sequence", s_i;
+    [·ρ] with kl_bias_correction (see the file docstring). Returns a 0-dim loss in float32
     (float64 if any input is) and detached metrics "text/...".
     """
     check_choice("aggregation", aggregation, _AGGREGATIONS)
@@ -166,8 +181,11 @@ def text_grpo_loss(*, logp_BL: Tensor, old_logp_BL: Tensor, adv_B, mask_BL: Tens
     if ref_logp_BL is not None:
         kl_tok = torch.where(mask, k3_kl(torch.where(mask, logp, zero),
                                          torch.where(mask, ref_logp_BL.detach().to(dt), zero)), zero)
+        if kl_bias_correction:                 # TRL: k3 × the (not detached) importance weight
+            kl_tok = kl_tok * ratio
         kl = _aggregate(kl_tok, maskf, aggregation, max_len, global_tokens)
         metrics["text/kl"] = kl
+        metrics["text/kl_token_mean"] = kl_tok.sum() / maskf.sum().clamp(min=1)
         if kl_coef > 0:
             loss = loss + kl_coef * kl
 

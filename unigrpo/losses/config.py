@@ -28,6 +28,8 @@ class LossConfig:
     """sequence-ratio clip range above 1 (GSPO paper: 4e-4)"""
     kl_coef: float = 0.0
     """weight of the k3 text KL to the reference (paper: 0)"""
+    kl_bias_correction: bool = False
+    """k3 × the importance ratio (not detached), TRL's use_bias_correction_kl (DeepSeek-V3.2); needs kl_coef > 0"""
     flow_clip: float = 1e-6
     """ε_f: flow ratio clip range"""
     flow_clip_lo: float | None = None

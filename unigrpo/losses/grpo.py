@@ -174,7 +174,8 @@ class UniGRPOObjective:
                 eps_hi=text_eps[1], aggregation=lc.aggregation, ratio_level=lc.ratio_level,
                 global_tokens=old.text_tokens if lc.aggregation == "global" else None,
                 ref_logp_BL=None if old.ref_logp is None else old.ref_logp[idx], kl_coef=lc.kl_coef,
-                max_len=max_len, return_logp=True, backend=self.text_backend)
+                kl_bias_correction=lc.kl_bias_correction, max_len=max_len, return_logp=True,
+                backend=self.text_backend)
 
         text_out, v = self.forward.with_head(self.policy, batch, text_loss if lc.train_text else no_text_head)
         if lam > 0:
