@@ -82,33 +82,9 @@ def test_token_logprobs_validation():
 
 def _reference_text_loss(logp, old, adv, mask, eps_lo, eps_hi, aggregation, ref=None, kl_coef=0.0,
                          max_len=None):
-    """§6 written out with Python loops over real tokens."""
-    B, L = logp.shape
-    pol, kl, n_tok, n_seq = [], [], 0, 0
-    for i in range(B):
-        terms, kls = [], []
-        for t in range(L):
-            if not mask[i, t]:
-                continue
-            rho = torch.exp(logp[i, t] - old[i, t])
-            terms.append(-min(rho * adv[i], rho.clamp(1 - eps_lo, 1 + eps_hi) * adv[i]))
-            if ref is not None:
-                d = ref[i, t] - logp[i, t]
-                kls.append(torch.exp(d) - d - 1)
-        pol.append(terms)
-        kl.append(kls)
-        n_tok += len(terms)
-        n_seq += len(terms) > 0
-
-    def agg(rows):
-        if aggregation == "sequence":
-            return sum(sum(r) / len(r) for r in rows if r) / max(n_seq, 1)
-        if aggregation == "token":
-            return sum(sum(r) for r in rows if r) / max(n_tok, 1)
-        return sum(sum(r) for r in rows if r) / (B * (max_len or L))
-
-    loss = agg(pol)
-    return loss + kl_coef * agg(kl) if ref is not None else loss
+    """§6 written out with Python loops over real tokens (`_spec_loss` below, token ratios)."""
+    loss, _ = _spec_loss(logp, old, adv, mask, eps_lo, eps_hi, aggregation, "token", ref, kl_coef, False, max_len)
+    return torch.tensor(loss, dtype=F64)
 
 
 def _text_batch(B=5, L=6, seed=0, kink_free=True):

@@ -175,13 +175,21 @@ def test_token_logprobs_match_float64(poisoned, shape, tau, kind, grads, seed):
         S = -(-V // 128)
         assert all(n <= 32 * 128 for n in poisoned if n not in (T * H, V * H, 4 * S * T)), sorted(poisoned)[-3:]
     assert got[0].dtype == torch.float32 and got[2].dtype == h.dtype and got[3].dtype == w.dtype
-    sh, sw, zmax = _grad_scales(h, w, tgt, tau, g_T, e_T, grads)
+    _check_fp32_outputs(got, ref, t32, grads, _grad_scales(h, w, tgt, tau, g_T, e_T, grads))
+
+
+def _check_fp32_outputs(got, ref, t32, grads, scales):
+    """The table's fp32 rule on (logp, entropy, dH, dW[, dbias]); scales = _grad_scales(...) (dbias: its floor
+    is dW's with |h| = 1, i.e. Σ_t a_tv)."""
+    sh, sw, zmax = scales[:3]
     eps = torch.finfo(torch.float32).eps
     _check("logp", got[0], ref[0], t32[0], 2e-6 * (1 + zmax))
     if grads != "logp":
         _check("entropy", got[1], ref[1], t32[1], 2e-6 * (1 + zmax))
     _check("dH", got[2], ref[2], t32[2], 4 * eps * (ref[2].abs() + (4 + zmax) * sh) + TINY)
     _check("dW", got[3], ref[3], t32[3], 4 * eps * (ref[3].abs() + (4 + zmax) * sw) + TINY)
+    if len(scales) > 3:
+        _check("dbias", got[4], ref[4], t32[4], 4 * eps * (ref[4].abs() + (4 + zmax) * scales[3]) + TINY)
 
 
 def _check_bf16(T, H, V, kind, seed, device, tau=0.7):
@@ -251,14 +259,7 @@ def test_token_logprobs_with_bias_match_float64(poisoned, shape, tau, kind, grad
     t32 = _run(R.token_logprobs, h, w, tgt, tau, grads, g_T, e_T, bias)
     got = _run(_triton, h.to(DEV), w.to(DEV), tgt.to(DEV), tau, grads, g_T.to(DEV), e_T.to(DEV), bias.to(DEV))
     assert got[4].dtype == torch.float32 and got[4].shape == (V,)
-    sh, sw, zmax, sb = _grad_scales(h, w, tgt, tau, g_T, e_T, grads, bias)
-    eps = torch.finfo(torch.float32).eps
-    _check("logp", got[0], ref[0], t32[0], 2e-6 * (1 + zmax))
-    if grads != "logp":
-        _check("entropy", got[1], ref[1], t32[1], 2e-6 * (1 + zmax))
-    _check("dH", got[2], ref[2], t32[2], 4 * eps * (ref[2].abs() + (4 + zmax) * sh) + TINY)
-    _check("dW", got[3], ref[3], t32[3], 4 * eps * (ref[3].abs() + (4 + zmax) * sw) + TINY)
-    _check("dbias", got[4], ref[4], t32[4], 4 * eps * (ref[4].abs() + (4 + zmax) * sb) + TINY)
+    _check_fp32_outputs(got, ref, t32, grads, _grad_scales(h, w, tgt, tau, g_T, e_T, grads, bias))
 
 
 def test_grad_of_hidden_only_and_no_grad(poisoned):
