@@ -200,18 +200,21 @@ def sde_step(x_BD: Tensor, v_BD: Tensor, *, a_B, b_B, std_B, noise_BD: Tensor, r
 
 def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor, adv_B, b_B, std_B, h_B,
                    clip_eps: float = 1e-6, beta: float = 1.5e-5, reg: str = "mse", ratio_norm: bool = True,
-                   grad_reweight: bool = False, flow_weight: float = 1.0,
+                   grad_reweight: bool = False, flow_weight: float = 1.0, clip_eps_lo: float | None = None,
+                   clip_eps_hi: float | None = None, latent_kl_norm: str = "project",
                    backend: str = "auto") -> tuple[Tensor, dict[str, Tensor]]:
     """λ·FlowGRPO loss with RatioNorm + β·velocity regulariser (§7–§9, λ = flow_weight), differentiable in v_BD;
     see kernels/reference/flow.py `flow_grpo_loss` for the contract. backend: "auto" | "torch" | "triton" | "cuda".
     Returns (0-dim float32 loss, detached metrics "flow/...")."""
     be = resolve_backend(backend, _device(v_BD), op="flow_grpo_loss")
     kw = dict(adv_B=adv_B, b_B=b_B, std_B=std_B, h_B=h_B, clip_eps=clip_eps, beta=beta, reg=reg,
-              ratio_norm=ratio_norm, grad_reweight=grad_reweight, flow_weight=flow_weight)
+              ratio_norm=ratio_norm, grad_reweight=grad_reweight, flow_weight=flow_weight, clip_eps_lo=clip_eps_lo,
+              clip_eps_hi=clip_eps_hi, latent_kl_norm=latent_kl_norm)
     if be == "torch":
         return ref.flow_grpo_loss(v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, **kw)
     ref.check_flow_loss_args(v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, clip_eps=clip_eps,
-                             beta=beta, reg=reg, flow_weight=flow_weight)
+                             beta=beta, reg=reg, flow_weight=flow_weight, clip_eps_lo=clip_eps_lo,
+                             clip_eps_hi=clip_eps_hi, latent_kl_norm=latent_kl_norm)
     _refuse_float64(be, v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, adv_B=adv_B, b_B=b_B,
                     std_B=std_B, h_B=h_B)
     B, dev = v_BD.shape[0], v_BD.device
@@ -225,10 +228,11 @@ def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: T
     rows = {name: per_row(val, B, name, torch.float32, dev).contiguous() for name, val in
             (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B))}
     if _finalize_impl(_impl(be)) is not None:
-        loss, metrics, _ = _flow_loss_op(v, xi, v_old, v_ref, *rows.values(), 1.0 - clip_eps, 1.0 + clip_eps,
-                                         float(beta), ref.REGS.index(reg), bool(ratio_norm), bool(grad_reweight),
+        eps_lo, eps_hi = ref.flow_clip_eps(clip_eps, clip_eps_lo, clip_eps_hi)
+        loss, metrics, _ = _flow_loss_op(v, xi, v_old, v_ref, *rows.values(), 1.0 - eps_lo, 1.0 + eps_hi,
+                                         float(beta), ref.reg_code(reg, latent_kl_norm), bool(ratio_norm),
+                                         bool(grad_reweight),
                                          float(flow_weight), be)
         return loss, {name: metrics[i].detach() for i, name in enumerate(ref.FLOW_METRICS)}
     sums_B3 = _flow_sums_op(v, xi, v_old, v_ref, use_old, use_ref, be)
-    return ref.flow_loss_from_sums(sums_B3, v.shape[1], **rows, clip_eps=clip_eps, beta=beta, reg=reg,
-                                   ratio_norm=ratio_norm, grad_reweight=grad_reweight, flow_weight=flow_weight)
+    return ref.flow_loss_from_sums(sums_B3, v.shape[1], **rows, **{k: kw[k] for k in kw if k not in rows})

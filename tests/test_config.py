@@ -179,3 +179,62 @@ def test_validation_helpers():
         require_in("x.mode", "c", ("a", "b"))
     with pytest.raises(ValueError, match=r"x.p must be in \[0, 1\], got 2"):
         require_range("x.p", 2, 0, 1)
+
+
+def test_loss_config_issue20_flow_fields():
+    """loss.flow_clip_lo / flow_clip_hi (None = flow_clip) and loss.latent_kl_norm load from overrides and
+    are validated with errors that name the field, the bad value and what was expected."""
+    from unigrpo.losses.config import LossConfig
+    from unigrpo.train_config import TrainConfig
+    d = LossConfig()
+    assert (d.flow_clip_lo, d.flow_clip_hi, d.latent_kl_norm) == (None, None, "project")
+    cfg = load_config(TrainConfig, overrides=["loss.flow_clip_lo=1e-4", "loss.flow_clip_hi=3e-4",
+                                              "loss.latent_kl_norm=flow_grpo"])
+    assert (cfg.loss.flow_clip_lo, cfg.loss.flow_clip_hi, cfg.loss.latent_kl_norm) == (1e-4, 3e-4, "flow_grpo")
+    assert load_config(TrainConfig, overrides=["loss.flow_clip_lo=null"]).loss.flow_clip_lo is None
+    with pytest.raises(ValueError, match=r"loss.flow_clip_hi must be None \(= loss.flow_clip\) or >= 0, got -0.1"):
+        LossConfig(flow_clip_hi=-0.1)
+    with pytest.raises(ValueError, match=r"loss.latent_kl_norm must be one of .*'flow_grpo'.*got 'sum'"):
+        LossConfig(latent_kl_norm="sum")
+
+
+def test_train_config_issue20_advantage_fields():
+    """adv_scope / adv_std / adv_clip / adv_group_by load from overrides; bad values name field and choices."""
+    from unigrpo.train_config import TrainConfig
+    d = TrainConfig()
+    assert (d.adv_scope, d.adv_std, d.adv_clip, d.adv_group_by) == ("group", "population", 5.0, "group")
+    cfg = load_config(TrainConfig, overrides=["adv_scope=none", "adv_std=sample", "adv_clip=null",
+                                              "adv_group_by=prompt"])
+    assert (cfg.adv_scope, cfg.adv_std, cfg.adv_clip, cfg.adv_group_by) == ("none", "sample", None, "prompt")
+    for override, needle in (("adv_scope=global", r"adv_scope must be one of .*'none'.*got 'global'"),
+                             ("adv_std=unbiased", r"adv_std must be one of .*'sample'.*got 'unbiased'"),
+                             ("adv_clip=0", r"adv_clip must be > 0 or null .*got 0"),
+                             ("adv_group_by=text", r"adv_group_by must be 'group' or 'prompt', got 'text'")):
+        with pytest.raises(ValueError, match=needle):
+            load_config(TrainConfig, overrides=[override])
+
+
+def test_loss_config_issue20_loss_type():
+    """loss.loss_type sets aggregation and the ratio level (docs/DESIGN.md table); gspo ranges default 3e-4/4e-4."""
+    from unigrpo.losses.config import LossConfig
+    from unigrpo.train_config import TrainConfig
+    assert LossConfig().loss_type is None and LossConfig().ratio_level == "token"
+    for name, agg, level in (("grpo", "sequence", "token"), ("bnpo", "token", "token"),
+                             ("dr_grpo", "constant", "token"), ("dapo", "global", "token"),
+                             ("gspo", "sequence", "sequence")):
+        c = load_config(TrainConfig, overrides=[f"loss.loss_type={name}"]).loss
+        assert (c.aggregation, c.ratio_level) == (agg, level)
+    assert (LossConfig().gspo_eps_lo, LossConfig().gspo_eps_hi) == (3e-4, 4e-4)
+    with pytest.raises(ValueError, match=r"loss.loss_type must be one of .*'gspo'.* or None, got 'ppo'"):
+        LossConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match=r"loss.gspo_eps_hi must be >= 0, got -1"):
+        LossConfig(gspo_eps_hi=-1.0)
+
+
+def test_loss_config_kl_bias_correction():
+    """loss.kl_bias_correction (TRL's use_bias_correction_kl) defaults to false and loads from an override."""
+    from unigrpo.losses.config import LossConfig
+    from unigrpo.train_config import TrainConfig
+    assert LossConfig().kl_bias_correction is False
+    cfg = load_config(TrainConfig, overrides=["loss.kl_bias_correction=true", "loss.kl_coef=0.04"])
+    assert cfg.loss.kl_bias_correction is True and cfg.loss.kl_coef == 0.04

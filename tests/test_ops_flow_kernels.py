@@ -192,6 +192,34 @@ def test_flow_loss_matches_reference(poisoned, backend, B, D, vdt, seed, drift, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=10 if HAS_GPU else 6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 6), D=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
+       drift=st.sampled_from([3e-2, 0.3]), adv_sign=st.sampled_from(["pos", "neg", "mixed"]),
+       clip_lo=st.sampled_from([None, 0.0, 1e-3, 0.2]), clip_hi=st.sampled_from([None, 1e-4, 0.28]),
+       reg=st.sampled_from(["latent_kl", "mse"]), latent_kl_norm=st.sampled_from(["project", "flow_grpo"]),
+       ratio_norm=st.booleans())
+def test_flow_loss_asymmetric_clip_and_kl_norm_match_reference(poisoned, backend, B, D, seed, drift, adv_sign, clip_lo,
+                                                              clip_hi, reg, latent_kl_norm, ratio_norm):
+    """Issue 20's options through the fused finalize (lo = 1 − ε_lo, hi = 1 + ε_hi; reg code 3 = latent_kl
+    with the flow_grpo norm), fp32 streams, the same tolerance rule as above."""
+    t = _loss_inputs(B, D, "fp32", seed, drift, adv_sign)
+    opts = dict(clip_eps=0.05, clip_eps_lo=clip_lo, clip_eps_hi=clip_hi, beta=0.5, reg=reg,
+                latent_kl_norm=latent_kl_norm, ratio_norm=ratio_norm)
+    lo, hi = F.flow_clip_eps(0.05, clip_lo, clip_hi)
+    lr = F.flow_log_ratio(v_BD=t["v"].double(), xi_BD=t["xi"].double(), v_old_BD=t["v_old"].double(),
+                          b_B=t["b"].double(), std_B=t["s"].double(), ratio_norm=ratio_norm)
+    r = torch.exp(lr)
+    assume(bool(((r - (1 + hi)).abs() > 1e-4).all() and ((r - (1 - lo)).abs() > 1e-4).all()))
+    ref_loss, ref_m, ref_g = _run_loss(t, "reference", "cpu", F64, **opts)
+    t32_loss, t32_m, t32_g = _run_loss(t, "reference", "cpu", None, **opts)
+    loss, m, grad = _run_loss(t, backend, DEV, None, **opts)
+    _check("loss", loss, ref_loss, t32_loss)
+    for key in ref_m:
+        _check(key, m[key], ref_m[key], t32_m[key])
+    _check("dL/dv", grad, ref_g, t32_g, elementwise_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clip_eps", [0.0, 1e-6])
 @pytest.mark.parametrize("adv_sign", ["pos", "neg"])
 @pytest.mark.parametrize("ratio_norm", [True, False])

@@ -23,7 +23,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import unigrpo_kernels as K
 from unigrpo_kernels.reference import flow as F
@@ -476,3 +476,113 @@ def test_resolve_backend(caplog, monkeypatch):
         K.resolve_backend("auto", op="flow")
     with pytest.raises(ValueError, match="'jax'"):
         K.resolve_backend("jax")
+
+
+# ------------------------------------------------ issue 20: asymmetric flow clip, Flow-GRPO latent KL norm
+
+def _peer_asymmetric_surrogate(r, adv, w, eps_lt, eps_gt):
+    """Flow-GRPO Bagel trainer's clipped objective from its published form, one row at a time (Python floats):
+    −max(−A·r, −A·clamp(r, 1 − clip_range_lt, 1 + clip_range_gt)), times the row weight; mean over rows."""
+    out = [max(-a * x, -a * min(max(x, 1 - eps_lt), 1 + eps_gt)) * wi for x, a, wi in zip(r, adv, w)]
+    return sum(out) / len(out)
+
+
+@SETTINGS
+@given(eps_lo=st.sampled_from([0.0, 1e-6, 1e-3, 0.2]), eps_hi=st.sampled_from([0.0, 1e-6, 1e-4, 0.28]),
+       targets=st.lists(st.floats(-0.45, 0.45), min_size=1, max_size=7), signs=st.lists(st.booleans(), min_size=7,
+       max_size=7), ratio_norm=st.booleans(), grad_reweight=st.booleans())
+def test_asymmetric_flow_clip_against_peer_formula(eps_lo, eps_hi, targets, signs, ratio_norm, grad_reweight):
+    """clip_eps_lo / clip_eps_hi clamp the ratio to [1 − ε_lo, 1 + ε_hi]: value vs the peer formula, the
+    zero-gradient set (A > 0 above 1 + ε_hi, A < 0 below 1 − ε_lo) and clip_frac. Ratios are kept 1e-9 from
+    each bound (assume): the clip decision is discontinuous there. Tolerance 1e-12: float64 mean of ≤ 7 O(1)
+    terms; the ratio construction itself is exact to ~1e-15."""
+    target = torch.tensor(targets, dtype=F64)
+    r = torch.exp(target)
+    assume(bool(((r - (1 + eps_hi)).abs() > 1e-9).all() and ((r - (1 - eps_lo)).abs() > 1e-9).all()))
+    adv = torch.tensor([1.3 if sg else -0.7 for sg in signs[:len(targets)]], dtype=F64)
+    rows = _rows_with_log_ratio(target, ratio_norm, D=5, seed=3)
+    v = rows["v"].clone().requires_grad_(True)
+    loss, m = K.flow_grpo_loss(v_BD=v, xi_BD=rows["xi"], v_old_BD=rows["v_old"], v_ref_BD=rows["v_old"], adv_B=adv,
+                               b_B=rows["b"], std_B=rows["s"], h_B=rows["h"], clip_eps=0.5, clip_eps_lo=eps_lo,
+                               clip_eps_hi=eps_hi, beta=0.0, reg="none", ratio_norm=ratio_norm,
+                               grad_reweight=grad_reweight)
+    w = (1 / rows["h"]).tolist() if grad_reweight else [1.0] * len(targets)
+    expected = _peer_asymmetric_surrogate(r.tolist(), adv.tolist(), w, eps_lo, eps_hi)
+    assert loss.item() == pytest.approx(expected, abs=1e-12, rel=1e-12)
+    zero = ((adv > 0) & (r > 1 + eps_hi)) | ((adv < 0) & (r < 1 - eps_lo))
+    (grad,) = torch.autograd.grad(loss, v)
+    assert bool((grad[zero] == 0).all()) and bool((grad[~zero].abs().amax(1) > 0).all())
+    assert m["flow/clip_frac"].item() == pytest.approx(zero.double().mean().item())
+
+
+def test_latent_kl_flow_grpo_norm_against_peer_formula():
+    """latent_kl_norm="flow_grpo" = Flow-GRPO's latent KL mean_D(μ_θ − μ_ref)²/(2·std_dev_t²), std_dev_t =
+    η·sqrt(σ/(1 − σ̃)) (no sqrt(h)); μ written out from §3 (expected_sde), independently of the b/s coefficients
+    the library uses. It is h × the project's latent_kl. Tolerance 1e-12 relative: a dozen float64 ops."""
+    g = torch.Generator().manual_seed(13)
+    sigmas, eta, B, D = K.sigma_schedule(25, 3.0), 0.8, 5, 7
+    k_B = torch.tensor([0, 1, 2, 7, 23])
+    x, v, v_ref, xi = (torch.randn(B, D, dtype=F64, generator=g) for _ in range(4))
+    c = K.step_coeffs_batch(sigmas, k_B, eta)
+    kl = []
+    for i, k in enumerate(k_B.tolist()):
+        mu, _ = expected_sde(sigmas, k, eta, x[i], v[i])
+        mu_ref, _ = expected_sde(sigmas, k, eta, x[i], v_ref[i])
+        sigma = float(sigmas[k])
+        sigma_tilde = float(sigmas[1]) if sigma == 1.0 else sigma
+        std_dev_t = eta * math.sqrt(sigma / (1 - sigma_tilde))
+        kl.append(((mu - mu_ref) ** 2).mean().item() / (2 * std_dev_t ** 2))
+    kw = dict(xi_BD=xi, v_old_BD=v, v_ref_BD=v_ref, adv_B=torch.ones(B, dtype=F64), b_B=c["b"], std_B=c["std"],
+              h_B=c["h"], beta=1.0, reg="latent_kl", flow_weight=0.0)
+    loss, m = K.flow_grpo_loss(v_BD=v, latent_kl_norm="flow_grpo", **kw)
+    assert loss.item() == pytest.approx(sum(kl) / B, rel=1e-12)
+    assert m["flow/reg"].item() == pytest.approx(sum(kl) / B, rel=1e-12)
+    project, _ = K.flow_grpo_loss(v_BD=v, **kw)
+    per_row_project = [F.flow_grpo_loss(v_BD=v[i:i + 1], **{**kw, **{n: kw[n][i:i + 1] for n in
+                       ("xi_BD", "v_old_BD", "v_ref_BD", "adv_B", "b_B", "std_B", "h_B")}})[0].item()
+                       for i in range(B)]
+    assert sum(kl) / B == pytest.approx(sum(h * p for h, p in zip(c["h"].tolist(), per_row_project)) / B, rel=1e-12)
+    assert project.item() != pytest.approx(loss.item(), rel=1e-3)      # the switch changes the number
+    with pytest.raises(ValueError, match="'sum'"):
+        K.flow_grpo_loss(v_BD=v, latent_kl_norm="sum", **kw)
+
+
+@pytest.mark.parametrize("ratio_norm", [True, False])
+def test_asymmetric_clip_and_kl_norm_gradcheck(ratio_norm):
+    """Finite differences (torch defaults, float64) through the new terms: asymmetric clip with rows inside and
+    outside each side (targets ≥ 0.05 from the kinks at log 0.9 / log 1.3), and the flow_grpo latent KL."""
+    target = torch.tensor([0.05, -0.03, 0.4, -0.5, 0.0, 0.35, -0.4, 0.02], dtype=F64)
+    adv = torch.tensor([1.3, -0.7, 0.9, -1.1, 0.5, -0.8, 1.2, -1.5], dtype=F64)
+    r = _rows_with_log_ratio(target, ratio_norm, D=5, seed=7)
+    v_ref = r["v_old"] + 0.5 * torch.randn(r["v"].shape, dtype=F64, generator=r["g"])
+    kw = dict(xi_BD=r["xi"], v_old_BD=r["v_old"], v_ref_BD=v_ref, adv_B=adv, b_B=r["b"], std_B=r["s"], h_B=r["h"],
+              clip_eps_lo=0.1, clip_eps_hi=0.3, beta=0.7, reg="latent_kl", latent_kl_norm="flow_grpo",
+              ratio_norm=ratio_norm)
+    v = r["v"].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda vv: K.flow_grpo_loss(v_BD=vv, **kw)[0], (v,))
+
+
+@pytest.mark.parametrize("reg", ["mse", "latent_kl", "none"])
+def test_new_flow_options_at_defaults_are_bitwise_unchanged(reg):
+    """clip_eps_lo = clip_eps_hi = None (or = clip_eps) and latent_kl_norm="project" give torch.equal loss,
+    metrics and gradient to the call without them (float32, the training dtype)."""
+    g = torch.Generator().manual_seed(2)
+    B, D = 6, 9
+    c = K.step_coeffs_batch(K.sigma_schedule(25), torch.tensor([0, 1, 2, 0, 1, 2]), 0.8)
+    v0, xi, v_old, v_ref = (torch.randn(B, D, generator=g) for _ in range(4))
+    v_old = v0 + 0.1 * v_old                      # log r ~ 3e-3: most rows clip at ε = 1e-4
+    kw = dict(xi_BD=xi, v_old_BD=v_old, v_ref_BD=v_ref, adv_B=torch.randn(B, generator=g), b_B=c["b"].float(),
+              std_B=c["std"].float(), h_B=c["h"].float(), clip_eps=1e-4, reg=reg)
+
+    def run(**opts):
+        v = v0.clone().requires_grad_(True)
+        loss, m = K.flow_grpo_loss(v_BD=v, **kw, **opts)
+        loss.backward()
+        return loss, m, v.grad
+
+    base = run()
+    for opts in (dict(clip_eps_lo=None, clip_eps_hi=None, latent_kl_norm="project"),
+                 dict(clip_eps_lo=1e-4, clip_eps_hi=1e-4)):
+        got = run(**opts)
+        assert torch.equal(got[0], base[0]) and torch.equal(got[2], base[2])
+        assert all(torch.equal(got[1][k], base[1][k]) for k in base[1])

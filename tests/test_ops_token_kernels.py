@@ -96,18 +96,20 @@ def _problem(T, H, V, kind, seed, dtype=torch.float32, device="cpu"):
     return h.to(dtype).to(device), w.to(dtype).to(device), tgt.to(device)
 
 
-def _run(fn, h, w, tgt, tau, grads, g_T, e_T):
-    """Forward + backward of Σ g·logp (+ Σ e·entropy) → (logp, entropy, dH, dW)."""
+def _run(fn, h, w, tgt, tau, grads, g_T, e_T, bias=None):
+    """Forward + backward of Σ g·logp (+ Σ e·entropy) → (logp, entropy, dH, dW), plus dbias with a bias."""
     h = h.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
+    b = None if bias is None else bias.clone().requires_grad_(True)
     want_ent = grads != "logp"
-    out = fn(h, w, tgt, temperature=tau, return_entropy=want_ent)
+    out = fn(h, w, tgt, temperature=tau, return_entropy=want_ent, **({} if b is None else {"bias_V": b}))
     lp, ent = out if want_ent else (out, None)
     g_T, e_T = g_T.to(lp.dtype), e_T.to(lp.dtype)
     obj = (lp * g_T).sum() if grads != "entropy" else 0
     obj = obj + (ent * e_T).sum() if want_ent else obj
     obj.backward()
-    return lp.detach(), None if ent is None else ent.detach(), h.grad, w.grad
+    out = (lp.detach(), None if ent is None else ent.detach(), h.grad, w.grad)
+    return out if b is None else out + (b.grad,)
 
 
 def _triton(h, w, tgt, **kw):
@@ -130,13 +132,13 @@ def _check(name, got, ref64, base, floor, k=2.0):
                              f"{err.flatten()[i].item():.3g} > allowed {allowed.flatten()[i].item():.3g}")
 
 
-def _grad_scales(h, w, tgt, tau, g_T, e_T, grads):
+def _grad_scales(h, w, tgt, tau, g_T, e_T, grads, bias=None):
     """(Σ_v a_tv·|W_v| [T, H], Σ_t a_tv·|h_t| [V, H], max|z|) in float64, with a_tv the size of the terms of
     dlogits_tv = (g·(onehot − p) − e·p·(log p + entropy))/τ taken apart, log p as z − lse:
     p·(|g| + |e|·(|z| + |lse| + entropy)) + onehot·|g|, over τ. A gradient element's rounding error scales with these, not with the (possibly
-    cancelled) result."""
+    cancelled) result. With a bias, z includes it and a fourth value Σ_t a_tv [V] (the scale of dbias) follows."""
     h64, w64 = h.double(), w.double()
-    z = h64 @ w64.t() / tau
+    z = h64 @ w64.t() / tau if bias is None else (h64 @ w64.t() + bias.double()) / tau
     logp = torch.log_softmax(z, dim=-1)
     p = logp.exp()
     lse = torch.logsumexp(z, -1)[:, None]
@@ -145,7 +147,8 @@ def _grad_scales(h, w, tgt, tau, g_T, e_T, grads):
     e = e_T.double().abs()[:, None] if grads != "logp" else torch.zeros_like(ent)
     # log p is formed as z − lse in fp32: its error is eps·(|z| + |lse|) even where log p + entropy cancels
     a = (p * (g + e * (z.abs() + lse.abs() + ent.abs())) + torch.nn.functional.one_hot(tgt, w.shape[0]).double() * g) / tau
-    return a @ w64.abs(), a.t() @ h64.abs(), z.abs().max().item() if z.numel() else 0.0
+    out = a @ w64.abs(), a.t() @ h64.abs(), z.abs().max().item() if z.numel() else 0.0
+    return out if bias is None else out + (a.sum(0),)
 
 
 # ------------------------------------------------------------------------------ log-probs and gradients
@@ -172,13 +175,21 @@ def test_token_logprobs_match_float64(poisoned, shape, tau, kind, grads, seed):
         S = -(-V // 128)
         assert all(n <= 32 * 128 for n in poisoned if n not in (T * H, V * H, 4 * S * T)), sorted(poisoned)[-3:]
     assert got[0].dtype == torch.float32 and got[2].dtype == h.dtype and got[3].dtype == w.dtype
-    sh, sw, zmax = _grad_scales(h, w, tgt, tau, g_T, e_T, grads)
+    _check_fp32_outputs(got, ref, t32, grads, _grad_scales(h, w, tgt, tau, g_T, e_T, grads))
+
+
+def _check_fp32_outputs(got, ref, t32, grads, scales):
+    """The table's fp32 rule on (logp, entropy, dH, dW[, dbias]); scales = _grad_scales(...) (dbias: its floor
+    is dW's with |h| = 1, i.e. Σ_t a_tv)."""
+    sh, sw, zmax = scales[:3]
     eps = torch.finfo(torch.float32).eps
     _check("logp", got[0], ref[0], t32[0], 2e-6 * (1 + zmax))
     if grads != "logp":
         _check("entropy", got[1], ref[1], t32[1], 2e-6 * (1 + zmax))
     _check("dH", got[2], ref[2], t32[2], 4 * eps * (ref[2].abs() + (4 + zmax) * sh) + TINY)
     _check("dW", got[3], ref[3], t32[3], 4 * eps * (ref[3].abs() + (4 + zmax) * sw) + TINY)
+    if len(scales) > 3:
+        _check("dbias", got[4], ref[4], t32[4], 4 * eps * (ref[4].abs() + (4 + zmax) * scales[3]) + TINY)
 
 
 def _check_bf16(T, H, V, kind, seed, device, tau=0.7):
@@ -231,6 +242,26 @@ def test_batch_invariance(poisoned):
             assert torch.equal(a, b), f"{name} changed with the batch at rows {sel.tolist()[:5]}…"
 
 
+@settings(max_examples=8 if HAS_GPU else 6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=SHAPE, tau=st.sampled_from([0.7, 1.0]), kind=st.sampled_from(KINDS),
+       grads=st.sampled_from(["logp", "both", "entropy"]), seed=st.integers(0, 2**31 - 1))
+@example(shape=(37, 65, 259), tau=0.7, kind="normal", grads="both", seed=4)   # crosses splits, blocks, chunks
+def test_token_logprobs_with_bias_match_float64(poisoned, shape, tau, kind, grads, seed):
+    """The lm_head bias (issue 20) through the fused kernels: logp, entropy, dH, dW and dbias against the float64
+    reference, by the table's fp32 rule; dbias is a sum over T of dlogits, so its floor is dW's with |h| = 1
+    (Σ_t a_tv). The bias is O(1) (|z| grows by it) and drawn on the CPU."""
+    T, H, V = shape
+    h, w, tgt = _problem(T, H, V, kind, seed)
+    gg = torch.Generator().manual_seed(seed + 2)
+    bias = torch.randn(V, generator=gg)
+    g_T, e_T = torch.randn(T, generator=gg), torch.randn(T, generator=gg)
+    ref = _run(R.token_logprobs, h.double(), w.double(), tgt, tau, grads, g_T, e_T, bias.double())
+    t32 = _run(R.token_logprobs, h, w, tgt, tau, grads, g_T, e_T, bias)
+    got = _run(_triton, h.to(DEV), w.to(DEV), tgt.to(DEV), tau, grads, g_T.to(DEV), e_T.to(DEV), bias.to(DEV))
+    assert got[4].dtype == torch.float32 and got[4].shape == (V,)
+    _check_fp32_outputs(got, ref, t32, grads, _grad_scales(h, w, tgt, tau, g_T, e_T, grads, bias))
+
+
 def test_grad_of_hidden_only_and_no_grad(poisoned):
     """A frozen lm_head gets no dW (the dW GEMMs are skipped); under no_grad nothing is saved."""
     h, w, tgt = _problem(9, 20, 70, "normal", 8, device=DEV)
@@ -267,22 +298,25 @@ def _loss_case(seed, H=24, V=150, L=9, lengths=(5, 0, 9, 3), kl=False, device=DE
     return dict({k: None if v is None else v.to(device) for k, v in case.items()}, B=B, L=L)
 
 
-def _loss_run(c, backend, dtype, **opts):
-    """(loss, metrics, dH, dW): the fused op, or (backend=None) the reference composed by hand in `dtype`."""
+def _loss_run(c, backend, dtype, bias=None, **opts):
+    """(loss, metrics, dH, dW[, dbias]): the fused op, or (backend=None) the reference composed by hand in
+    `dtype`; with `bias` [V] the lm_head has that bias."""
     h = c["h"].to(dtype).clone().requires_grad_(True)
     w = c["w"].to(dtype).clone().requires_grad_(True)
+    b = None if bias is None else bias.to(dtype).clone().requires_grad_(True)
     cast = (lambda x: None if x is None else x.to(dtype))
     args = dict(old_logp_BL=cast(c["old"]), adv_B=c["adv"].to(dtype), mask_BL=c["mask"],
                 ref_logp_BL=cast(c["ref"]), **opts)
     if backend is None:
-        lp = R.token_logprobs(h, w, c["tgt"], temperature=opts.get("temperature", 1.0))
+        lp = R.token_logprobs(h, w, c["tgt"], temperature=opts.get("temperature", 1.0), bias_V=b)
         lp_BL = lp.new_zeros(c["B"] * c["L"]).index_copy(0, c["slot"], lp).view(c["B"], c["L"])
         args.pop("temperature", None)
         loss, m = R.text_grpo_loss(logp_BL=lp_BL, **args)
     else:
-        loss, m = TK.linear_text_grpo_loss(h, w, c["tgt"], slot_T=c["slot"], backend=backend, **args)
+        loss, m = TK.linear_text_grpo_loss(h, w, c["tgt"], slot_T=c["slot"], backend=backend,
+                                           **({} if b is None else {"bias_V": b}), **args)
     loss.backward()
-    return loss.detach(), m, h.grad, w.grad
+    return (loss.detach(), m, h.grad, w.grad) + (() if b is None else (b.grad,))
 
 
 @pytest.mark.parametrize("aggregation,kl", [("sequence", False), ("token", True), ("constant", False)])
@@ -304,6 +338,49 @@ def test_linear_text_grpo_loss_matches_float64(poisoned, aggregation, kl):
     _check("dH", got[2], ref[2], t32[2], 1e-5 * ref[2].abs().max())
     _check("dW", got[3], ref[3], t32[3], 1e-5 * ref[3].abs().max())
     assert got[1]["text/clip_frac"] > 0                 # the case does exercise clipping
+
+
+ISSUE20_OPTIONS = {
+    "grpo": dict(kl_coef=0.05),
+    "kl_bias_correction": dict(kl_coef=0.05, kl_bias_correction=True, aggregation="token"),
+    "gspo_kl_bias_correction": dict(ratio_level="sequence", eps_lo=3e-4, eps_hi=4e-4, kl_coef=0.05,
+                                    kl_bias_correction=True),
+    "dapo_kl_bias_correction": dict(aggregation="global", global_tokens=40.0, kl_coef=0.05, kl_bias_correction=True),
+}
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("name", list(ISSUE20_OPTIONS))
+def test_linear_text_grpo_loss_issue20_options_match_float64(poisoned, name, with_bias):
+    """The bias-corrected KL (with token ratios, GSPO's sequence ratio and its tiny clip range, the dapo
+    normaliser), "text/kl_token_mean" and the lm_head bias through the fused op: loss, metrics, dH, dW (and
+    dbias) against the float64 reference composed by hand, by the table's loss rule. No [T, V] buffer on the
+    interpreter."""
+    c = _loss_case(23, kl=True)
+    opts = {"temperature": 0.7, "eps_lo": 0.2, "eps_hi": 0.28, **ISSUE20_OPTIONS[name]}
+    bias = torch.randn(c["w"].shape[0], generator=torch.Generator().manual_seed(5)).to(DEV) if with_bias else None
+    ref = _loss_run(c, None, F64, None if bias is None else bias.double(), **opts)
+    # keep clip decisions ≥ 1e-4 from the kinks (the boundary is tested exactly below)
+    lp = R.token_logprobs(c["h"].double(), c["w"].double(), c["tgt"], temperature=0.7,
+                          bias_V=None if bias is None else bias.double())
+    lr = lp - c["old"].double().flatten()[c["slot"]]
+    if opts.get("ratio_level") == "sequence":
+        row = c["slot"] // c["L"]
+        lr = (torch.zeros(c["B"], dtype=F64).index_add(0, row, lr) / c["mask"].sum(1).clamp(min=1))[row]
+    r = lr.exp()
+    assert ((r - (1 + opts["eps_hi"])).abs() > 1e-4).all() and ((r - (1 - opts["eps_lo"])).abs() > 1e-4).all()
+    t32 = _loss_run(c, None, torch.float32, bias, **opts)
+    poisoned.clear()
+    got = _loss_run(c, "triton", torch.float32, bias, **opts)
+    if not HAS_GPU:
+        T, H, V = c["h"].shape[0], c["h"].shape[1], c["w"].shape[0]
+        assert max(n for n in poisoned if n not in (T * H, V * H)) < T * V, "a [T, V]-sized buffer was allocated"
+    assert set(got[1]) == set(ref[1]) and "text/kl_token_mean" in got[1]
+    _check("loss", got[0], ref[0], t32[0], 1e-5 * (1 + ref[0].abs()))
+    for key in ref[1]:
+        _check(key, got[1][key], ref[1][key], t32[1][key], 1e-5 * (1 + ref[1][key].abs()))
+    for i, key in enumerate(("dH", "dW", "dbias")[:len(ref) - 2]):
+        _check(key, got[2 + i], ref[2 + i], t32[2 + i], 1e-5 * ref[2 + i].abs().max())
 
 
 @pytest.mark.parametrize("adv_sign", [1.0, -1.0])
@@ -428,3 +505,30 @@ def test_gpu_memory_never_holds_logits():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - (T * H + V * H) * 2
     assert extra < T * V * 4 / 4, f"peak extra memory {extra / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("opts", [dict(ratio_level="sequence", eps_lo=3e-4, eps_hi=4e-4),
+                                  dict(ratio_level="sequence", eps_lo=0.2, eps_hi=0.28, aggregation="token"),
+                                  dict(aggregation="global", global_tokens=40.0, eps_lo=0.2, eps_hi=0.28)],
+                         ids=["gspo", "gspo-token", "dapo"])
+def test_linear_text_grpo_loss_gspo_and_global_match_float64(poisoned, opts):
+    """Issue 20's options through the fused Triton log-probs (interpreter on CPU), same tolerance rule as
+    above; clip decisions (token or sequence ratios) kept 1e-4 from the bounds."""
+    c = _loss_case(21)
+    opts = dict(temperature=0.7, **opts)
+    lp = R.token_logprobs(c["h"].double(), c["w"].double(), c["tgt"], temperature=0.7)
+    lr = torch.zeros(c["B"] * c["L"], dtype=F64).index_copy(0, c["slot"], lp - c["old"].double().flatten()[c["slot"]])
+    lr = lr.view(c["B"], c["L"])
+    if opts.get("ratio_level") == "sequence":
+        r = torch.exp(lr.sum(1) / c["mask"].sum(1).clamp(min=1))
+    else:
+        r = torch.exp(lr[c["mask"]])
+    assert ((r - (1 + opts["eps_hi"])).abs() > 1e-4).all() and ((r - (1 - opts["eps_lo"])).abs() > 1e-4).all()
+    ref = _loss_run(c, None, F64, **opts)
+    t32 = _loss_run(c, None, torch.float32, **opts)
+    got = _loss_run(c, "triton", torch.float32, **opts)
+    _check("loss", got[0], ref[0], t32[0], 1e-5 * (1 + ref[0].abs()))
+    for key in ref[1]:
+        _check(key, got[1][key], ref[1][key], t32[1][key], 1e-5 * (1 + ref[1][key].abs()))
+    _check("dH", got[2], ref[2], t32[2], 1e-5 * ref[2].abs().max())
+    _check("dW", got[3], ref[3], t32[3], 1e-5 * ref[3].abs().max())

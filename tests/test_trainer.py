@@ -276,6 +276,7 @@ def test_grad_norms_read_each_gradient_once_and_equal_clip_grad_norm():
 
 
 @pytest.mark.parametrize("method,aggregation", [("grpo", "sequence"), ("grpo", "token"), ("grpo", "constant"),
+                                                ("grpo", "global"), ("grpo", "gspo"), ("grpo", "kl_bias_correction"),
                                                 ("refl", "sequence")])
 def test_micro_batches_accumulate_the_mini_batch_gradient(tmp_path, method, aggregation):
     """Σ over micro-batches of objective.loss(old, part, within=mb) has the gradient of loss(old, mb): each
@@ -287,7 +288,10 @@ def test_micro_batches_accumulate_the_mini_batch_gradient(tmp_path, method, aggr
     b = tiny_base(tmp_path / "base")
     rc = RolloutConfig(group_size=3, steps=5, window_size=2, window_hi=4, max_new_tokens=12)
     cfg = small_cfg(tmp_path, iterations=1, prompts_per_iter=2, rollout=rc, method=method,
-                    loss=LossConfig(aggregation=aggregation, kl_coef=0.05 if method == "grpo" else 0.0),
+                    loss=LossConfig(**({"loss_type": "gspo"} if aggregation == "gspo" else
+                                       {"kl_bias_correction": True} if aggregation == "kl_bias_correction" else
+                                       {"aggregation": aggregation}),
+                                    kl_coef=0.05 if method == "grpo" else 0.0),
                     refl=ReFLConfig(late_steps=3))
     tr = Trainer(cfg, progress=False, bundle=b)
     seen = {}

@@ -9,6 +9,7 @@ from unigrpo.data import DataConfig
 from unigrpo.distributed import DistConfig
 from unigrpo.losses.config import LossConfig, ReFLConfig
 from unigrpo.model.attention import BACKENDS as ATTN_BACKENDS
+from unigrpo.rewards.advantages import ADV_SCOPES, ADV_STDS
 from unigrpo.rewards.registry import RewardSpec, normalise_rewards
 from unigrpo.rollout.rollout import RolloutConfig
 from unigrpo_kernels.dispatch import OP_BACKENDS
@@ -78,7 +79,15 @@ class TrainConfig:
     rewards: list[RewardSpec | str] = field(default_factory=lambda: [RewardSpec("shapes_ta")])
     """the rewards, [{name, weight, ...}] (unigrpo/rewards/registry.py); their weighted sum trains"""
     adv_scope: str = "group"
-    """advantage std over the "group" or the whole "batch" (§5)"""
+    """advantage scale after centring on the group mean: std of the "group" (§5), of the whole "batch"
+    (Flow-GRPO global_std), or "none" (centred only, TRL scale_rewards="none")"""
+    adv_std: str = "population"
+    """the std's divisor: "population" (n, §5 and Flow-GRPO's np.std) or "sample" (n − 1, TRL's torch.std)"""
+    adv_clip: float | None = 5.0
+    """clamp advantages to [−adv_clip, adv_clip] (§5); null disables (TRL and Flow-GRPO do not clamp)"""
+    adv_group_by: str = "group"
+    """"group": the G rollouts of one drawn prompt; "prompt": every row with the same prompt text, across
+    groups and ranks (Flow-GRPO's PerPromptStatTracker)"""
     skip_zero_std: bool = True
     """drop groups whose rewards are all equal before training"""
     recompute_old: bool = True
@@ -127,8 +136,14 @@ class TrainConfig:
                 raise ValueError("method 'refl' puts its step window at the last steps, where 'cps' has no noise; "
                                  f"use rollout.sde_kind=sde (got {self.rollout.sde_kind!r})")
         self.rewards = normalise_rewards(self.rewards)
-        if self.adv_scope not in ("group", "batch"):
-            raise ValueError(f"adv_scope must be 'group' or 'batch', got {self.adv_scope!r}")
+        if self.adv_scope not in ADV_SCOPES:
+            raise ValueError(f"adv_scope must be one of {ADV_SCOPES}, got {self.adv_scope!r}")
+        if self.adv_std not in ADV_STDS:
+            raise ValueError(f"adv_std must be one of {ADV_STDS}, got {self.adv_std!r}")
+        if self.adv_clip is not None and not self.adv_clip > 0:
+            raise ValueError(f"adv_clip must be > 0 or null (no clamp), got {self.adv_clip!r}")
+        if self.adv_group_by not in ("group", "prompt"):
+            raise ValueError(f"adv_group_by must be 'group' or 'prompt', got {self.adv_group_by!r}")
         if self.attention_backend not in ("auto",) + ATTN_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r}; expected one of "
                              f"{('auto',) + ATTN_BACKENDS}")

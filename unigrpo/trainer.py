@@ -46,7 +46,7 @@ from unigrpo.losses.refl import ReFLObjective
 from unigrpo.model.attention import resolve_attention_backend
 from unigrpo.model.build import load_bundle
 from unigrpo.model.bundle import Bundle
-from unigrpo.rewards.advantages import group_advantages, group_has_signal
+from unigrpo.rewards.advantages import group_advantages, group_has_signal, prompt_group_ids
 from unigrpo.rewards.registry import RewardSet
 from unigrpo.rollout.rollout import Trajectories, check_rollout_batch, draw_windows, rollout_in_batches
 from unigrpo.optimizer import build_optimizer, grad_norms
@@ -204,14 +204,21 @@ class Trainer:
         group_prompts = [p for p in prompts for _ in range(rc.group_size)]
         rewards, per_reward, reward_info = self.rewards(images, [p.text for p in group_prompts],
                                                         [p.metadata for p in group_prompts], rc.group_size)
-        if env.enabled and cfg.adv_scope == "batch":   # the batch std spans every rank's groups
+        adv_kw = dict(scope=cfg.adv_scope, std=cfg.adv_std, clip=cfg.adv_clip)
+        by_prompt = cfg.adv_group_by == "prompt"
+        texts = [p.text for p in group_prompts]
+        if env.enabled and (cfg.adv_scope == "batch" or by_prompt):   # the batch std / a prompt spans ranks
             everyone = torch.cat(all_gather_objects(rewards.cpu(), env))
-            n = rewards.numel()
-            adv = group_advantages(everyone, rc.group_size, scope="batch").float()[env.rank * n:(env.rank + 1) * n]
+            ids = prompt_group_ids(sum(all_gather_objects(texts, env), [])) if by_prompt else None
+            mine_rows = slice(env.rank * rewards.numel(), (env.rank + 1) * rewards.numel())
+            adv = group_advantages(everyone, rc.group_size, group_ids=ids, **adv_kw).float()[mine_rows]
+            signal = group_has_signal(everyone, rc.group_size, ids)[mine_rows]
         else:
-            adv = group_advantages(rewards, rc.group_size, scope=cfg.adv_scope).float()
+            ids = prompt_group_ids(texts) if by_prompt else None
+            adv = group_advantages(rewards, rc.group_size, group_ids=ids, **adv_kw).float()
+            signal = group_has_signal(rewards, rc.group_size, ids)
         adv = adv.to(env.device)
-        keep = group_has_signal(rewards, rc.group_size) if cfg.skip_zero_std else torch.ones_like(rewards, dtype=torch.bool)
+        keep = signal if cfg.skip_zero_std else torch.ones_like(rewards, dtype=torch.bool)
         rows = torch.nonzero(keep).flatten().tolist()
         t_train = time.perf_counter()
         metrics = {"step": self.step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),

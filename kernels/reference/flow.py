@@ -49,13 +49,21 @@ from .common import check_choice, clip_active, clipped_surrogate, compute_dtype,
 __all__ = [
     "sigma_schedule", "StepCoeffs", "step_coeffs", "step_coeffs_batch", "step_mean", "sde_step", "ode_step",
     "gaussian_logprob", "logprob_from_sq_mean", "flow_log_ratio", "velocity_mse", "flow_grpo_loss", "ROW_SUMS",
-    "flow_row_sums", "flow_loss_from_sums", "REGS", "FLOW_METRICS", "check_flow_loss_args", "check_sde_step_args",
+    "flow_row_sums", "flow_loss_from_sums", "REGS", "REG_CODES", "LATENT_KL_NORMS", "reg_code", "flow_clip_eps",
+    "FLOW_METRICS", "check_flow_loss_args", "check_sde_step_args",
 ]
 
 _KINDS = ("sde", "cps")
 _REGS = ("mse", "latent_kl", "none")
 REGS = _REGS
-"""The regularisers of §8; fused kernels take a regulariser as its index in this tuple."""
+"""The regularisers of §8."""
+LATENT_KL_NORMS = ("project", "flow_grpo")
+"""Normalisations of reg="latent_kl": "project" = mean_D(μ_θ − μ_ref)²/(2s²) (§8, s = g·sqrt(h) the step's std);
+"flow_grpo" = Flow-GRPO's mean_D(μ_θ − μ_ref)²/(2g²) with g = std_dev_t its std WITHOUT sqrt(h): since s² = g²·h
+(sde kind) it is h times the project's, b²·h/(2s²)·mean_D(v − v_ref)². For kind "cps" it is defined by that same
+formula (h · the project's term); Flow-GRPO has no g there."""
+REG_CODES = REGS + ("latent_kl_flow_grpo",)
+"""Fused kernels take a regulariser as its index in this tuple: REGS, then latent_kl with the flow_grpo norm."""
 FLOW_METRICS = ("flow/policy_loss", "flow/reg", "flow/ratio_mean", "flow/ratio_max", "flow/ratio_min",
                 "flow/clip_frac", "flow/log_ratio_abs_max", "flow/drift_bias_mean", "flow/velocity_mse")
 """The metrics of flow_grpo_loss, in the order fused kernels write them."""
@@ -299,10 +307,30 @@ def velocity_mse(v_BD: Tensor, v_ref_BD: Tensor) -> Tensor:
     return (d * d).mean(dim=1)
 
 
+def reg_code(reg: str, latent_kl_norm: str = "project") -> int:
+    """The kernels' regulariser code: the index in REG_CODES of (reg, latent_kl_norm)."""
+    check_choice("reg", reg, _REGS)
+    check_choice("latent_kl_norm", latent_kl_norm, LATENT_KL_NORMS)
+    if reg == "latent_kl" and latent_kl_norm == "flow_grpo":
+        return REG_CODES.index("latent_kl_flow_grpo")
+    return REG_CODES.index(reg)
+
+
+def flow_clip_eps(clip_eps: float, clip_eps_lo: float | None = None, clip_eps_hi: float | None = None):
+    """(ε_lo, ε_hi) of the flow ratio clip [1 − ε_lo, 1 + ε_hi]: each side defaults to clip_eps (None). The
+    asymmetric form is Flow-GRPO's Bagel trainer's clip_range_lt / clip_range_gt."""
+    return (clip_eps if clip_eps_lo is None else clip_eps_lo), (clip_eps if clip_eps_hi is None else clip_eps_hi)
+
+
 def check_flow_loss_args(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor, clip_eps: float,
-                         beta: float, reg: str, flow_weight: float = 1.0) -> None:
+                         beta: float, reg: str, flow_weight: float = 1.0, clip_eps_lo: float | None = None,
+                         clip_eps_hi: float | None = None, latent_kl_norm: str = "project") -> None:
     """The argument checks of flow_grpo_loss, shared by every backend (ValueError naming the bad value)."""
     check_choice("reg", reg, _REGS)
+    check_choice("latent_kl_norm", latent_kl_norm, LATENT_KL_NORMS)
+    for name, val in (("clip_eps_lo", clip_eps_lo), ("clip_eps_hi", clip_eps_hi)):
+        if val is not None and not (val >= 0 and math.isfinite(val)):
+            raise ValueError(f"{name}={val!r} must be None or finite and >= 0")
     if not (flow_weight >= 0 and math.isfinite(flow_weight)):
         raise ValueError(f"flow_weight={flow_weight!r} must be finite and >= 0")
     if not (clip_eps >= 0 and math.isfinite(clip_eps)):
@@ -318,20 +346,25 @@ def check_flow_loss_args(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref
 
 def flow_loss_from_sums(sums_B3: Tensor, D: int, *, adv_B: Tensor, b_B: Tensor, std_B: Tensor, h_B: Tensor,
                         clip_eps: float, beta: float, reg: str, ratio_norm: bool,
-                        grad_reweight: bool, flow_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+                        grad_reweight: bool, flow_weight: float = 1.0, clip_eps_lo: float | None = None,
+                        clip_eps_hi: float | None = None,
+                        latent_kl_norm: str = "project") -> tuple[Tensor, dict[str, Tensor]]:
     """The per-row scalar math of the flow loss (§7, §8) from the row sums (ROW_SUMS) of `flow_row_sums` or a
     fused backend. sums_B3 [B, 3] (grad flows back through it); adv/b/std/h [B] in the sums' dtype; D the
     latent elements per row. Returns (0-dim loss, detached metrics "flow/...")."""
+    eps_lo, eps_hi = flow_clip_eps(clip_eps, clip_eps_lo, clip_eps_hi)
     log_ratio, bias = _log_ratio_from_sums(sums_B3, D, b_B, std_B, ratio_norm)
     ratio = torch.exp(log_ratio)
     w = 1.0 / h_B if grad_reweight else torch.ones_like(h_B)
-    policy_loss = -(clipped_surrogate(ratio, adv_B, clip_eps, clip_eps) * w).mean()
+    policy_loss = -(clipped_surrogate(ratio, adv_B, eps_lo, eps_hi) * w).mean()
 
     mse_B = sums_B3[:, 2] / D
     if reg == "mse":
         reg_B = mse_B
     elif reg == "latent_kl":
         reg_B = b_B * b_B / (2.0 * std_B * std_B) * mse_B
+        if latent_kl_norm == "flow_grpo":                  # ÷ 2g² instead of ÷ 2s², s² = g²·h
+            reg_B = reg_B * h_B
     else:
         reg_B = torch.zeros_like(mse_B)
     reg_mean = reg_B.mean()
@@ -344,7 +377,7 @@ def flow_loss_from_sums(sums_B3: Tensor, D: int, *, adv_B: Tensor, b_B: Tensor, 
             "flow/ratio_mean": ratio.mean(),
             "flow/ratio_max": ratio.max(),
             "flow/ratio_min": ratio.min(),
-            "flow/clip_frac": clip_active(ratio, adv_B, clip_eps, clip_eps).to(sums_B3.dtype).mean(),
+            "flow/clip_frac": clip_active(ratio, adv_B, eps_lo, eps_hi).to(sums_B3.dtype).mean(),
             "flow/log_ratio_abs_max": log_ratio.abs().max(),
             "flow/drift_bias_mean": bias.mean(),
             "flow/velocity_mse": mse_B.mean(),
@@ -354,18 +387,23 @@ def flow_loss_from_sums(sums_B3: Tensor, D: int, *, adv_B: Tensor, b_B: Tensor, 
 
 def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: Tensor, adv_B, b_B, std_B, h_B,
                    clip_eps: float = 1e-6, beta: float = 1.5e-5, reg: str = "mse", ratio_norm: bool = True,
-                   grad_reweight: bool = False, flow_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+                   grad_reweight: bool = False, flow_weight: float = 1.0, clip_eps_lo: float | None = None,
+                   clip_eps_hi: float | None = None,
+                   latent_kl_norm: str = "project") -> tuple[Tensor, dict[str, Tensor]]:
     """FlowGRPO loss with RatioNorm and the velocity regulariser (§7, §8); one row = one (trajectory,
     window step) pair, so every 1/(G·W) is a mean over rows.
 
     v_BD (grad), xi_BD, v_old_BD, v_ref_BD: [B, ...] of one shape; adv_B, b_B, std_B, h_B: numbers or [B].
         loss = λ·(−mean_B[min(r·A, clip(r, 1−ε, 1+ε)·A)·w]) + β·mean_B reg_B,   λ = flow_weight (§9)
     r = r̂ (ratio_norm) or the plain ratio; w = 1/h (grad_reweight) or 1; reg_B = mean_D (v − v_ref)² ("mse"),
-    b²/(2s²)·mean_D (v − v_ref)² ("latent_kl"), or 0 ("none"). Returns a 0-dim loss in float32 (float64 if
+    b²/(2s²)·mean_D (v − v_ref)² ("latent_kl"; times h with latent_kl_norm="flow_grpo", see LATENT_KL_NORMS),
+    or 0 ("none"). The clip range is [1 − ε_lo, 1 + ε_hi], each side clip_eps unless clip_eps_lo / clip_eps_hi
+    is given. Returns a 0-dim loss in float32 (float64 if
     any input is) and detached metrics "flow/...".
     """
     check_flow_loss_args(v_BD=v_BD, xi_BD=xi_BD, v_old_BD=v_old_BD, v_ref_BD=v_ref_BD, clip_eps=clip_eps,
-                         beta=beta, reg=reg, flow_weight=flow_weight)
+                         beta=beta, reg=reg, flow_weight=flow_weight, clip_eps_lo=clip_eps_lo,
+                         clip_eps_hi=clip_eps_hi, latent_kl_norm=latent_kl_norm)
     B, dev = v_BD.shape[0], v_BD.device
     dt = compute_dtype(v_BD, xi_BD, v_old_BD, v_ref_BD, adv_B, b_B, std_B, h_B)
     v = _flat(v_BD, B, "v_BD").to(dt)
@@ -374,4 +412,5 @@ def flow_grpo_loss(*, v_BD: Tensor, xi_BD: Tensor, v_old_BD: Tensor, v_ref_BD: T
             (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B))}
     sums = flow_row_sums(v, t["xi_BD"], t["v_old_BD"], t["v_ref_BD"])
     return flow_loss_from_sums(sums, v.shape[1], **rows, clip_eps=clip_eps, beta=beta, reg=reg,
-                               ratio_norm=ratio_norm, grad_reweight=grad_reweight, flow_weight=flow_weight)
+                               ratio_norm=ratio_norm, grad_reweight=grad_reweight, flow_weight=flow_weight,
+                               clip_eps_lo=clip_eps_lo, clip_eps_hi=clip_eps_hi, latent_kl_norm=latent_kl_norm)

@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..dtypes import KERNEL_DTYPES
-from ..reference.flow import FLOW_METRICS, REGS
+from ..reference.flow import FLOW_METRICS, REG_CODES
 
 __all__ = ["sde_step_fwd", "flow_sums_fwd", "flow_sums_partials", "flow_loss_finalize", "flow_sums_bwd"]
 
@@ -196,6 +196,8 @@ def _flow_loss_finalize_kernel(part_ptr, chunks, adv_ptr, b_ptr, s_ptr, h_ptr, l
             reg_k = tl.full([BLOCK_B], 1.0, tl.float32)
         elif REG == 1:
             reg_k = b * b / (2.0 * s * s)
+        elif REG == 3:                                        # latent_kl, Flow-GRPO's ÷ 2g² = ÷ 2s²/h
+            reg_k = b * b * h / (2.0 * s * s)
         else:
             reg_k = tl.zeros([BLOCK_B], dtype=tl.float32)
         # dL/dlog r = −w·A·r/B where the ratio branch carries the gradient (0 where clipped strictly)
@@ -282,14 +284,14 @@ def flow_loss_finalize(part_BC3: Tensor, adv_B: Tensor, b_B: Tensor, std_B: Tens
                        grad_reweight: bool, flow_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """The per-row scalar math of the flow loss from the partial row sums (reference `flow_loss_from_sums`).
     part_BC3 fp32 [B, C, 3] (C ≥ 1 partials per row, summed here in order); adv/b/std/h fp32 [B];
-    lo = 1 − ε, hi = 1 + ε; reg the index in REGS; loss = flow_weight·policy + beta·reg. Returns (loss [] fp32, metrics [9] fp32 in FLOW_METRICS order,
+    lo = 1 − ε_lo, hi = 1 + ε_hi; reg the index in REG_CODES; loss = flow_weight·policy + beta·reg. Returns (loss [] fp32, metrics [9] fp32 in FLOW_METRICS order,
     coef [B, 3] fp32 = dL/d(row sums) for the backward)."""
     B, C = part_BC3.shape[:2]
     _check("part_BC3", part_BC3.view(B, C * 3), B, C * 3, (torch.float32,))
     for name, t in (("adv_B", adv_B), ("b_B", b_B), ("std_B", std_B), ("h_B", h_B)):
         _check(name, t.view(B, 1), B, 1, (torch.float32,))
-    if reg not in range(len(REGS)):
-        raise ValueError(f"reg code {reg!r} unknown; expected the index of one of {REGS}")
+    if reg not in range(len(REG_CODES)):
+        raise ValueError(f"reg code {reg!r} unknown; expected the index of one of {REG_CODES}")
     dev = part_BC3.device
     loss = torch.empty((), dtype=torch.float32, device=dev)
     metrics = torch.empty(len(FLOW_METRICS), dtype=torch.float32, device=dev)

@@ -1,6 +1,6 @@
 """Triton kernels of the fused token log-prob op (ALGORITHM.md §6; the spec is `token_logprobs` in
-kernels/reference/text.py): log softmax(hidden·Wᵀ/τ) at the targets, optionally the entropy, and the backward
-to hidden and weight, never holding the [T, V] logits.
+kernels/reference/text.py): log softmax((hidden·Wᵀ + bias)/τ) at the targets, optionally the entropy, and the
+backward to hidden, weight and the optional lm_head bias, never holding the [T, V] logits.
 
 Shape legend: T tokens, H hidden size, V vocabulary; S vocabulary splits of the forward; Tc token chunk and
 Vb vocabulary block of the backward; z = logits/τ.
@@ -26,6 +26,11 @@ Decisions:
   Vb and hidden is not fp32; dW: [Vb, H] when T spans several Tc and weight is not fp32), read-modify-written
   tile by tile, each tile by one program: deterministic. The last launch stores in the output dtype.
   Extra memory: Tc·Vb scratch + T·H·4 + Vb·H·4 bytes (+ S·T·16 in the forward), never O(T·V).
+- The optional bias [V] (HAS_BIAS) is added to each fp32 logit tile before 1/τ, in the forward and in the
+  dlogits recompute. Its gradient dbias_v = Σ_t dlogits_tv: each dlogits program also writes its tile's fp32
+  column sums into a [Tc/BT, Vb] partial buffer (WANT_DB), which torch sums over its rows in a fixed order and
+  adds into an fp32 [V] accumulator chunk by chunk (deterministic, no atomics; extra memory Tc/BT·Vb·4 + V·4
+  bytes). Without a bias the kernels are the unbiased ones (HAS_BIAS / WANT_DB are constexpr False).
   Cost: forward 2·T·H·V flops; backward 6·T·H·V (recompute + two GEMMs).
 - Dot dtype: both operands bf16 (or both fp16) → tl.dot in that dtype with fp32 accumulation (tensor cores;
   products are exact in fp32); anything else → fp32 with input_precision="ieee" (like torch's fp32 matmul,
@@ -131,8 +136,8 @@ def _logit_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
 
 
 @triton.jit
-def _token_fwd_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, T, H, V, S, stride_h, stride_w, split, inv_tau,
-                      n_vt, n_h, WANT_ENT: tl.constexpr, DOT_F32: tl.constexpr,
+def _token_fwd_kernel(h_ptr, w_ptr, bias_ptr, tgt_ptr, part_ptr, T, H, V, S, stride_h, stride_w, split, inv_tau,
+                      n_vt, n_h, WANT_ENT: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -150,6 +155,8 @@ def _token_fwd_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, T, H, V, S, stride_h, str
         col_ok = cols < v_hi
         acc = _logit_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w, n_h,
                           DOT_F32, BLOCK_T, BLOCK_V, BLOCK_H)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         z = tl.where(col_ok[None, :], acc * inv_tau, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))        # finite: every tile has a valid column
         alpha = tl.exp(m - m_new)                       # 0 on the first tile (m = −inf)
@@ -199,10 +206,12 @@ def _token_merge_kernel(part_ptr, logp_ptr, ent_ptr, lse_ptr, T, S, n_s, WANT_EN
 
 
 @triton.jit
-def _token_bwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, dz_ptr, t0, t1, v0, v1, H,
-                      stride_h, stride_w, stride_dz, inv_tau, n_h, HAS_GE: tl.constexpr, DOT_F32: tl.constexpr,
+def _token_bwd_kernel(h_ptr, w_ptr, bias_ptr, tgt_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, dz_ptr, db_ptr, t0, t1,
+                      v0, v1, H, stride_h, stride_w, stride_dz, stride_db, inv_tau, n_h, HAS_GE: tl.constexpr,
+                      DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """dlogits for tokens [t0, t1) × columns [v0, v1) into the scratch dz [Tc, Vb] (local indices)."""
+    """dlogits for tokens [t0, t1) × columns [v0, v1) into the scratch dz [Tc, Vb] (local indices); with WANT_DB
+    also the tile's fp32 column sums into db [Tc/BLOCK_T, Vb] (row = this program's token block)."""
     lrows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     lcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     rows = t0 + lrows
@@ -211,6 +220,8 @@ def _token_bwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, d
     col_ok = cols < v1
     acc = _logit_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w, n_h,
                       DOT_F32, BLOCK_T, BLOCK_V, BLOCK_H)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     g = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
@@ -225,6 +236,8 @@ def _token_bwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, d
     dz = tl.where(cols[None, :] == tgt[:, None], dz + g[:, None], dz) * inv_tau   # +g in fp32, then cast
     ok = row_ok[:, None] & col_ok[None, :]
     tl.store(dz_ptr + lrows[:, None] * stride_dz + lcols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
+    if WANT_DB:
+        tl.store(db_ptr + tl.program_id(0) * stride_db + lcols, tl.sum(tl.where(ok, dz, 0.0), axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -266,13 +279,16 @@ def _token_mm_kernel(a_ptr, b_ptr, acc_ptr, out_ptr, M, N, K, s_am, s_ak, s_bk, 
 
 # ---------------------------------------------------------------------------------------------- launchers
 
-def _check(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor) -> None:
+def _check(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, bias_V: Tensor | None = None) -> None:
     if hidden_TH.dtype not in KERNEL_DTYPES or weight_VH.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the triton token kernels take fp32/bf16/fp16 hidden and weight, got {hidden_TH.dtype} "
                          f"and {weight_VH.dtype} (use backend='torch' for float64)")
     if hidden_TH.device != weight_VH.device or targets_T.device != hidden_TH.device:
         raise ValueError(f"hidden, weight and targets must be on one device, got {hidden_TH.device}, "
                          f"{weight_VH.device}, {targets_T.device}")
+    if bias_V is not None and (bias_V.dtype not in KERNEL_DTYPES or bias_V.device != hidden_TH.device):
+        raise ValueError(f"the triton token kernels take an fp32/bf16/fp16 bias on {hidden_TH.device}, got "
+                         f"{bias_V.dtype} on {bias_V.device} (use backend='torch' for float64)")
 
 
 def _rowmajor(x: Tensor) -> Tensor:
@@ -290,10 +306,12 @@ def _dot_f32(hidden_TH: Tensor, weight_VH: Tensor) -> bool:
 
 
 def token_forward(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, temperature: float,
-                  want_entropy: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-    """hidden [T, H] and weight [V, H] (fp32/bf16/fp16), targets int [T] in [0, V) → (logp [T], entropy [T]
-    or None, lse [T]), fp32; lse is logsumexp(z) with z = hidden·Wᵀ/τ (saved for the backward)."""
-    _check(hidden_TH, weight_VH, targets_T)
+                  want_entropy: bool, bias_V: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """hidden [T, H] and weight [V, H] (fp32/bf16/fp16), targets int [T] in [0, V), bias [V] or None → (logp
+    [T], entropy [T] or None, lse [T]), fp32; lse is logsumexp(z) with z = (hidden·Wᵀ + bias)/τ (saved for the
+    backward)."""
+    _check(hidden_TH, weight_VH, targets_T, bias_V)
+    bias_V = None if bias_V is None else bias_V.contiguous()
     hidden_TH, weight_VH, targets_T = _rowmajor(hidden_TH), _rowmajor(weight_VH), targets_T.contiguous()
     T, H = hidden_TH.shape
     V = weight_VH.shape[0]
@@ -308,10 +326,10 @@ def token_forward(hidden_TH: Tensor, weight_VH: Tensor, targets_T: Tensor, tempe
     S = triton.cdiv(V, cfg.split)
     part = torch.empty(4, S, T, dtype=torch.float32, device=dev)
     _token_fwd_kernel[(triton.cdiv(T, cfg.block_t), S)](
-        hidden_TH, weight_VH, targets_T, part, T, H, V, S, hidden_TH.stride(0), weight_VH.stride(0), cfg.split,
-        1.0 / temperature, _trip(cfg.split // cfg.block_v), _trip(triton.cdiv(H, cfg.block_h)),
-        WANT_ENT=want_entropy, DOT_F32=dot_f32, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        hidden_TH, weight_VH, weight_VH if bias_V is None else bias_V, targets_T, part, T, H, V, S,
+        hidden_TH.stride(0), weight_VH.stride(0), cfg.split, 1.0 / temperature, _trip(cfg.split // cfg.block_v),
+        _trip(triton.cdiv(H, cfg.block_h)), WANT_ENT=want_entropy, DOT_F32=dot_f32, HAS_BIAS=bias_V is not None,
+        BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.warps, num_stages=cfg.stages)
     _token_merge_kernel[(triton.cdiv(T, cfg.merge),)](
         part, logp, ent if want_entropy else logp, lse, T, S, _trip(S), WANT_ENT=want_entropy, BLOCK=cfg.merge,
         num_warps=cfg.merge_warps)
@@ -331,10 +349,15 @@ def _mm(a: Tensor, a_strides: tuple[int, int], b: Tensor, b_strides: tuple[int, 
 
 def token_backward(grad_logp_T: Tensor, grad_entropy_T: Tensor | None, hidden_TH: Tensor, weight_VH: Tensor,
                    targets_T: Tensor, lse_T: Tensor, entropy_T: Tensor | None, temperature: float,
-                   need_dh: bool = True, need_dw: bool = True) -> tuple[Tensor | None, Tensor | None]:
+                   need_dh: bool = True, need_dw: bool = True, bias_V: Tensor | None = None,
+                   need_db: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of Σ_t g_t·logp_t + e_t·entropy_t: (dH [T, H] in hidden's dtype or None, dW [V, H] in weight's
-    dtype or None). grad_entropy_T (and entropy_T) may be None: no entropy term."""
-    _check(hidden_TH, weight_VH, targets_T)
+    dtype or None, dbias [V] in the bias's dtype or None (need_db needs bias_V)). grad_entropy_T (and
+    entropy_T) may be None: no entropy term."""
+    _check(hidden_TH, weight_VH, targets_T, bias_V)
+    if need_db and bias_V is None:
+        raise ValueError("need_db needs bias_V (the forward's bias)")
+    bias_V = None if bias_V is None else bias_V.contiguous()
     hidden_TH, weight_VH, targets_T = _rowmajor(hidden_TH), _rowmajor(weight_VH), targets_T.contiguous()
     T, H = hidden_TH.shape
     V = weight_VH.shape[0]
@@ -347,10 +370,11 @@ def token_backward(grad_logp_T: Tensor, grad_entropy_T: Tensor | None, hidden_TH
     ent = entropy_T.contiguous() if has_ge else lse_T
     dh = torch.empty_like(hidden_TH) if need_dh else None
     dw = torch.empty_like(weight_VH) if need_dw else None
-    if T == 0 or not (need_dh or need_dw):
+    db_acc = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
+    if T == 0 or not (need_dh or need_dw or need_db):
         if dw is not None:
             dw.zero_()
-        return dh, dw
+        return dh, dw, (db_acc.to(bias_V.dtype) if need_db else None)
     dot_f32 = _dot_f32(hidden_TH, weight_VH)
     cfg = _config(V, dot_f32, dev, _aligned(hidden_TH, weight_VH))
     vb, tc = min(cfg.vb, V), min(cfg.tc, T)
@@ -363,6 +387,7 @@ def token_backward(grad_logp_T: Tensor, grad_entropy_T: Tensor | None, hidden_TH
     dw_acc = None
     if need_dw and n_tc > 1 and weight_VH.dtype != torch.float32:
         dw_acc = torch.empty(vb, H, dtype=torch.float32, device=dev)
+    db_part = torch.empty(triton.cdiv(tc, cfg.block_t), vb, dtype=torch.float32, device=dev) if need_db else dz
     inv_tau = 1.0 / temperature
     n_h = _trip(triton.cdiv(H, cfg.block_h))
     for iv in range(n_vb):
@@ -371,11 +396,15 @@ def token_backward(grad_logp_T: Tensor, grad_entropy_T: Tensor | None, hidden_TH
         for it in range(n_tc):
             t0 = it * tc
             nt = min(tc, T - t0)
-            _token_bwd_kernel[(triton.cdiv(nt, cfg.block_t), triton.cdiv(nv, cfg.block_v))](
-                hidden_TH, weight_VH, targets_T, lse_T, ent, g, ge, dz, t0, t0 + nt, v0, v0 + nv, H,
-                hidden_TH.stride(0), weight_VH.stride(0), dz.stride(0), inv_tau, n_h, HAS_GE=has_ge,
-                DOT_F32=dot_f32, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            n_tb = triton.cdiv(nt, cfg.block_t)
+            _token_bwd_kernel[(n_tb, triton.cdiv(nv, cfg.block_v))](
+                hidden_TH, weight_VH, weight_VH if bias_V is None else bias_V, targets_T, lse_T, ent, g, ge, dz,
+                db_part, t0, t0 + nt, v0, v0 + nv, H, hidden_TH.stride(0), weight_VH.stride(0), dz.stride(0),
+                db_part.stride(0), inv_tau, n_h, HAS_GE=has_ge, DOT_F32=dot_f32, HAS_BIAS=bias_V is not None,
+                WANT_DB=need_db, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 num_warps=cfg.warps, num_stages=cfg.stages)
+            if need_db:   # the tile column sums, summed over token blocks in order (deterministic)
+                db_acc[v0:v0 + nv] += db_part[:n_tb, :nv].sum(dim=0)
             if need_dw:   # dW[v0:v0+nv] (+)= dzᵀ · hidden[t0:t0+nt]; A = dzᵀ: strides (1, Tc-row stride)
                 out_w = dw[v0:v0 + nv]
                 if dw_acc is None:        # one token chunk, or fp32 weight: accumulate in the output itself
@@ -389,4 +418,4 @@ def token_backward(grad_logp_T: Tensor, grad_entropy_T: Tensor | None, hidden_TH
                 acc_h = dh_acc[t0:t0 + nt] if iv > 0 else None
                 _mm(dz, (dz.stride(0), 1), weight_VH[v0:], (weight_VH.stride(0), 1), acc_h, out_h, nt, H, nv,
                     dot_f32, cfg)
-    return dh, dw
+    return dh, dw, (db_acc.to(bias_V.dtype) if need_db else None)

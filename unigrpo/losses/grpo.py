@@ -46,6 +46,7 @@ class OldPolicy:
     s_RW: torch.Tensor
     h_RW: torch.Tensor
     metrics: dict            # mismatch and entropy of the old policy
+    text_tokens: float = 0.0  # reasoning tokens of the trained rows, summed over ranks (aggregation "global")
 
 
 class UniGRPOObjective:
@@ -125,8 +126,13 @@ class UniGRPOObjective:
         metrics = {"mismatch/text_logp_max": mism_text, "mismatch/flow_logp_max": mism_flow,
                    "text/entropy": (entropy[sel][mask_RT[sel]].mean().item() if cfg.recompute_old and rows
                                     and mask_RT[sel].any() else float("nan"))}
+        # DAPO's normaliser: completion tokens of the whole generation batch (every trained row, every rank), fixed
+        # once per step so mini- and micro-batch losses add up; one all_reduce under torch.distributed
+        n_tok = mask_RT[sel].sum().to(torch.float64) if rows else torch.zeros((), dtype=torch.float64, device=dev)
+        if cfg.loss.aggregation == "global" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(n_tok)
         return OldPolicy(traj, rows, adv_R, old_logp, ref_logp, v_old, v_ref_t if self.ref is not None else v_old,
-                         xi, b_RW, s_RW, h_RW, metrics)
+                         xi, b_RW, s_RW, h_RW, metrics, float(n_tok))
 
     def shares(self, old: OldPolicy, mb: list[int], within: list[int]) -> tuple[float, float]:
         """(text, flow) shares of the micro-batch `mb` in the mini-batch `within`: the mini-batch's loss is
@@ -138,6 +144,8 @@ class UniGRPOObjective:
             m = mask[torch.tensor(rows, device=mask.device)]
             agg = self.cfg.loss.aggregation
             return float(m.any(1).sum() if agg == "sequence" else m.sum() if agg == "token" else len(rows))
+        if self.cfg.loss.aggregation == "global":   # the normaliser is fixed for the step: micro-batch losses add
+            return 1.0, len(mb) / len(within)
         total = count(within)
         return (count(mb) / total if total else 0.0), len(mb) / len(within)
 
@@ -155,16 +163,19 @@ class UniGRPOObjective:
         max_len = (rc.max_new_tokens or self.policy.cfg.max_text_len) if lc.aggregation == "constant" else None
         batch = self._pack(traj, mb)
         idx = torch.tensor(mb, device=dev)
+        text_eps = (lc.gspo_eps_lo, lc.gspo_eps_hi) if lc.ratio_level == "sequence" else (lc.eps_lo, lc.eps_hi)
 
         def text_loss(hidden, weight):
             """hidden → GRPO text loss in one fused call, inside the forward (FSDP)"""
             h_sel = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos]
             return linear_text_grpo_loss(
                 h_sel, weight, batch.text_tgt, slot_T=batch.text_slot, old_logp_BL=old.old_logp[idx],
-                adv_B=adv_R[idx], mask_BL=mask_RT[idx], temperature=rc.temperature, eps_lo=lc.eps_lo,
-                eps_hi=lc.eps_hi, aggregation=lc.aggregation,
+                adv_B=adv_R[idx], mask_BL=mask_RT[idx], temperature=rc.temperature, eps_lo=text_eps[0],
+                eps_hi=text_eps[1], aggregation=lc.aggregation, ratio_level=lc.ratio_level,
+                global_tokens=old.text_tokens if lc.aggregation == "global" else None,
                 ref_logp_BL=None if old.ref_logp is None else old.ref_logp[idx], kl_coef=lc.kl_coef,
-                max_len=max_len, return_logp=True, backend=self.text_backend)
+                kl_bias_correction=lc.kl_bias_correction, max_len=max_len, return_logp=True,
+                backend=self.text_backend)
 
         text_out, v = self.forward.with_head(self.policy, batch, text_loss if lc.train_text else no_text_head)
         if lam > 0:
@@ -185,7 +196,8 @@ class UniGRPOObjective:
                 v_old_BD=old.v_old[idx].view(-1, D), v_ref_BD=old.v_ref[idx].view(-1, D),
                 adv_B=adv_R[idx].repeat_interleave(W), b_B=old.b_RW[idx].flatten(), std_B=old.s_RW[idx].flatten(),
                 h_B=old.h_RW[idx].flatten(), clip_eps=lc.flow_clip, flow_weight=lam, beta=lc.beta, reg=lc.reg,
-                ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight, backend=self.flow_backend)
+                ratio_norm=lc.ratio_norm, grad_reweight=lc.grad_reweight, clip_eps_lo=lc.flow_clip_lo,
+                clip_eps_hi=lc.flow_clip_hi, latent_kl_norm=lc.latent_kl_norm, backend=self.flow_backend)
             loss = loss + (l_flow if within is None else share_flow * l_flow)   # = λ·L_flow + β·L_reg, one pass
             m.update(mf)
         return loss, m
