@@ -112,6 +112,8 @@ def test_token_quick_checks_and_times_the_torch_providers(tmp_path):
     for r in rows:
         assert 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"] and r["unit"] == "TFLOP/s" and r["value"] > 0
     assert "token_logprobs" in md
+    ops = {r["op"] for r in rows}
+    assert {"linear_text_grpo_loss", "linear_text_grpo_loss[gspo]", "linear_text_grpo_loss[dapo]"} <= ops
 
 
 def test_attention_quick_checks_split_against_dense_sdpa(tmp_path):

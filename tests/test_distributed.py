@@ -63,15 +63,17 @@ def _torchrun(tmp_path, *args, nproc=2):
     assert res.returncode == 0, f"torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
 
 
-@pytest.mark.parametrize("fsdp_optim", [{}, {"optim.minibatch": 4, "optim.microbatch": 1}],
-                         ids=["one-pass", "micro-batches"])
+@pytest.mark.parametrize("fsdp_optim", [{}, {"optim.minibatch": 4, "optim.microbatch": 1},
+                                        {"loss.loss_type": "dapo", "optim.minibatch": 4, "optim.microbatch": 1}],
+                         ids=["one-pass", "micro-batches", "dapo-global-tokens"])
 def test_fsdp_update_equals_single_process_update(tmp_path, fsdp_optim):
     """Each rank's 3 rows in one mini-batch (one pass; or micro-batches of 1 plus one dummy, which FSDP needs
     for equal collectives on every rank) give the single process's step over all 6 rows."""
     tiny_base(tmp_path / "base")
     ov = _overrides(tmp_path)
     # trajectories from the single-process trainer's policy, shared by both runs
-    single = Trainer(_config({**ov, "optim.minibatch": 6}), progress=False)
+    single = Trainer(_config({**ov, **{k: v for k, v in fsdp_optim.items() if k.startswith("loss.")},
+                              "optim.minibatch": 6}), progress=False)
     rc = single.cfg.rollout
     traj = rollout(single.policy, single.bundle.tokenizer, ["a red circle", "two blue squares"], rc,
                    generator=torch.Generator().manual_seed(3), window_rng=np.random.default_rng(3))

@@ -48,6 +48,13 @@ DESCRIPTION = ("token_logprobs (fwd/bwd/full, +entropy fwd) and linear_text_grpo
                "triton, liger")
 
 _LOSS_KW = dict(eps_lo=0.2, eps_hi=0.28, aggregation="sequence")
+_LOSS_VARIANTS = {
+    "grpo": (_LOSS_KW, "ε 0.2/0.28, sequence aggregation"),
+    "gspo": (dict(eps_lo=3e-4, eps_hi=4e-4, aggregation="sequence", ratio_level="sequence"),
+             "GSPO: sequence ratio, ε 3e-4/4e-4"),
+    "dapo": (dict(eps_lo=0.2, eps_hi=0.28, aggregation="global"), "DAPO: ÷ the batch's tokens, ε 0.2/0.28"),
+}
+"""loss_type → (text_grpo_loss options, row note); the grpo row keeps its historical op name."""
 
 
 def shapes(ctx) -> list[tuple[int, int, int, int, torch.dtype]]:
@@ -137,8 +144,12 @@ def _reference_linear_loss(hidden_TH, weight_VH, targets_T, *, slot_T, old_logp_
     return ref.text_grpo_loss(logp_BL=lp_BL, old_logp_BL=old_logp_BL, adv_B=adv_B, mask_BL=mask_BL, **kw)
 
 
-def loss_case(B: int, L: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> OpCase:
+def loss_case(B: int, L: int, H: int, V: int, dtype: torch.dtype, device: torch.device,
+              loss_type: str = "grpo") -> OpCase:
     T = B * L
+    loss_kw, note = _LOSS_VARIANTS[loss_type]
+    if loss_kw.get("aggregation") == "global":
+        loss_kw = dict(loss_kw, global_tokens=float(T))
 
     def make_inputs():
         g = torch.Generator(device=device).manual_seed(1)
@@ -151,18 +162,19 @@ def loss_case(B: int, L: int, H: int, V: int, dtype: torch.dtype, device: torch.
         return {"hidden_TH": h.requires_grad_(), "weight_VH": w.requires_grad_(), "targets_T": tgt,
                 "slot_T": torch.arange(T, device=device), "old_logp_BL": old,
                 "adv_B": torch.randn(B, generator=g, device=device),
-                "mask_BL": torch.ones(B, L, dtype=torch.bool, device=device), **_LOSS_KW}
+                "mask_BL": torch.ones(B, L, dtype=torch.bool, device=device), **loss_kw}
 
     provs = {"torch": _reference_linear_loss, "torch.compile": compiled(_reference_linear_loss)}
     for be, fn in _fused(device, "linear_text_grpo_loss").items():
         provs[be] = lambda fn=fn, be=be, **kw: fn(**kw, backend=be)
     low = dtype != torch.float32
-    return OpCase(suite=NAME, op="linear_text_grpo_loss", shape=f"B={B} L={L} H={H} V={V}", dtype=dtype_name(dtype),
+    op = "linear_text_grpo_loss" if loss_type == "grpo" else f"linear_text_grpo_loss[{loss_type}]"
+    return OpCase(suite=NAME, op=op, shape=f"B={B} L={L} H={H} V={V}", dtype=dtype_name(dtype),
                   make_inputs=make_inputs, providers=provs, outputs=lambda res: {"loss": res[0]},
                   loss=lambda res: res[0], grad_inputs=("hidden_TH", "weight_VH"),
                   tol={"loss": 1e-3 if low else 1e-4, "grad:hidden_TH": 1e-2 if low else 1e-4,
                        "grad:weight_VH": 1e-2 if low else 1e-4},
-                  modes=("full",), flops={"full": 8 * T * H * V}, note="ε 0.2/0.28, sequence aggregation")
+                  modes=("full",), flops={"full": 8 * T * H * V}, note=note)
 
 
 def cases(ctx) -> list[OpCase]:
@@ -170,7 +182,7 @@ def cases(ctx) -> list[OpCase]:
     for B, L, H, V, dt in shapes(ctx):
         out += [token_case(B, L, H, V, dt, ctx.device, entropy=False),
                 token_case(B, L, H, V, dt, ctx.device, entropy=True),
-                loss_case(B, L, H, V, dt, ctx.device)]
+                *(loss_case(B, L, H, V, dt, ctx.device, lt) for lt in _LOSS_VARIANTS)]
     return out
 
 

@@ -131,6 +131,8 @@ class UniGRPOObjective:
         n_tok = mask_RT[sel].sum().to(torch.float64) if rows else torch.zeros((), dtype=torch.float64, device=dev)
         if cfg.loss.aggregation == "global" and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(n_tok)
+            # FSDP averages gradients over ranks, so each rank divides by N / world (TRL: num_items / processes)
+            n_tok = n_tok / torch.distributed.get_world_size()
         return OldPolicy(traj, rows, adv_R, old_logp, ref_logp, v_old, v_ref_t if self.ref is not None else v_old,
                          xi, b_RW, s_RW, h_RW, metrics, float(n_tok))
 
