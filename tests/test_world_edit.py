@@ -1,0 +1,91 @@
+"""The editing tasks of the shapes world (unigrpo/world/edit.py, ALGORITHM.md §12, issue 19 item 4).
+
+Scores are exact (the verifier is deterministic on renders), so the checks are equalities, not tolerances.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from unigrpo.world import sample_layout
+from unigrpo.world.edit import (EDIT_KINDS, OPPOSITE, EditTask, all_edits, edit_layout, edit_pretrain_example,
+                                make_edit_tasks, split_edits, verify_edit)
+from unigrpo.world.plan import parse_plan
+
+
+def test_every_kind_has_tasks_on_both_sides_of_a_disjoint_fixed_split():
+    for kind in EDIT_KINDS:
+        train, held = split_edits(kind, "train"), split_edits(kind, "heldout")
+        assert train and held, kind
+        assert not set(train) & set(held), kind
+        assert set(train) | set(held) == set(all_edits(kind)), kind
+        assert len(held) == max(1, round(0.25 * len(all_edits(kind)))), kind
+    split_edits.cache_clear()
+    again = {k: split_edits(k, "heldout") for k in EDIT_KINDS}
+    split_edits.cache_clear()
+    assert again == {k: split_edits(k, "heldout") for k in EDIT_KINDS}
+
+
+def _differs_as_said(t: EditTask) -> bool:
+    src, tgt, words = t.source.objects, t.target.objects, t.instruction.split()
+    if t.kind == "recolour":   # "make the <shape> <colour>"
+        shape, color = words[2], words[3]
+        return ([o for o in src if o.shape != shape] == [o for o in tgt if o.shape != shape]
+                and [o.color for o in tgt if o.shape == shape] == [color]
+                and [o.color for o in src if o.shape == shape] != [color])
+    if t.kind == "remove":     # "remove the <shape>"
+        return tgt == tuple(o for o in src if o.shape != words[-1]) and len(tgt) == len(src) - 1
+    if t.kind == "add":        # "add a [<colour>] <shape>"
+        return tgt[:-1] == src and tgt[-1].shape == words[-1] and tgt[-1].color == (
+            words[2] if len(words) == 4 else None)
+    return tgt == src and t.target.relation == OPPOSITE[t.source.relation] != t.source.relation
+
+
+@pytest.mark.parametrize("kind", EDIT_KINDS)
+def test_the_target_differs_from_the_source_exactly_as_the_instruction_says(kind):
+    for t in all_edits(kind):
+        assert t.kind == kind and _differs_as_said(t), t
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(EDIT_KINDS), split=st.sampled_from(["train", "heldout"]))
+def test_the_exact_edit_scores_one_and_the_unedited_image_fails_strict(seed, kind, split):
+    rng = np.random.default_rng(seed)
+    t = make_edit_tasks(split, 1, seed, kinds=[kind])[0]
+    plan1, img1, plan2, img2 = edit_pretrain_example(t, rng)
+    assert parse_plan(plan1) is not None and parse_plan(plan2) is not None
+    res = verify_edit(np.stack([img2, img1, np.zeros_like(img1)]), [t, t, t])
+    assert res.strict[0] == 1 and res.geneval[0] == 1, (t, plan2)
+    assert res.strict[1] == 0, (t, plan1)   # the edit is checkable: round 1's own image does not pass
+    assert res.strict[2] == 0 and res.geneval[2] == 0   # a blank canvas
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["recolour", "remove"]))
+def test_recolour_and_remove_keep_the_other_objects_in_place(seed, kind):
+    rng = np.random.default_rng(seed)
+    t = make_edit_tasks("train", 1, seed, kinds=[kind])[0]
+    first = sample_layout(t.source, rng)
+    second = edit_layout(t, first, rng)
+    shape = t.instruction.split()[2]
+    assert [o for o in first if o.shape != shape] == [o for o in second if o.shape != shape]
+    if kind == "recolour":
+        assert [(o.x, o.y) for o in first] == [(o.x, o.y) for o in second]
+
+
+def test_make_edit_tasks_cycles_kinds_and_is_deterministic():
+    a = make_edit_tasks("heldout", 12, seed=3)
+    assert [t.kind for t in a] == list(EDIT_KINDS) * 3
+    assert a == make_edit_tasks("heldout", 12, seed=3)
+    assert all(t in set(split_edits(t.kind, "heldout")) for t in a)
+
+
+def test_bad_inputs_name_the_bad_value():
+    with pytest.raises(ValueError, match=r"unknown edit kind 'rotate'; expected one of"):
+        all_edits("rotate")
+    with pytest.raises(ValueError, match=r"unknown split 'test'"):
+        split_edits("move", "test")
+    with pytest.raises(ValueError, match=r"kinds is empty"):
+        make_edit_tasks("train", 2, 0, kinds=[])
+    t = all_edits("add")[0]
+    with pytest.raises(ValueError, match=r"2 images but 1 prompts"):
+        verify_edit(np.zeros((2, 32, 32, 3), np.uint8), [t])
