@@ -46,7 +46,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unigrpo.model import PackedLayout, Segment
+from unigrpo.model import PackedLayout, Segment, episode_document
 from unigrpo.model import attention as A
 from unigrpo.model.layout import PAD
 
@@ -219,7 +219,11 @@ def test_varlen_stand_in_is_bottom_right_causal():
 @given(rows=layouts(4), seed=st.integers(0, 2**16))
 def test_packed_forward_equals_cached_for_every_backend(rows, seed):
     """tests/test_model.py's packed == cached property, for each backend (float64; flex forward eagerly)."""
-    model = make_model()
+    assert_packed_equals_cached(make_model(), rows, seed)
+
+
+def assert_packed_equals_cached(model, rows, seed):
+    """Every backend's packed forward of `rows` equals the segment-by-segment cached forward (float64)."""
     layout = PackedLayout.build(rows)
     ids, lat, sig = packed_inputs(model, layout, seed)
     with torch.no_grad():
@@ -246,6 +250,42 @@ def test_packed_forward_equals_cached_for_every_backend(rows, seed):
             for m, want in enumerate(cached_vel):
                 torch.testing.assert_close(vel[m], want, atol=ATOL64, rtol=0,
                                            msg=lambda msg: f"{backend} image block {m}: {msg}")
+
+
+@st.composite
+def episodes(draw):
+    """(W, rows of per-trajectory round text lengths): 1–2 rows of 1–2 trajectories of 1–3 rounds, W = 1–3."""
+    W = draw(st.integers(1, 3))
+    rounds = st.lists(st.integers(1, 7), min_size=1, max_size=3)
+    return W, [[draw(rounds) for _ in range(draw(st.integers(1, 2)))] for _ in range(draw(st.integers(1, 2)))]
+
+
+@settings(max_examples=15, deadline=None)
+@given(episode=episodes(), seed=st.integers(0, 2**16))
+def test_multi_round_episodes_see_their_own_round_and_packed_equals_cached(episode, seed):
+    """§12's visibility, from the round structure alone: the k-th noise block of a trajectory is round
+    r = k // W's; it sees the text of rounds ≤ r, the clean images of rounds < r (the first ones of the
+    trajectory, in order) and itself, nothing else; text and clean tokens see no noise block. Then
+    packed == cached for every backend (float64)."""
+    W, specs = episode
+    P = 4   # image tokens of the tiny test model's blocks
+    rows = [[episode_document(rt, W, P) for rt in row] for row in specs]
+    layout = PackedLayout.build(rows)
+    mask, kind = layout.dense_mask()[:, 0], layout.kind_BS
+    for b, row in enumerate(specs):
+        for d, rt in enumerate(row):
+            tok = (layout.doc_BS[b] == d).nonzero().flatten()
+            text, full, noise = (tok[kind[b, tok] == k] for k in (0, 2, 1))
+            assert len(text) == sum(rt) and len(full) == P * (len(rt) - 1) and len(noise) == P * W * len(rt)
+            for k in range(W * len(rt)):
+                r, q = k // W, noise[k * P:(k + 1) * P]
+                want = torch.zeros(mask.shape[-1], dtype=torch.bool)
+                want[text[:sum(rt[:r + 1])]] = True
+                want[full[:P * r]] = True
+                want[q] = True
+                assert torch.equal(mask[b, q], want.expand(P, -1)), (b, d, k)
+            assert not mask[b][torch.cat([text, full])][:, noise].any(), (b, d)
+    assert_packed_equals_cached(make_model(), rows, seed)
 
 
 @pytest.mark.parametrize("backend", ["split", "flash"])

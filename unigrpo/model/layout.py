@@ -251,6 +251,23 @@ def text_then_blocks(texts: Sequence[Sequence[int]], blocks: int, block_tokens: 
     return layout, padded_ids(texts, layout.shape, pad_id).to(device)
 
 
+def episode_document(round_texts: Sequence[int], blocks: int, block_tokens: int) -> list[Segment]:
+    """The segments of one multi-round trajectory (ALGORITHM.md §12): per round r, its text (instruction +
+    reasoning, round_texts[r] tokens, causal), then its `blocks` noise blocks, then, except after the last
+    round, round r's clean image as a "full" block. Under `visible_rule` a round's noise blocks see exactly
+    that round's context H^r (the full blocks and texts before them) and themselves; a later round's text
+    never sees them. The noise blocks and the clean block of one round share one RoPE position, the one the
+    rollout denoised and then appended the image at."""
+    if not round_texts:
+        raise ValueError("an episode needs at least one round")
+    doc: list[Segment] = []
+    for r, n in enumerate(round_texts):
+        doc += [Segment("text", n)] + [Segment("noise", block_tokens)] * blocks
+        if r < len(round_texts) - 1:
+            doc.append(Segment("full", block_tokens))
+    return doc
+
+
 def no_text_head(hidden: torch.Tensor, weight: torch.Tensor) -> None:
     """A forward_packed text_head for forwards that need only the velocities."""
     return None
