@@ -2,14 +2,18 @@
 
 Scores are exact (the verifier is deterministic on renders), so the checks are equalities, not tolerances.
 """
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from unigrpo.world import sample_layout
+from dataclasses import replace
+
+from unigrpo.world import grid_range, sample_layout
 from unigrpo.world.edit import (EDIT_KINDS, OPPOSITE, EditTask, all_edits, edit_layout, edit_pretrain_example,
-                                make_edit_tasks, split_edits, verify_edit)
-from unigrpo.world.plan import parse_plan
+                                make_edit_tasks, split_edits, verify_edit, verify_edit_plan)
+from unigrpo.world.plan import parse_plan, plan_text
 
 
 def test_every_kind_has_tasks_on_both_sides_of_a_disjoint_fixed_split():
@@ -23,6 +27,17 @@ def test_every_kind_has_tasks_on_both_sides_of_a_disjoint_fixed_split():
     again = {k: split_edits(k, "heldout") for k in EDIT_KINDS}
     split_edits.cache_clear()
     assert again == {k: split_edits(k, "heldout") for k in EDIT_KINDS}
+
+
+def test_the_split_is_pinned_across_processes_and_sampled_tasks_respect_it():
+    pinned = {"recolour": (324, 81, "a900abdc072717d0"), "move": (24, 6, "51a6e91c6103c4c9"),
+              "add": (78, 20, "112508c5e0a18be1"), "remove": (156, 39, "f6742a9dc9a577d1")}
+    for kind, (n, n_held, digest) in pinned.items():
+        held = split_edits(kind, "heldout")
+        text = "\n".join(f"{t.source.text}|{t.instruction}" for t in held)
+        assert (len(all_edits(kind)), len(held), hashlib.sha256(text.encode()).hexdigest()[:16]) == pinned[kind]
+        train = set(make_edit_tasks("train", 400, 1, kinds=[kind]))
+        assert train and held and not train & set(make_edit_tasks("heldout", 400, 1, kinds=[kind]))
 
 
 def _differs_as_said(t: EditTask) -> bool:
@@ -59,6 +74,14 @@ def test_the_exact_edit_scores_one_and_the_unedited_image_fails_strict(seed, kin
     assert res.strict[2] == 0 and res.geneval[2] == 0   # a blank canvas
 
 
+def test_every_move_places_the_moved_object_clear_of_the_relation_boundary():
+    tasks, seed = all_edits("move"), np.random.SeedSequence().entropy
+    rng = np.random.default_rng(seed)
+    imgs = [edit_pretrain_example(t, rng)[3] for t in tasks for _ in range(20)]
+    res = verify_edit(np.stack(imgs), [t for t in tasks for _ in range(20)])
+    assert res.strict.tolist() == [1.0] * len(imgs), seed
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["recolour", "remove"]))
 def test_recolour_and_remove_keep_the_other_objects_in_place(seed, kind):
@@ -70,6 +93,21 @@ def test_recolour_and_remove_keep_the_other_objects_in_place(seed, kind):
     assert [o for o in first if o.shape != shape] == [o for o in second if o.shape != shape]
     if kind == "recolour":
         assert [(o.x, o.y) for o in first] == [(o.x, o.y) for o in second]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(EDIT_KINDS))
+def test_the_edited_plan_passes_and_the_round_1_plan_or_a_broken_one_fails(seed, kind):
+    rng = np.random.default_rng(seed)
+    t = make_edit_tasks("train", 1, seed, kinds=[kind])[0]
+    plan1, _, plan2, _ = edit_pretrain_example(t, rng)
+    second = parse_plan(plan2)
+    hi = grid_range()[1]
+    off_canvas = plan_text((replace(second[0], x=hi + 1),) + second[1:])
+    plans = [plan2, plan1, "empty", "a red circle", off_canvas]
+    if len(second) > 1:   # two objects in one cell touch
+        plans.append(plan_text((second[0], replace(second[1], x=second[0].x, y=second[0].y)) + second[2:]))
+    assert verify_edit_plan(plans, [t] * len(plans)).tolist() == [1] + [0] * (len(plans) - 1), plans
 
 
 def test_make_edit_tasks_cycles_kinds_and_is_deterministic():
@@ -89,3 +127,9 @@ def test_bad_inputs_name_the_bad_value():
     t = all_edits("add")[0]
     with pytest.raises(ValueError, match=r"2 images but 1 prompts"):
         verify_edit(np.zeros((2, 32, 32, 3), np.uint8), [t])
+    with pytest.raises(ValueError, match=r"2 plans but 1 tasks"):
+        verify_edit_plan(["empty", "empty"], [t])
+    with pytest.raises(ValueError, match=r"unknown edit kind 'rotate'"):
+        EditTask(t.source, t.instruction, "rotate", t.target)
+    with pytest.raises(ValueError, match=r"layout 'empty' is not an exact layout of the source 'a circle'"):
+        edit_layout(t, (), np.random.default_rng(0))

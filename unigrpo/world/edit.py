@@ -15,9 +15,14 @@ Decisions:
 - The pool is enumerated (`all_edits`); the train/held-out split ranks each kind's tasks by a stable hash
   of (source, instruction) and holds out the first quarter, as prompts.py does for prompt texts, so it is
   fixed across runs and both sides of every kind are non-empty.
+- The round-2 plan is checked (`verify_edit_plan`) like the strict score, on cell centres: it parses, every
+  centre is a valid cell, no two objects touch, the target's checks (layout_checks) pass and it places
+  exactly the target's objects.
 - Ground truth (`edit_pretrain_example`) keeps the untouched objects where round 1 put them: the edited
-  layout is the round-1 layout with the edit applied; only an added or moved object gets a new cell. If
-  no cell satisfies the target, the edited layout is sampled afresh for the target.
+  layout is the round-1 layout with the edit applied; only an added or moved object gets a new cell. A moved
+  object's cell keeps sample_layout's relation margin (min_sep cells along, no more across than along): a
+  cell that only just passes layout_checks can fail on the render, whose triangle centroid sits below its
+  cell centre. If no cell satisfies the target, the edited layout is sampled afresh for the target.
 """
 from __future__ import annotations
 
@@ -25,13 +30,15 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
+import torch
 
+from unigrpo.world.checks import along_across
 from unigrpo.world.layout import CANVAS, OBJ, Layout, PlacedObject, grid_range, layout_checks, min_sep, sample_layout
-from unigrpo.world.plan import plan_text
+from unigrpo.world.plan import parse_plan, plan_text
 from unigrpo.world.prompts import (CATEGORIES, COLORS, HELDOUT_FRACTION, SHAPES, SPLITS, ObjectSpec, Prompt,
                                    _stable_hash, all_prompts)
 from unigrpo.world.render import render
-from unigrpo.world.verify import VerifyResult, verify
+from unigrpo.world.verify import VerifyResult, expected_objects, verify
 
 EDIT_KINDS = ("recolour", "move", "add", "remove")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -44,6 +51,10 @@ class EditTask:
     instruction: str
     kind: str
     target: Prompt
+
+    def __post_init__(self):
+        if self.kind not in EDIT_KINDS:
+            raise ValueError(f"unknown edit kind {self.kind!r}; expected one of {EDIT_KINDS}")
 
 
 @lru_cache(maxsize=None)
@@ -125,6 +136,24 @@ def verify_edit(images, tasks: list[EditTask], obj: int = OBJ) -> VerifyResult:
     return verify(images, [t.target for t in tasks], obj)
 
 
+def _exact(prompt: Prompt, layout: Layout, canvas: int, obj: int) -> bool:
+    lo, hi = grid_range(canvas, obj)
+    sep = min_sep(obj)
+    return (all(lo <= o.x <= hi and lo <= o.y <= hi for o in layout)
+            and all(max(abs(a.x - b.x), abs(a.y - b.y)) >= sep for i, a in enumerate(layout) for b in layout[i + 1:])
+            and len(layout) == expected_objects(prompt) and all(layout_checks(prompt, layout, obj).values()))
+
+
+def verify_edit_plan(plans: list[str], tasks: list[EditTask], canvas: int = CANVAS, obj: int = OBJ) -> torch.Tensor:
+    """float32 [B]: 1 where the round-2 plan text is an exact layout of the task's target (see the module
+    docstring), else 0 (unparsable plans included). Judged on cell centres, as layout_checks judges them."""
+    if len(plans) != len(tasks):
+        raise ValueError(f"{len(plans)} plans but {len(tasks)} tasks")
+    layouts = [parse_plan(p) for p in plans]
+    return torch.tensor([float(lay is not None and _exact(t.target, lay, canvas, obj))
+                         for lay, t in zip(layouts, tasks)], dtype=torch.float32)
+
+
 def _free_cells(placed: Layout, canvas: int, obj: int) -> list[tuple[int, int]]:
     lo, hi = grid_range(canvas, obj)
     sep = min_sep(obj)
@@ -132,10 +161,20 @@ def _free_cells(placed: Layout, canvas: int, obj: int) -> list[tuple[int, int]]:
             if all(max(abs(x - o.x), abs(y - o.y)) >= sep for o in placed)]
 
 
+def _clear(relation: str | None, layout: Layout, obj: int) -> bool:
+    if relation is None:
+        return True
+    a, b = layout[:2]
+    along, across = along_across(b.x - a.x, b.y - a.y, relation)
+    return along >= min_sep(obj) and abs(across) <= along
+
+
 def edit_layout(task: EditTask, layout: Layout, rng: np.random.Generator, canvas: int = CANVAS,
                 obj: int = OBJ) -> Layout:
     """The round-1 layout with the task's edit applied (untouched objects stay put); a fresh target layout
-    when the edit cannot be placed."""
+    when the edit cannot be placed. The layout must be an exact layout of the task's source."""
+    if not _exact(task.source, layout, canvas, obj):
+        raise ValueError(f"layout {plan_text(layout)!r} is not an exact layout of the source {task.source.text!r}")
     objs = list(layout)
     by_shape = {o.shape: i for i, o in enumerate(objs)}
     edited: Layout | None = None
@@ -156,7 +195,7 @@ def edit_layout(task: EditTask, layout: Layout, rng: np.random.Generator, canvas
             cand = keep + (PlacedObject(moved.shape, color, x, y),)
             if task.kind == "move":
                 cand = (cand[-1],) + cand[:-1]
-            if all(layout_checks(task.target, cand, obj).values()):
+            if all(layout_checks(task.target, cand, obj).values()) and _clear(task.target.relation, cand, obj):
                 edited = cand
                 break
     if edited is None or not all(layout_checks(task.target, edited, obj).values()):
