@@ -14,7 +14,9 @@ Decisions:
   side, because a diagonal layout can hold "left of" and "above" at once, so an unedited image could pass.
 - The pool is enumerated (`all_edits`); the train/held-out split ranks each kind's tasks by a stable hash
   of (source, instruction) and holds out the first quarter, as prompts.py does for prompt texts, so it is
-  fixed across runs and both sides of every kind are non-empty.
+  fixed across runs and both sides of every kind are non-empty. Every task whose source or target is a
+  held-out prompt text is held out too: one advantage trains both rounds, so training on such a task would
+  train on the held-out prompt.
 - The round-2 plan is checked (`verify_edit_plan`) like the strict score, on cell centres: it parses, every
   centre is a valid cell, no two objects touch, the target's checks (layout_checks) pass and it places
   exactly the target's objects.
@@ -36,7 +38,7 @@ from unigrpo.world.checks import along_across
 from unigrpo.world.layout import CANVAS, OBJ, Layout, PlacedObject, grid_range, layout_checks, min_sep, sample_layout
 from unigrpo.world.plan import parse_plan, plan_text
 from unigrpo.world.prompts import (CATEGORIES, COLORS, HELDOUT_FRACTION, SHAPES, SPLITS, ObjectSpec, Prompt,
-                                   _stable_hash, all_prompts)
+                                   _stable_hash, all_prompts, split_prompts)
 from unigrpo.world.render import render
 from unigrpo.world.verify import VerifyResult, expected_objects, verify
 
@@ -118,7 +120,15 @@ def split_edits(kind: str, split: str) -> tuple[EditTask, ...]:
     ranked = sorted(pool, key=lambda t: (_stable_hash(f"{t.source.text}|{t.instruction}"), t.source.text,
                                          t.instruction))
     held = set(ranked[:max(1, round(HELDOUT_FRACTION * len(pool)))])
+    held |= {t for t in pool if _uses_heldout_prompt(t)}
     return tuple(t for t in pool if (t in held) == (split == "heldout"))
+
+
+def _uses_heldout_prompt(t: EditTask) -> bool:
+    """Whether the task's source or target is a held-out prompt text (the same advantage trains both rounds,
+    so a training task must not touch one)."""
+    return any(p.text in {q.text for q in split_prompts(p.category, "heldout")}
+               and p.text not in {q.text for q in split_prompts(p.category, "train")} for p in (t.source, t.target))
 
 
 def make_edit_tasks(split: str, n: int, seed: int, kinds=EDIT_KINDS) -> list[EditTask]:
