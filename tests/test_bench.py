@@ -137,6 +137,7 @@ def test_attention_quick_checks_split_against_dense_sdpa(tmp_path):
             assert r["unit"] == "TFLOP/s" and r["value"] > 0 and 0 < r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"]
     assert {r["provider"] for r in rows if r["op"] == "packed_attention_inputs"} == {"torch", "split"}
     assert any(r["op"] == "causal_attention" for r in rows) and "packed_attention" in md
+    assert any(r["op"] == "packed_attention" and r["shape"].startswith("rounds:") for r in rows)
     for spec in suite.shapes(context.Context(device=torch.device("cpu"), quick=True)):
         lay = suite.build_layout(spec["rows"], "cpu")
         real = lay.kind_BS != PAD

@@ -49,7 +49,7 @@ from ..checks import OpCase, run_op_case
 from ..context import Row, make_row
 from ..timing import time_ms
 from unigrpo.model import attention as A
-from unigrpo.model.layout import NOISE, TEXT, PackedLayout, Segment
+from unigrpo.model.layout import NOISE, TEXT, PackedLayout, Segment, episode_document
 from unigrpo_kernels.dtypes import dtype_name
 
 NAME = "attention"
@@ -84,22 +84,28 @@ def causal_length(pairs: int) -> int:
 
 
 def shapes(ctx) -> list[dict]:
-    """The packed cases of this device: name, rows (documents per row as (text tokens, W, image tokens)),
+    """The packed cases of this device: name, rows (documents per row as (text tokens, W, image tokens); a
+    tuple of text lengths is a multi-round trajectory, the "rounds" case),
     heads, kv_heads, hd, dtype."""
     if ctx.is_cuda:
         model = dict(heads=28, kv_heads=4, hd=128, dtype=torch.bfloat16)
         if ctx.quick:   # one noise block per trajectory: ~4.6k tokens a row instead of ~12.8k (short GPU lease)
             return [dict(name="rows", rows=[[(512, 1, 4096)], [(448, 1, 4096)]], **model)]
         return [dict(name="rows", rows=[[(512, 3, 4096)], [(448, 3, 4096)]], **model),
-                dict(name="docs", rows=[[(512, 3, 4096), (384, 3, 4096)]], **model)]
+                dict(name="docs", rows=[[(512, 3, 4096), (384, 3, 4096)]], **model),
+                dict(name="rounds", rows=[[((512, 256), 3, 4096)]], **model)]
     n, t = (16, 12) if ctx.quick else (64, 48)
     model = dict(heads=4, kv_heads=2, hd=32, dtype=torch.float32)
     return [dict(name="rows", rows=[[(t, 3, n)], [(t - 4, 3, n)]], **model),
-            dict(name="docs", rows=[[(t, 3, n), (t // 2, 3, n)]], **model)]
+            dict(name="docs", rows=[[(t, 3, n), (t // 2, 3, n)]], **model),
+            dict(name="rounds", rows=[[((t, t // 2), 3, n)], [((t - 4, t // 2), 3, n)]], **model)]
 
 
 def build_layout(rows, device) -> PackedLayout:
-    return PackedLayout.build([[[Segment("text", T)] + [Segment("noise", N)] * W for T, W, N in row] for row in rows],
+    """rows of documents (T, W, N): T text tokens then W noise blocks of N tokens; T a tuple of per-round text
+    lengths makes a multi-round trajectory (`episode_document`, ALGORITHM.md §12)."""
+    return PackedLayout.build([[episode_document(T, W, N) if isinstance(T, tuple) else
+                                [Segment("text", T)] + [Segment("noise", N)] * W for T, W, N in row] for row in rows],
                               device=device)
 
 
@@ -147,7 +153,7 @@ def packed_case(spec: dict, device: torch.device) -> PackedCase:
         backends.append("flash")
     provs = {"torch": _sdpa_dense(layout), **{be: _backend(layout, be) for be in backends}}
     low = dtype != torch.float32
-    texts = ",".join(str(T) for row in spec["rows"] for T, _, _ in row)
+    texts = ",".join("+".join(map(str, T)) if isinstance(T, tuple) else str(T) for row in spec["rows"] for T, _, _ in row)
     W, N = spec["rows"][0][0][1], spec["rows"][0][0][2]
     shape = (f"{spec['name']}: B={B} S={S} docs={sum(len(r) for r in spec['rows'])} T={texts} W={W}×{N} "
              f"H={H}/{Hk} hd={hd}")
