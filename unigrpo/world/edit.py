@@ -34,8 +34,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from unigrpo.world.checks import along_across
-from unigrpo.world.layout import CANVAS, OBJ, Layout, PlacedObject, grid_range, layout_checks, min_sep, sample_layout
+from unigrpo.world.layout import (CANVAS, OBJ, Layout, PlacedObject, _free, free_cells, grid_range, layout_checks,
+                                  min_sep, relation_is_clear, sample_layout)
 from unigrpo.world.plan import parse_plan, plan_text
 from unigrpo.world.prompts import (CATEGORIES, COLORS, HELDOUT_FRACTION, SHAPES, SPLITS, ObjectSpec, Prompt,
                                    _stable_hash, all_prompts, split_prompts)
@@ -124,11 +124,17 @@ def split_edits(kind: str, split: str) -> tuple[EditTask, ...]:
     return tuple(t for t in pool if (t in held) == (split == "heldout"))
 
 
+@lru_cache(maxsize=None)
+def _heldout_texts() -> frozenset[str]:
+    """Prompt texts only the held-out split has (shared texts are in both and do not count)."""
+    return frozenset(p.text for c in CATEGORIES for p in split_prompts(c, "heldout")) - {
+        p.text for c in CATEGORIES for p in split_prompts(c, "train")}
+
+
 def _uses_heldout_prompt(t: EditTask) -> bool:
     """Whether the task's source or target is a held-out prompt text (the same advantage trains both rounds,
     so a training task must not touch one)."""
-    return any(p.text in {q.text for q in split_prompts(p.category, "heldout")}
-               and p.text not in {q.text for q in split_prompts(p.category, "train")} for p in (t.source, t.target))
+    return t.source.text in _heldout_texts() or t.target.text in _heldout_texts()
 
 
 def make_edit_tasks(split: str, n: int, seed: int, kinds=EDIT_KINDS) -> list[EditTask]:
@@ -150,7 +156,7 @@ def _exact(prompt: Prompt, layout: Layout, canvas: int, obj: int) -> bool:
     lo, hi = grid_range(canvas, obj)
     sep = min_sep(obj)
     return (all(lo <= o.x <= hi and lo <= o.y <= hi for o in layout)
-            and all(max(abs(a.x - b.x), abs(a.y - b.y)) >= sep for i, a in enumerate(layout) for b in layout[i + 1:])
+            and all(_free(a.x, a.y, layout[i + 1:], sep) for i, a in enumerate(layout))
             and len(layout) == expected_objects(prompt) and all(layout_checks(prompt, layout, obj).values()))
 
 
@@ -162,21 +168,6 @@ def verify_edit_plan(plans: list[str], tasks: list[EditTask], canvas: int = CANV
     layouts = [parse_plan(p) for p in plans]
     return torch.tensor([float(lay is not None and _exact(t.target, lay, canvas, obj))
                          for lay, t in zip(layouts, tasks)], dtype=torch.float32)
-
-
-def _free_cells(placed: Layout, canvas: int, obj: int) -> list[tuple[int, int]]:
-    lo, hi = grid_range(canvas, obj)
-    sep = min_sep(obj)
-    return [(x, y) for y in range(lo, hi + 1) for x in range(lo, hi + 1)
-            if all(max(abs(x - o.x), abs(y - o.y)) >= sep for o in placed)]
-
-
-def _clear(relation: str | None, layout: Layout, obj: int) -> bool:
-    if relation is None:
-        return True
-    a, b = layout[:2]
-    along, across = along_across(b.x - a.x, b.y - a.y, relation)
-    return along >= min_sep(obj) and abs(across) <= along
 
 
 def edit_layout(task: EditTask, layout: Layout, rng: np.random.Generator, canvas: int = CANVAS,
@@ -199,13 +190,14 @@ def edit_layout(task: EditTask, layout: Layout, rng: np.random.Generator, canvas
         keep = tuple(o for o in objs if o.shape != moved.shape) if task.kind == "move" else tuple(objs)
         old = [o for o in objs if o.shape == moved.shape]
         color = moved.color or (old[0].color if old else tuple(COLORS)[int(rng.integers(len(COLORS)))])
-        cells = _free_cells(keep, canvas, obj)
+        cells = free_cells(keep, canvas, obj)
         rng.shuffle(cells)
         for x, y in cells:
             cand = keep + (PlacedObject(moved.shape, color, x, y),)
             if task.kind == "move":
                 cand = (cand[-1],) + cand[:-1]
-            if all(layout_checks(task.target, cand, obj).values()) and _clear(task.target.relation, cand, obj):
+            if all(layout_checks(task.target, cand, obj).values()) and (
+                    task.target.relation is None or relation_is_clear(cand, task.target.relation, obj)):
                 edited = cand
                 break
     if edited is None or not all(layout_checks(task.target, edited, obj).values()):

@@ -78,11 +78,23 @@ def _free(x: int, y: int, placed, sep: int) -> bool:
     return all(max(abs(x - o.x), abs(y - o.y)) >= sep for o in placed)
 
 
-def _random_cell(rng: np.random.Generator, placed, canvas: int, obj: int) -> tuple[int, int] | None:
-    """A uniformly random grid cell whose object would not touch any placed object, or None."""
+def free_cells(placed, canvas: int = CANVAS, obj: int = OBJ) -> list[tuple[int, int]]:
+    """Every valid grid cell (x, y) whose object would not touch any placed object, x-major."""
     lo, hi = grid_range(canvas, obj)
     sep = min_sep(obj)
-    cells = [(x, y) for x in range(lo, hi + 1) for y in range(lo, hi + 1) if _free(x, y, placed, sep)]
+    return [(x, y) for x in range(lo, hi + 1) for y in range(lo, hi + 1) if _free(x, y, placed, sep)]
+
+
+def relation_is_clear(layout: Layout, relation: str, obj: int = OBJ) -> bool:
+    """layout[0] <relation> layout[1] with sample_layout's margin: ≥ min_sep cells along, no more across."""
+    a, b = layout[:2]
+    along, across = along_across(b.x - a.x, b.y - a.y, relation)
+    return along >= min_sep(obj) and abs(across) <= along
+
+
+def _random_cell(rng: np.random.Generator, placed, canvas: int, obj: int) -> tuple[int, int] | None:
+    """A uniformly random grid cell whose object would not touch any placed object, or None."""
+    cells = free_cells(placed, canvas, obj)
     return cells[int(rng.integers(len(cells)))] if cells else None
 
 
@@ -110,12 +122,9 @@ def sample_layout(prompt: Prompt, rng: np.random.Generator, canvas: int = CANVAS
     items = [(s.shape, _color(rng, s.color)) for s in specs]
     if prompt.relation is None:
         return _scatter(rng, items, canvas, obj)
-    sep = min_sep(obj)
     for _ in range(_MAX_TRIES):
         layout = _scatter(rng, items, canvas, obj)
-        a, b = layout
-        along, across = along_across(b.x - a.x, b.y - a.y, prompt.relation)
-        if along >= sep and abs(across) <= along:
+        if relation_is_clear(layout, prompt.relation, obj):
             return layout
     raise ValueError(f"cannot place {prompt.text!r} on a {canvas} px canvas with {obj} px objects")
 
