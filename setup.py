@@ -89,7 +89,7 @@ setup(
     python_requires=">=3.10",
     packages=_find_packages(),
     package_dir={name: folder for folder, name in PACKAGE_DIRS.items()},
-    package_data={"unigrpo": ["configs/*.yaml", "assets/tiny_base/*"]},
+    package_data={"unigrpo": ["configs/*.yaml", "assets/tiny_base/*", "assets/tiny_edit_base/*"]},
     install_requires=[
         # torch is required but not pinned here: on CPU machines install it first with
         # `pip install torch==2.13.0` (a bare requirement would pull a multi-GB CUDA build).

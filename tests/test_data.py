@@ -77,7 +77,7 @@ def test_file_errors_name_file_line_and_problem(tmp_path, name, text, match):
 def test_missing_file_and_bad_spec(tmp_path):
     with pytest.raises(PromptFileError, match="prompt file not found"):
         load_prompt_file(str(tmp_path / "nope.jsonl"))
-    with pytest.raises(ValueError, match=r"data.train='prompts.parquet': expected 'shapes' or a prompt file"):
+    with pytest.raises(ValueError, match=r"data.train='prompts.parquet': expected 'shapes', 'shapes_edit' or a prompt file"):
         build_prompt_source("prompts.parquet", "train", 0)
 
 

@@ -2,7 +2,8 @@
 
 Two paths, chosen by the prompt source and the rewards:
 - the shapes world (`data.eval=shapes`, no `rewards`): its verifier's per-category TA-style and GenEval-style
-  scores, the strict check and the reward-hacking indicators, as before;
+  scores, the strict check and the reward-hacking indicators, as before; `data.eval=shapes_edit` gives the
+  same table per edit kind, for the final image against the edited target;
 - any prompt file (`data.eval=FILE`), or any `rewards`: the mean of each reward (and of their weighted total)
   per tag and overall. A file whose GenEval metadata is all about the shapes world gets the three verifier
   rewards when no `rewards` are given.
@@ -24,11 +25,12 @@ import torch
 from tqdm import tqdm
 
 from unigrpo.config import require_in
-from unigrpo.data import DataConfig, PromptRecord, build_prompt_source, check_prompt_lengths, tag_order
+from unigrpo.data import (DataConfig, PromptRecord, build_prompt_source, check_prompt_lengths, check_rounds,
+                          episode_rounds, instructions_of, tag_order)
 from unigrpo.io import write_text_atomic
 from unigrpo.rewards.registry import RewardSet, RewardSpec
 from unigrpo.rewards.verifier import records_to_prompts
-from unigrpo.rollout.generate import sample
+from unigrpo.rollout.generate import sample, sample_episode
 from unigrpo.viz import save_image_grid
 from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify
 from unigrpo.world.geneval import is_shapes_metadata
@@ -236,7 +238,7 @@ def eval_reward_set(cfg: EvalConfig, records: list[PromptRecord]) -> RewardSet |
     shapes-world GenEval, the three verifier rewards; None for the shapes world's own table."""
     if cfg.rewards:
         return RewardSet(cfg.rewards)
-    if cfg.data.eval == "shapes":
+    if cfg.data.eval in ("shapes", "shapes_edit"):
         return None
     if all(is_shapes_metadata(r.metadata) for r in records):
         return RewardSet([RewardSpec("shapes_ta", weight=0.0), "shapes_geneval", RewardSpec("shapes_exact", weight=0.0)])
@@ -250,7 +252,11 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     source = build_prompt_source(cfg.data.eval, "eval", cfg.seed)
     records = source.eval_records(cfg.samples, cfg.seed)
     check_prompt_lengths(records, bundle.tokenizer, bundle.model.cfg.max_text_len)
-    rewards = eval_reward_set(cfg, records)
+    episodes = check_rounds(records) > 1   # multi-round: score the final image against the final target (§12)
+    targets = [episode_rounds(r)[-1] for r in records] if episodes else records
+    if episodes and cfg.reasoning == "oracle":
+        raise ValueError("eval.reasoning='oracle' scores single-round prompts only; these prompts have rounds")
+    rewards = eval_reward_set(cfg, targets)
     model = bundle.model
     was_training = model.training
     model.eval()
@@ -263,14 +269,24 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     weighted = [] if rewards is None else [sp for sp in rewards.specs if sp.weight != 0]
     show_total = not (len(weighted) == 1 and weighted[0].weight == 1.0)   # else it equals that reward
     per: dict[str, list] = {}
-    texts, imgs = [], []
+    texts, imgs, finals = [], [], []
     for i in tqdm(range(0, len(records), cfg.batch), desc="eval", disable=not progress, leave=False):
         chunk = records[i:i + cfg.batch]
-        reasoning, images = sample(model, bundle.tokenizer, bundle.codec, [r.text for r in chunk],
-                                   temperature=cfg.temperature, num_steps=cfg.steps, shift=cfg.shift,
-                                   cfg_scale=cfg.cfg_scale, generator=gen,
-                                   reasoning=None if oracle is None else oracle[i:i + cfg.batch])
-        images = images.float().cpu()
+        if episodes:
+            rounds, per_round = sample_episode(model, bundle.tokenizer, bundle.codec, [r.text for r in chunk],
+                                               [instructions_of(r) for r in chunk], temperature=cfg.temperature,
+                                               num_steps=cfg.steps, shift=cfg.shift, cfg_scale=cfg.cfg_scale,
+                                               generator=gen)
+            reasoning, images = rounds[-1], per_round[-1].float().cpu()
+            shown = to_uint8(torch.cat([x.float().cpu() for x in per_round], dim=-1))   # x¹ | … | x^R side by side
+            chunk = targets[i:i + cfg.batch]
+        else:
+            reasoning, images = sample(model, bundle.tokenizer, bundle.codec, [r.text for r in chunk],
+                                       temperature=cfg.temperature, num_steps=cfg.steps, shift=cfg.shift,
+                                       cfg_scale=cfg.cfg_scale, generator=gen,
+                                       reasoning=None if oracle is None else oracle[i:i + cfg.batch])
+            images = images.float().cpu()
+            shown = to_uint8(images)
         if rewards is None:
             res = verify(images, records_to_prompts(chunk))
             shapes.append((res.ta.numpy(), res.geneval.numpy(), res.strict.numpy()))
@@ -279,22 +295,24 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
             for label, x in [*each.items()] + ([(TOTAL, total)] if show_total else []):
                 per.setdefault(label, []).append(x.numpy())
         texts += reasoning
-        imgs.append(to_uint8(images))
+        imgs.append(shown)
+        finals.append(to_uint8(images))
     model.train(was_training)
     tags = [r.tag for r in records]
     images = np.concatenate(imgs)
+    shown_prompts = [r.text if not episodes else f"{r.text} > {' > '.join(instructions_of(r))}" for r in records]
     if rewards is not None:
         scores = {k: np.concatenate(v) for k, v in per.items()}
         summary = summarize_rewards(tags, scores)
         summary["overall"]["headline"] = TOTAL if show_total else weighted[0].label
-        return EvalResult(tags, None, None, [r.text for r in records], texts, images, summary, None, scores)
+        return EvalResult(tags, None, None, shown_prompts, texts, images, summary, None, scores)
     ta_a, ge_a, st_a = (np.concatenate(x) for x in zip(*shapes))
     summary = summarize(tags, ta_a, ge_a, st_a)
     # reward-hacking indicators: reasoning that no longer parses as a layout plan, the strict check above,
     # and image statistics to compare with the base model's
     summary["overall"]["plan_valid"] = float(np.mean([parse_plan(t) is not None for t in texts]))
-    summary["overall"]["images"] = image_statistics(images)
-    return EvalResult(tags, ta_a, ge_a, [r.text for r in records], texts, images, summary, st_a)
+    summary["overall"]["images"] = image_statistics(np.concatenate(finals))
+    return EvalResult(tags, ta_a, ge_a, shown_prompts, texts, images, summary, st_a)
 
 
 def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:

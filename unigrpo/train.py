@@ -16,6 +16,7 @@ from unigrpo.config import config_to_dict, load_config, resolve_config_path
 from unigrpo.distributed import unsharded
 from unigrpo.evaluate import (EvalConfig, evaluate, format_summary, headline, is_reward_summary, score_changes,
                               write_eval)
+from unigrpo.pretrain import copy_shipped_base
 from unigrpo.report import plot_reward_curve, read_metrics, write_report
 from unigrpo.rewards.base import RewardError
 from unigrpo.trainer import TrainConfig, Trainer
@@ -26,7 +27,7 @@ def _evaluate(trainer: Trainer, tag: str) -> dict:
     # the shapes world has its own table (the verifier's); a prompt file is scored with the training rewards
     ecfg = EvalConfig(checkpoint=cfg.base, samples=cfg.eval_samples, steps=cfg.eval_steps,
                       cfg_scale=cfg.eval_cfg_scale, temperature=cfg.rollout.temperature, data=cfg.data,
-                      rewards=[] if cfg.data.eval == "shapes" else list(cfg.rewards))
+                      rewards=[] if cfg.data.eval in ("shapes", "shapes_edit") else list(cfg.rewards))
 
     # under FSDP every rank gathers the weights and runs the same evaluation (it is seeded); rank 0 writes
     with unsharded(trainer.policy), torch.no_grad():
@@ -39,6 +40,7 @@ def _evaluate(trainer: Trainer, tag: str) -> dict:
 def run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Base eval → training → final eval → report. Returns {"before", "after", "history", "report"}."""
     t0 = time.time()
+    copy_shipped_base(cfg.base)
     trainer = Trainer(cfg, progress=progress)
     before = None
     main = trainer.env.is_main

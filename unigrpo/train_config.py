@@ -14,7 +14,7 @@ from unigrpo.rewards.registry import RewardSpec, normalise_rewards
 from unigrpo.rollout.rollout import RolloutConfig
 from unigrpo_kernels.dispatch import OP_BACKENDS
 
-__all__ = ["METHODS", "OptimConfig", "TrainConfig"]
+__all__ = ["METHODS", "EditConfig", "OptimConfig", "TrainConfig"]
 
 METHODS = ("grpo", "refl")
 
@@ -57,6 +57,30 @@ class OptimConfig:
 
 
 @dataclass
+class EditConfig:
+    """Multi-round episodes (ALGORITHM.md §12; data.train with `rounds`, e.g. "shapes_edit")."""
+    round_weights: list[float] = field(default_factory=list)
+    """w_r: the episode's reward is Σ_r w_r·R(x^r, T^r). Empty: only the final image, (0, …, 0, 1); else one
+    weight per round, >= 0, not all 0"""
+
+    def __post_init__(self):
+        w = [float(x) for x in self.round_weights]
+        if any(not x >= 0 for x in w) or (w and not any(w)):
+            raise ValueError(f"edit.round_weights={self.round_weights!r}: expected weights >= 0, not all 0 "
+                             "(or [] for the final round only)")
+        self.round_weights = w
+
+    def weights(self, rounds: int) -> list[float]:
+        """The weights of an R-round episode (ValueError when the list has another length)."""
+        if not self.round_weights:
+            return [0.0] * (rounds - 1) + [1.0]
+        if len(self.round_weights) != rounds:
+            raise ValueError(f"edit.round_weights has {len(self.round_weights)} entries; the episodes have "
+                             f"{rounds} rounds")
+        return list(self.round_weights)
+
+
+@dataclass
 class TrainConfig:
     base: str = "runs/tiny/base"
     """base checkpoint directory: the initial policy and the frozen reference"""
@@ -76,6 +100,7 @@ class TrainConfig:
     refl: ReFLConfig = field(default_factory=ReFLConfig)
     data: DataConfig = field(default_factory=DataConfig)
     """prompts: data.train and data.eval, "shapes" (the built-in world) or a .jsonl / .txt / .csv file"""
+    edit: EditConfig = field(default_factory=EditConfig)
     rewards: list[RewardSpec | str] = field(default_factory=lambda: [RewardSpec("shapes_ta")])
     """the rewards, [{name, weight, ...}] (unigrpo/rewards/registry.py); their weighted sum trains"""
     adv_scope: str = "group"

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from unigrpo.checkpoint import get_rng_state, load_checkpoint, load_state_strict, save_checkpoint, set_rng_state
 from unigrpo.config import config_to_dict
-from unigrpo.data import build_prompt_source, check_prompt_lengths, tag_order
+from unigrpo.data import (PromptFileError, build_prompt_source, check_prompt_lengths, check_rounds, episode_rounds,
+                          instructions_of, tag_order)
 from unigrpo.distributed import (all_gather_objects, full_model_state, full_optimizer_state, init_distributed,
                                  load_full_model_state, load_full_optimizer_state, mean_metrics, optimizer_offloaded,
                                  unsharded)
@@ -113,7 +114,20 @@ class Trainer:
         self.rewards = RewardSet(cfg.rewards)
         self.source = build_prompt_source(cfg.data.train, "train", cfg.seed)
         check_prompt_lengths(self.source.records, tok, self.policy.cfg.max_text_len)
-        self.rewards.check_records(self.source.records)
+        self.rounds = check_rounds(self.source.records)   # R (ALGORITHM.md §12): 1 unless the records have rounds
+        self.round_weights = cfg.edit.weights(self.rounds)
+        if self.rounds > 1:
+            if cfg.method != "grpo":
+                raise ValueError(f"data.train={cfg.data.train!r} holds {self.rounds}-round episodes, which train "
+                                 f"with method 'grpo' only (got {cfg.method!r})")
+            for r in self.source.records:
+                for ins in instructions_of(r):
+                    if len(tok.encode_prompt(ins)) >= self.policy.cfg.max_text_len:
+                        raise PromptFileError(f"{r.where}: the instruction {ins[:60]!r} leaves no room for "
+                                              f"reasoning in max_text_len={self.policy.cfg.max_text_len} tokens")
+        for k, w in enumerate(self.round_weights):   # each scored round's targets, before any work
+            if w:
+                self.rewards.check_records([episode_rounds(r)[k] for r in self.source.records])
         self.objective.check_records(self.source.records)
         self.rng = np.random.default_rng(cfg.seed)
         # rank r samples from its own stream (rank 0's is the single-process one)
@@ -191,19 +205,21 @@ class Trainer:
         batch_prompts = self.source.batch(self.step, cfg.prompts_per_iter, step_rng)
         rc = self.objective.rollout_config(rc)
         windows = draw_windows(step_rng, cfg.prompts_per_iter, rc)
+        if self.rounds > 1:   # round r ≥ 2's windows from (seed, step, r); round 1's as for one round (§12)
+            windows = np.stack([windows] + [draw_windows(np.random.default_rng([cfg.seed, self.step, r]),
+                                                         cfg.prompts_per_iter, rc) for r in range(1, self.rounds)], 1)
         mine = slice(env.rank * cfg.prompts_per_iter // env.world, (env.rank + 1) * cfg.prompts_per_iter // env.world)
         prompts = batch_prompts[mine]
         self.policy.eval()
         with optimizer_offloaded(self.opt, cfg.dist.offload_optimizer), unsharded(self.policy):
             traj = rollout_in_batches(self.policy, self.bundle.tokenizer, [p.text for p in prompts], rc,
                                       batch=cfg.dist.rollout_batch, generator=self.gen, windows=windows[mine],
-                                      backend=self.flow_backend)
+                                      backend=self.flow_backend,
+                                      instructions=[instructions_of(p) for p in prompts] if self.rounds > 1 else None)
         self.policy.train()
         t_reward = time.perf_counter()
-        images = self.bundle.codec.decode(traj.latents)
         group_prompts = [p for p in prompts for _ in range(rc.group_size)]
-        rewards, per_reward, reward_info = self.rewards(images, [p.text for p in group_prompts],
-                                                        [p.metadata for p in group_prompts], rc.group_size)
+        rewards, per_reward, reward_info = self.episode_rewards(traj, group_prompts)
         adv_kw = dict(scope=cfg.adv_scope, std=cfg.adv_std, clip=cfg.adv_clip)
         by_prompt = cfg.adv_group_by == "prompt"
         texts = [p.text for p in group_prompts]
@@ -224,6 +240,9 @@ class Trainer:
         metrics = {"step": self.step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                    "reward/groups_with_signal": len(rows) / rc.group_size / len(prompts),
                    "reasoning/length": traj.reasoning.mask_BT.sum(1).float().mean().item()}
+        if traj.episode is not None:
+            for k, n in enumerate(traj.episode.reasoning_lengths(traj.reasoning.mask_BT).float().mean(0).tolist()):
+                metrics[f"reasoning/length_round{k + 1}"] = n
         for label, r in per_reward.items():
             metrics[f"reward/{label}"] = r.mean().item()
         metrics.update(reward_info)
@@ -242,6 +261,26 @@ class Trainer:
                         "time/reward": t_train - t_reward, "time/train": t_end - t_train,
                         "time/iteration": t_end - t_start, "samples_per_s": n * env.world / (t_end - t_start)})
         return mean_metrics(metrics, env)
+
+    def episode_rewards(self, traj: Trajectories, group_prompts: list) -> tuple[torch.Tensor, dict, dict]:
+        """(reward [R], per-reward means' inputs, extra metrics) of the rollout's rows: the rewards of the final
+        image, or for R-round episodes r = Σ_k w_k·R(x^k, T^k) over the rounds with w_k ≠ 0 (§12), their
+        per-reward values labelled "round<k>/<label>"."""
+        G, codec = self.cfg.rollout.group_size, self.bundle.codec
+        if self.rounds == 1:
+            return self.rewards(codec.decode(traj.latents), [p.text for p in group_prompts],
+                                [p.metadata for p in group_prompts], G)
+        total, per_reward, info = None, {}, {}
+        for k, w in enumerate(self.round_weights):
+            if not w:
+                continue
+            targets = [episode_rounds(p)[k] for p in group_prompts]
+            r_k, each, extra = self.rewards(codec.decode(traj.episode.latents_RK[:, k]), [t.text for t in targets],
+                                            [t.metadata for t in targets], G)
+            total = w * r_k if total is None else total + w * r_k
+            per_reward.update({f"round{k + 1}/{lab}": v for lab, v in each.items()})
+            info.update({f"round{k + 1}/{key}": v for key, v in extra.items()})
+        return total, per_reward, info
 
     def _balanced_chunks(self, rows: list[int], n: int):
         """Mini-batches of `rows` as (rows, weight). Under FSDP every rank must run as many forwards and

@@ -11,6 +11,12 @@ Formats:
 Blank lines are skipped. Records without a tag get the tag "untagged". The shapes world's records carry its
 prompts' GenEval metadata (unigrpo/world/geneval.py), so every reward sees the same kind of input.
 
+Multi-round episodes (ALGORITHM.md §12): a `.jsonl` record with a `rounds` list makes an episode. Each entry
+is {"instruction": the round's instruction, "prompt": what the round's image must show (its reward's
+prompt), ...the round's reward metadata}; the record's own prompt and metadata are round 1's. Every record of
+a source has the same number of rounds. "shapes_edit" is the built-in world's editing tasks
+(unigrpo/world/edit.py) in that form, tagged with the edit kind.
+
 Order (training): a file source visits its records in epochs; epoch e is the permutation
 `default_rng([seed, e]).permutation(N)`, and iteration t takes the global positions [t·n, (t+1)·n). So the
 prompts of an iteration are a function of (seed, t, n) alone and a resumed run sees exactly what an
@@ -30,15 +36,18 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from unigrpo.io import write_text_atomic
-from unigrpo.world import CATEGORIES, make_prompts
+from unigrpo.world import CATEGORIES, make_edit_tasks, make_prompts
 from unigrpo.world.geneval import to_geneval
 
 __all__ = ["PROMPT_SUFFIXES", "DataConfig", "PromptRecord", "PromptFileError", "load_prompt_file",
-           "write_prompt_file", "FilePromptSource", "ShapesPromptSource", "build_prompt_source", "shapes_record",
+           "write_prompt_file", "FilePromptSource", "ShapesPromptSource", "ShapesEditSource", "build_prompt_source",
+           "shapes_record", "edit_record", "episode_rounds", "instructions_of", "check_rounds",
            "shapes_records", "check_prompt_lengths", "tag_order"]
 
 PROMPT_SUFFIXES = (".jsonl", ".txt", ".csv")
 SHAPES = "shapes"
+SHAPES_EDIT = "shapes_edit"
+BUILTIN = (SHAPES, SHAPES_EDIT)
 UNTAGGED = "untagged"
 
 
@@ -49,9 +58,10 @@ class PromptFileError(ValueError):
 @dataclass
 class DataConfig:
     train: str = SHAPES
-    """training prompts: "shapes" (the built-in world's train split) or a .jsonl / .txt / .csv file"""
+    """training prompts: "shapes" (the built-in world's train split), "shapes_edit" (its two-round editing
+    episodes) or a .jsonl / .txt / .csv file"""
     eval: str = SHAPES
-    """held-out prompts: "shapes" (the built-in world's held-out split) or a .jsonl / .txt / .csv file"""
+    """held-out prompts: "shapes" / "shapes_edit" (the built-in world's held-out split) or a prompt file"""
 
     def __post_init__(self):
         for name in ("train", "eval"):
@@ -59,8 +69,8 @@ class DataConfig:
 
 
 def _check_spec(key: str, spec: str) -> None:
-    if spec != SHAPES and not spec.lower().endswith(PROMPT_SUFFIXES):
-        raise ValueError(f"{key}={spec!r}: expected 'shapes' or a prompt file ending in "
+    if spec not in BUILTIN and not spec.lower().endswith(PROMPT_SUFFIXES):
+        raise ValueError(f"{key}={spec!r}: expected 'shapes', 'shapes_edit' or a prompt file ending in "
                          f"{', '.join(PROMPT_SUFFIXES)}")
 
 
@@ -231,9 +241,74 @@ class FilePromptSource:
         return [self.records[i % len(self.records)] for i in range(n)]
 
 
+class ShapesEditSource(ShapesPromptSource):
+    """The built-in world's two-round editing episodes: a pool of 4096 tasks of the split (edit kinds in turn),
+    drawn uniformly each iteration; tagged with the edit kind."""
+
+    name = SHAPES_EDIT
+
+    def __init__(self, split: str, seed: int, pool: int = 4096):
+        self.records = [edit_record(t, split) for t in make_edit_tasks(split, pool, seed)]
+        self.split = split
+
+    def eval_records(self, n: int, seed: int) -> list[PromptRecord]:
+        return [edit_record(t, self.split) for t in make_edit_tasks(self.split, n, seed)]
+
+
+def edit_record(task, split: str = "") -> PromptRecord:
+    """An EditTask as a two-round record: round 1 the source prompt (its GenEval metadata), round 2 the
+    instruction and the target (its text and GenEval metadata); tag = the edit kind."""
+    src = shapes_record(task.source, split)
+    tgt = shapes_record(task.target, split)
+    meta = {**src.metadata, "rounds": [{"instruction": task.instruction, "prompt": tgt.text, **tgt.metadata}]}
+    return PromptRecord(src.text, task.kind, meta, src.where)
+
+
+def episode_rounds(record: PromptRecord) -> list[PromptRecord]:
+    """The rounds of a record as the records their rewards score against: round 1 is the record itself; round
+    r ≥ 2 has the round's `prompt` as text and its other fields but `instruction` (`instructions_of`) as
+    metadata. A record without `rounds` has one round. PromptFileError names the line."""
+    rounds = record.metadata.get("rounds")
+    if rounds is None:
+        return [record]
+    if not isinstance(rounds, list) or not rounds:
+        raise PromptFileError(f"{record.where}: 'rounds' must be a non-empty list of {{instruction, prompt, ...}}, "
+                              f"got {rounds!r}")
+    out = [record]
+    for k, rd in enumerate(rounds, 2):
+        at = f"{record.where}: rounds[{k - 2}]"
+        if not isinstance(rd, dict):
+            raise PromptFileError(f"{at} must be an object {{instruction, prompt, ...}}, got {rd!r}")
+        for key in ("instruction", "prompt"):
+            if not isinstance(rd.get(key), str) or not rd[key].strip():
+                raise PromptFileError(f"{at}: '{key}' must be a non-empty string, got {rd.get(key)!r}")
+        meta = {k2: v for k2, v in rd.items() if k2 not in ("instruction", "prompt")}
+        out.append(PromptRecord(rd["prompt"], record.tag, meta, f"{record.where} round {k}"))
+    return out
+
+
+def instructions_of(record: PromptRecord) -> list[str]:
+    """The R − 1 later instructions of an episode record ([] for a single-round one)."""
+    episode_rounds(record)   # validates
+    return [rd["instruction"] for rd in record.metadata.get("rounds") or []]
+
+
+def check_rounds(records: Sequence[PromptRecord]) -> int:
+    """The number of rounds R every record of a source has (PromptFileError naming a record that differs)."""
+    counts = [len(episode_rounds(r)) for r in records]
+    for r, c in zip(records, counts):
+        if c != counts[0]:
+            raise PromptFileError(f"{r.where}: {c} rounds, but {records[0].where} has {counts[0]}; every record "
+                                  "of a prompt source needs the same number of rounds")
+    return counts[0] if counts else 1
+
+
 def build_prompt_source(spec: str, split: str, seed: int):
-    """"shapes" → the world's split; a path → FilePromptSource."""
+    """"shapes" / "shapes_edit" → the world's split; a path → FilePromptSource."""
     _check_spec(f"data.{split}", spec)
+    which = "train" if split == "train" else "heldout"
     if spec == SHAPES:
-        return ShapesPromptSource("train" if split == "train" else "heldout", seed)
+        return ShapesPromptSource(which, seed)
+    if spec == SHAPES_EDIT:
+        return ShapesEditSource(which, seed)
     return FilePromptSource(spec, seed)

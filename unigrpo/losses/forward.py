@@ -30,20 +30,20 @@ class PackedForward:
 
         text_out, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
                                            text_head=head, backend=self.attn_backend)
-        return text_out, self.guided(model, batch, v)
+        return text_out, self.guided(model, batch, batch.noise_velocities(v))
 
     def with_head(self, model, batch: PackedBatch, text_head):
-        """(text_head's output, guided velocities): the training forward, `text_head(hidden, lm_head weight)`
-        run inside the model's forward."""
+        """(text_head's output, conditional velocities of the noise blocks): the training forward,
+        `text_head(hidden, lm_head weight)` run inside the model's forward."""
         text_out, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
                                            backend=self.attn_backend, text_head=text_head)
-        return text_out, v
+        return text_out, batch.noise_velocities(v)
 
     def velocities(self, model, batch: PackedBatch) -> torch.Tensor:
-        """The conditional velocities only (no text head, no CFG) [M, C, h, w]."""
+        """The conditional velocities of the noise blocks only (no text head, no CFG) [R·W, C, h, w]."""
         _, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
                                     backend=self.attn_backend, text_head=no_text_head)
-        return v
+        return batch.noise_velocities(v)
 
     def guided(self, model, batch: PackedBatch, v_c: torch.Tensor) -> torch.Tensor:
         """The velocity the rollout sampled with: v_c itself, or with CFG in training rollouts

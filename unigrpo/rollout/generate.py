@@ -67,14 +67,25 @@ def generate_reasoning(model: UnifiedModel, tokenizer, prompts: list[str], *, te
                        max_new_tokens: int | None = None, generator: torch.Generator | None = None,
                        extra_capacity: int = 0) -> Reasoning:
     """Sample reasoning for each prompt until EOS (temperature 0 = greedy). `extra_capacity` reserves cache
-    columns for image blocks appended later."""
+    columns for image blocks (and later rounds) appended afterwards."""
     cfg = model.cfg
     ids = encode_prompts(tokenizer, prompts, cfg.max_text_len)
-    longest = max(len(x) for x in ids)
-    room = cfg.max_text_len - longest
-    T = room if max_new_tokens is None else min(max_new_tokens, room)
+    T = reasoning_budget(cfg.max_text_len, ids, max_new_tokens)
     cache, last = _prefill(model, tokenizer, ids, T + extra_capacity)
-    B, dev = len(prompts), last.device
+    return _decode(model, tokenizer, cache, last, ids, T, temperature, generator)
+
+
+def reasoning_budget(max_text_len: int, ids: list[list[int]], max_new_tokens: int | None) -> int:
+    """Reasoning tokens a round may sample after its context `ids` (per row): the room left in the model's
+    text context by the longest one, capped at max_new_tokens."""
+    room = max_text_len - max(len(x) for x in ids)
+    return room if max_new_tokens is None else min(max_new_tokens, room)
+
+
+def _decode(model: UnifiedModel, tokenizer, cache: KVCache, last, ids, T: int, temperature: float,
+            generator) -> Reasoning:
+    """Up to T decoding steps after the cache (`last`: the hidden state predicting the first token)."""
+    B, dev = last.shape[0], last.device
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     tokens, logps, masks = [], [], []
     for _ in range(T):
@@ -99,6 +110,49 @@ def generate_reasoning(model: UnifiedModel, tokenizer, prompts: list[str], *, te
         logp_BT, mask_BT = tokens_BT.float(), tokens_BT.bool()
     texts = [tokenizer.decode(tokens_BT[i][mask_BT[i]].tolist()) for i in range(B)]
     return Reasoning(ids, tokens_BT, logp_BT, mask_BT, texts, cache)
+
+
+def encode_instructions(tokenizer, instructions: list[str], max_len: int) -> list[list[int]]:
+    """Token ids of a later round's instructions c^r (ALGORITHM.md §12): encoded like a prompt, [bos] text
+    [sor]; one that leaves no room for reasoning in a round's max_len text tokens is an error naming it."""
+    out = []
+    for t in instructions:
+        ids = tokenizer.encode_prompt(t)
+        if len(ids) >= max_len:
+            raise ValueError(f"instruction {t[:60]!r} is {len(ids)} tokens; a round's text (instruction + "
+                             f"reasoning) holds max_text_len={max_len} tokens")
+        out.append(ids)
+    return out
+
+
+def round_capacity(model: UnifiedModel, instruction_ids: list[list[list[int]]], max_new_tokens: int | None) -> int:
+    """Cache columns that rounds 2..R need after round 1: per round, the clean image block of the round
+    before, the (left-padded) instructions and the reasoning budget. instruction_ids[r][i]: round r+2, row i."""
+    n = 0
+    for ids in instruction_ids:
+        n += model.cfg.image_tokens + max(len(x) for x in ids) + reasoning_budget(model.cfg.max_text_len, ids,
+                                                                                 max_new_tokens)
+    return n
+
+
+@torch.no_grad()
+def next_round(model: UnifiedModel, tokenizer, cache: KVCache, image_latents, ids: list[list[int]], *,
+               temperature: float, max_new_tokens: int | None, generator) -> Reasoning:
+    """Round r ≥ 2 after round r−1 (ALGORITHM.md §12): append x̄^{r−1} as a clean block (σ = 0), then the
+    instructions `ids` (one per row, left-padded inside the appended chunk so every row's last column is
+    real), then sample the round's reasoning. The returned Reasoning's prompt_ids are the instructions."""
+    B = image_latents.shape[0]
+    dev = image_latents.device
+    model.append_image(cache, image_latents, torch.zeros(B, device=dev))
+    n = max(len(x) for x in ids)
+    tok = torch.full((B, n), tokenizer.pad_id, dtype=torch.long)
+    valid = torch.zeros(B, n, dtype=torch.bool)
+    for i, x in enumerate(ids):
+        tok[i, n - len(x):] = torch.tensor(x)
+        valid[i, n - len(x):] = True
+    last = model.append_text(cache, tok.to(dev), valid.to(dev))[:, -1]
+    T = reasoning_budget(model.cfg.max_text_len, ids, max_new_tokens)
+    return _decode(model, tokenizer, cache, last, ids, T, temperature, generator)
 
 
 @torch.no_grad()
@@ -148,3 +202,41 @@ def sample(model: UnifiedModel, tokenizer, codec, prompts: list[str], *, tempera
     latents = denoise(model, cache, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
                       uncond_cache=uncond, generator=generator, cuda_graph=cuda_graph)
     return texts, codec.decode(latents)
+
+
+def check_instructions(instructions: list[list[str]], prompts: int) -> int:
+    """Rounds R of a batch whose rows carry `instructions` (R − 1 each): every row the same number."""
+    if len(instructions) != prompts:
+        raise ValueError(f"{len(instructions)} instruction lists for {prompts} prompts")
+    counts = {len(x) for x in instructions}
+    if len(counts) != 1:
+        raise ValueError(f"every episode of a batch needs the same number of rounds; got instruction counts "
+                         f"{sorted(counts)}")
+    return 1 + counts.pop()
+
+
+@torch.no_grad()
+def sample_episode(model: UnifiedModel, tokenizer, codec, prompts: list[str], instructions: list[list[str]], *,
+                   temperature: float = 1.0, num_steps: int = 50, shift: float = 3.0, cfg_scale: float = 1.0,
+                   generator=None, cuda_graph: bool = True):
+    """Multi-round sampling on the evaluation (ODE) path (ALGORITHM.md §12): prompt → reasoning¹ → x¹, then per
+    later round its instruction → reasoning^r → x^r conditioned on the whole history, x̄^{r−1} as a clean
+    block. instructions[i]: the R − 1 instructions of prompt i. With cfg_scale ≠ 1 the unconditional branch is
+    the empty context (text guidance). Returns (texts [R][B], images [R] × [B, 3, H, W] in [-1, 1])."""
+    R = check_instructions(instructions, len(prompts))
+    later = [encode_instructions(tokenizer, [x[r] for x in instructions], model.cfg.max_text_len)
+             for r in range(R - 1)]
+    rs = generate_reasoning(model, tokenizer, prompts, temperature=temperature, generator=generator,
+                            extra_capacity=round_capacity(model, later, None))
+    cache = rs.cache
+    uncond = unconditional_cache(model, tokenizer, len(prompts)) if cfg_scale != 1.0 else None
+    texts, images = [rs.texts], []
+    for r in range(R):
+        latents = denoise(model, cache, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
+                          uncond_cache=uncond, generator=generator, cuda_graph=cuda_graph)
+        images.append(codec.decode(latents))
+        if r < R - 1:
+            rs = next_round(model, tokenizer, cache, latents, later[r], temperature=temperature,
+                            max_new_tokens=None, generator=generator)
+            texts.append(rs.texts)
+    return texts, images

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unigrpo.rollout.generate import Reasoning, generate_reasoning, unconditional_cache
+from unigrpo.rollout.generate import (Reasoning, check_instructions, encode_instructions, generate_reasoning,
+                                     next_round, round_capacity, unconditional_cache)
 from unigrpo.rollout.graphs import make_velocity, sde_loop, sde_tables
 from unigrpo_kernels import sigma_schedule
 
@@ -87,6 +88,27 @@ class RolloutConfig:
 
 
 @dataclass
+class Episode:
+    """The rounds of multi-round trajectories (ALGORITHM.md §12). The Trajectories' W axis holds every
+    round's window steps, round-major (round r: slots r·W … r·W + W − 1), and its reasoning tensors every
+    round's tokens, round r in columns [columns[r], columns[r + 1]) (a prefix of them is real, per row)."""
+
+    instruction_ids: list[list[list[int]]]  # [row][r − 1]: token ids of c^r, r = 2 … R
+    columns: list[int]  # R + 1 column boundaries of reasoning.tokens_BT
+    texts: list[list[str]]  # [row][r]: decoded reasoning o^r
+    latents_RK: torch.Tensor  # fp32 [rows, R, C, h, w]: every round's final latent x^r (the last = traj.latents)
+    window: int  # W: SDE steps per round
+
+    @property
+    def rounds(self) -> int:
+        return len(self.columns) - 1
+
+    def reasoning_lengths(self, mask_BT: torch.Tensor) -> torch.Tensor:
+        """long [rows, R]: real reasoning tokens of each round."""
+        return torch.stack([mask_BT[:, a:b].sum(1) for a, b in zip(self.columns, self.columns[1:])], 1)
+
+
+@dataclass
 class Trajectories:
     """R = B·G rollouts; rows of one prompt are adjacent (group g = rows g·G … g·G + G − 1)."""
 
@@ -100,12 +122,16 @@ class Trajectories:
     latents: torch.Tensor  # fp32 [R, C, h, w]: final clean latents
     group_size: int
     timing: dict  # seconds: "rollout_text", "rollout_image"
-
+    episode: Episode | None = None  # multi-round trajectories (window_k0 is then long [R, rounds])
 
     @property
     def window_steps(self) -> torch.Tensor:
-        """long [R, W]: the step index k of each window step"""
+        """long [R, W]: the step index k of each window step (every round's, round-major, for episodes)"""
         W = self.x_RW.shape[1]
+        if self.window_k0.dim() == 2:
+            w = W // self.window_k0.shape[1]
+            steps = self.window_k0[:, :, None] + torch.arange(w, device=self.window_k0.device)
+            return steps.flatten(1)
         return self.window_k0[:, None] + torch.arange(W, device=self.window_k0.device)[None, :]
 
 
@@ -116,14 +142,22 @@ def draw_windows(rng: np.random.Generator, groups: int, cfg: RolloutConfig) -> n
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, generator: torch.Generator,
-            window_rng: np.random.Generator | None = None, windows=None, backend: str = "auto") -> Trajectories:
+            window_rng: np.random.Generator | None = None, windows=None, backend: str = "auto",
+            instructions: list[list[str]] | None = None) -> Trajectories:
     """Roll out len(prompt_texts) prompts × G samples. Returns the trajectories (images not yet decoded).
     The SDE window of each group: drawn from window_rng, or given as `windows` (k0 per prompt, ints).
-    backend: the kernel backend of sde_step ("auto", "torch", "triton", "cuda")."""
+    backend: the kernel backend of sde_step ("auto", "torch", "triton", "cuda").
+    instructions: multi-round episodes (ALGORITHM.md §12): instructions[i] holds prompt i's R − 1 later
+    instructions, and `windows` is then [prompts, R] (each round's k0)."""
     if (window_rng is None) == (windows is None):
         raise ValueError("rollout needs exactly one of window_rng and windows")
     if windows is not None and len(windows) != len(prompt_texts):
         raise ValueError(f"windows has {len(windows)} entries for {len(prompt_texts)} prompts")
+    if instructions is not None:
+        if windows is None:
+            raise ValueError("a multi-round rollout takes its windows as `windows` [prompts, rounds]")
+        return _rollout_episodes(model, tokenizer, prompt_texts, instructions, cfg, generator=generator,
+                                 windows=windows, backend=backend)
     G, W, N = cfg.group_size, cfg.window_size, cfg.steps
     texts = [p for p in prompt_texts for _ in range(G)]
     R = len(texts)
@@ -152,23 +186,86 @@ def rollout(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, ge
                         timing)
 
 
+def _rollout_episodes(model, tokenizer, prompt_texts, instructions, cfg: RolloutConfig, *, generator, windows,
+                      backend) -> Trajectories:
+    """`rollout` of R-round episodes: per round its reasoning, then its hybrid denoising with the round's
+    own window; x̄^r and the next instruction join the cache between rounds (ALGORITHM.md §12)."""
+    G, W, N = cfg.group_size, cfg.window_size, cfg.steps
+    n_rounds = check_instructions(instructions, len(prompt_texts))
+    k0_PR = np.asarray(windows, dtype=np.int64).reshape(len(prompt_texts), -1)
+    if k0_PR.shape[1] != n_rounds:
+        raise ValueError(f"windows has {k0_PR.shape[1]} entries per prompt for {n_rounds} rounds")
+    texts = [p for p in prompt_texts for _ in range(G)]
+    R, dev, mcfg = len(texts), model.embed.weight.device, model.cfg
+    cap = cfg.max_new_tokens or None
+    later = [encode_instructions(tokenizer, [x[r] for x in instructions for _ in range(G)], mcfg.max_text_len)
+             for r in range(n_rounds - 1)]
+    sigmas = sigma_schedule(N, cfg.shift).to(dev)
+    uncond = unconditional_cache(model, tokenizer, R) if cfg.cfg_scale != 1.0 else None
+    shape = (R, mcfg.latent_channels, mcfg.latent_size, mcfg.latent_size)
+    t_text = t_image = 0.0
+    parts, outs = [], []
+    for r in range(n_rounds):
+        t0 = time.perf_counter()
+        if r == 0:
+            rs = generate_reasoning(model, tokenizer, texts, temperature=cfg.temperature, max_new_tokens=cap,
+                                    generator=generator, extra_capacity=round_capacity(model, later, cap))
+            cache = rs.cache
+        else:
+            rs = next_round(model, tokenizer, cache, outs[-1].latents, later[r - 1], temperature=cfg.temperature,
+                            max_new_tokens=cap, generator=generator)
+        t1 = time.perf_counter()
+        k0_host = k0_PR[:, r].repeat(G)
+        tables = sde_tables(sigmas, k0_host, window=W, eta=cfg.eta, kind=cfg.sde_kind)
+        x = torch.randn(shape, generator=generator, device=dev)
+        velocity = make_velocity(model, cache, uncond_cache=uncond, cfg_scale=cfg.cfg_scale,
+                                 cuda_graph=cfg.cuda_graph)
+        outs.append(sde_loop(velocity, x, tables, generator=generator, backend=backend))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        rs.cache = None
+        parts.append(rs)
+        t_text, t_image = t_text + t1 - t0, t_image + time.perf_counter() - t1
+    columns = np.cumsum([0] + [p.tokens_BT.shape[1] for p in parts]).tolist()
+    reasoning = Reasoning(prompt_ids=parts[0].prompt_ids, tokens_BT=torch.cat([p.tokens_BT for p in parts], 1),
+                          logp_BT=torch.cat([p.logp_BT for p in parts], 1),
+                          mask_BT=torch.cat([p.mask_BT for p in parts], 1), texts=parts[-1].texts, cache=None)
+    episode = Episode(instruction_ids=[[later[r][i] for r in range(n_rounds - 1)] for i in range(R)],
+                      columns=columns, texts=[[p.texts[i] for p in parts] for i in range(R)],
+                      latents_RK=torch.stack([o.latents for o in outs], 1), window=W)
+    k0 = torch.as_tensor(k0_PR.repeat(G, axis=0), dtype=torch.long).to(dev)
+    cat = lambda name: torch.cat([getattr(o, name) for o in outs], 1)  # noqa: E731
+    return Trajectories(texts, reasoning, k0, cat("x_RW"), cat("x_next_RW"), cat("noise_RW"), cat("logp_RW"),
+                        outs[-1].latents, G, {"rollout_text": t_text, "rollout_image": t_image}, episode)
+
+
 def concat_trajectories(parts: list[Trajectories], group_size: int) -> Trajectories:
     """Rows of `parts` in order as one Trajectories of groups of `group_size` (reasoning tensors padded to the
-    longest T: tokens 0, log-probs 0, mask False); timings summed."""
-    T = max(p.reasoning.tokens_BT.shape[1] for p in parts)
+    longest T, round by round for episodes: tokens 0, log-probs 0, mask False); timings summed."""
+    eps = [p.episode for p in parts]
+    if any(e is None for e in eps) != all(e is None for e in eps):
+        raise ValueError("cannot concatenate single-round and multi-round trajectories")
+    bounds = [e.columns if e is not None else [0, p.reasoning.tokens_BT.shape[1]] for e, p in zip(eps, parts)]
+    widths = [max(b[r + 1] - b[r] for b in bounds) for r in range(len(bounds[0]) - 1)]
 
-    def pad(t, value):
-        return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=value)
+    def pad(t, b, value):   # each round's columns padded to that round's widest
+        return torch.cat([torch.nn.functional.pad(t[:, b[r]:b[r + 1]], (0, w - (b[r + 1] - b[r])), value=value)
+                          for r, w in enumerate(widths)], 1)
     rs = [p.reasoning for p in parts]
     reasoning = Reasoning(prompt_ids=[i for r in rs for i in r.prompt_ids],
-                          tokens_BT=torch.cat([pad(r.tokens_BT, 0) for r in rs]),
-                          logp_BT=torch.cat([pad(r.logp_BT, 0.0) for r in rs]),
-                          mask_BT=torch.cat([pad(r.mask_BT, False) for r in rs]),
+                          tokens_BT=torch.cat([pad(r.tokens_BT, b, 0) for r, b in zip(rs, bounds)]),
+                          logp_BT=torch.cat([pad(r.logp_BT, b, 0.0) for r, b in zip(rs, bounds)]),
+                          mask_BT=torch.cat([pad(r.mask_BT, b, False) for r, b in zip(rs, bounds)]),
                           texts=[t for r in rs for t in r.texts], cache=None)
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     timing = {k: sum(p.timing[k] for p in parts) for k in parts[0].timing}
+    episode = None
+    if eps[0] is not None:
+        episode = Episode([x for e in eps for x in e.instruction_ids], np.cumsum([0] + widths).tolist(),
+                          [x for e in eps for x in e.texts], torch.cat([e.latents_RK for e in eps]), eps[0].window)
     return Trajectories([t for p in parts for t in p.prompt_texts], reasoning, cat("window_k0"), cat("x_RW"),
-                        cat("x_next_RW"), cat("noise_RW"), cat("logp_RW"), cat("latents"), group_size, timing)
+                        cat("x_next_RW"), cat("noise_RW"), cat("logp_RW"), cat("latents"), group_size, timing,
+                        episode)
 
 
 def check_rollout_batch(batch: int, group_size: int) -> None:
@@ -179,25 +276,28 @@ def check_rollout_batch(batch: int, group_size: int) -> None:
 
 
 def rollout_in_batches(model, tokenizer, prompt_texts: list[str], cfg: RolloutConfig, *, batch: int,
-                       generator: torch.Generator, windows, backend: str = "auto") -> Trajectories:
+                       generator: torch.Generator, windows, backend: str = "auto",
+                       instructions: list[list[str]] | None = None) -> Trajectories:
     """`rollout` of the same rows, at most `batch` trajectories at a time (0 = all at once): whole groups
     when batch is a multiple of G, else G/batch pieces of each group (same window k0). Peak memory of the
     KV cache and the denoising activations scales with `batch`; the sampled values differ from one call
     (the generator is consumed in another order), their distribution does not."""
     G = cfg.group_size
     check_rollout_batch(batch, G)
+    kw = dict(generator=generator, backend=backend)
     if not batch or batch >= len(prompt_texts) * G:
-        return rollout(model, tokenizer, prompt_texts, cfg, generator=generator, windows=windows, backend=backend)
+        return rollout(model, tokenizer, prompt_texts, cfg, windows=windows, instructions=instructions, **kw)
+    sub = (lambda a, b: None) if instructions is None else (lambda a, b: instructions[a:b])  # noqa: E731
     parts = []
     if batch % G == 0:
         per = batch // G
         for i in range(0, len(prompt_texts), per):
-            parts.append(rollout(model, tokenizer, prompt_texts[i:i + per], cfg, generator=generator,
-                                 windows=windows[i:i + per], backend=backend))
+            parts.append(rollout(model, tokenizer, prompt_texts[i:i + per], cfg, windows=windows[i:i + per],
+                                 instructions=sub(i, i + per), **kw))
     else:
         piece = dataclasses.replace(cfg, group_size=batch)
-        for text, k0 in zip(prompt_texts, windows):
+        for i, text in enumerate(prompt_texts):
             for _ in range(G // batch):
-                parts.append(rollout(model, tokenizer, [text], piece, generator=generator, windows=[k0],
-                                     backend=backend))
+                parts.append(rollout(model, tokenizer, [text], piece, windows=windows[i:i + 1],
+                                     instructions=sub(i, i + 1), **kw))
     return concat_trajectories(parts, G)

@@ -1,0 +1,239 @@
+"""Multi-round episodes (ALGORITHM.md §12) end to end: the rollout's rounds, the packed training forward of
+real rollout trajectories against the round-by-round cached forwards, the data that carries rounds, and one
+trainer iteration that scores the chosen rounds."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_trainer import small_cfg, tiny_base
+from unigrpo.data import (DataConfig, PromptFileError, build_prompt_source, check_rounds, episode_rounds,
+                          instructions_of, load_prompt_file)
+from unigrpo.losses.forward import PackedForward, scatter_tokens
+from unigrpo.losses.packing import pack
+from unigrpo.model import preset
+from unigrpo.model.build import build_bundle
+from unigrpo.rewards.registry import RewardSpec
+from unigrpo.rewards.verifier import records_to_prompts
+from unigrpo.rollout.rollout import RolloutConfig, rollout, rollout_in_batches
+from unigrpo.train_config import EditConfig
+from unigrpo.trainer import Trainer
+from unigrpo_kernels import sigma_schedule
+
+PROMPTS = ["a red circle", "two squares"]
+INSTRUCTIONS = [["make the circle blue", "add a triangle"], ["remove the square", "move it"]]
+
+
+def _model(dtype=torch.float64):
+    torch.manual_seed(0)
+    b = build_bundle(preset("tiny", hidden=32, heads=2, kv_heads=1, intermediate=64, layers=2, max_text_len=48))
+    torch.nn.init.normal_(b.model.image_out.weight, std=0.05)   # velocities that depend on the context
+    b.model.to(dtype).eval()
+    return b
+
+
+def _forward(b):
+    return PackedForward(temperature=1.0, cfg_scale=1.0, uncond_ids=[], image_tokens=b.model.cfg.image_tokens,
+                         pad_id=b.tokenizer.pad_id, attn_backend="sdpa", text_backend="torch")
+
+
+def _episodes(b, rounds: int, cfg: RolloutConfig, seed=0):
+    windows = np.array([[0, 3, 1][:rounds], [2, 1, 3][:rounds]])
+    ins = [x[:rounds - 1] for x in INSTRUCTIONS]
+    return rollout(b.model, b.tokenizer, PROMPTS, cfg, generator=torch.Generator().manual_seed(seed),
+                   windows=windows, instructions=ins), windows
+
+
+CFG = RolloutConfig(group_size=2, steps=6, window_size=2, window_hi=5, max_new_tokens=8, eta=0.7)
+
+
+@pytest.mark.parametrize("rounds", [2, 3])
+def test_packed_forward_of_rollout_episodes_equals_the_cached_rounds_float64(rounds):
+    """Every round's window velocities and reasoning log-probs from ONE packed forward per trajectory equal
+    those of the cached path run round by round (prefix, x̄^r appended clean at σ = 0, the next instruction,
+    its reasoning). Float64: agreement to 1e-10 is rounding of ~10³ operations, any wrong visibility or RoPE
+    position moves values by > 1e-3 with this model's 0.05-scale output layer."""
+    b = _model()
+    m, tok = b.model, b.tokenizer
+    traj, windows = _episodes(b, rounds, CFG)
+    ep, rs = traj.episode, traj.reasoning
+    R, W = traj.x_RW.shape[:2]
+    assert ep.rounds == rounds and W == rounds * CFG.window_size
+    assert torch.equal(traj.window_k0.cpu(), torch.as_tensor(windows).repeat_interleave(2, 0))
+    sig = sigma_schedule(CFG.steps, CFG.shift)
+    batch = pack(traj, list(range(R)), sig, m.cfg.image_tokens, tok.pad_id)
+    assert len(batch.layout.block_starts) == R * (rounds * CFG.window_size + rounds - 1)
+    with torch.no_grad():
+        (lp, _), v = _forward(b)(m, batch, with_entropy=True)
+        lp_RT = scatter_tokens(lp, batch, R, rs.tokens_BT.shape[1])
+        lengths = ep.reasoning_lengths(rs.mask_BT)
+        for r in range(R):
+            cache = m.new_cache(1, 512)
+            ctx = [rs.prompt_ids[r]] + ep.instruction_ids[r]
+            for k in range(rounds):
+                if k:
+                    m.append_image(cache, ep.latents_RK[r, k - 1][None].double(), torch.zeros(1))
+                o = rs.tokens_BT[r, ep.columns[k]:ep.columns[k] + int(lengths[r, k])].tolist()
+                hidden = m.append_text(cache, torch.tensor([ctx[k] + o]))
+                logp = torch.log_softmax(m.logits(hidden[0]).double(), -1)
+                want = logp[len(ctx[k]) - 1:-1].gather(1, torch.tensor(o)[:, None]).squeeze(1)
+                got = lp_RT[r, ep.columns[k]:ep.columns[k] + len(o)]
+                torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+                for j in range(CFG.window_size):
+                    slot = k * CFG.window_size + j
+                    s = sig[traj.window_steps[r, slot]].float().reshape(1)   # σ enters as float32, as in the rollout
+                    v_c = m.image_velocity(cache, traj.x_RW[r, slot][None].double(), s)
+                    torch.testing.assert_close(v.view(R, W, *v.shape[1:])[r, slot], v_c[0], atol=1e-10, rtol=0)
+
+
+def test_round_two_sees_round_one_image_and_round_one_does_not_see_round_two():
+    """Changing x̄¹ moves round 2's velocities and leaves round 1's bit for bit (the interleaved order)."""
+    b = _model()
+    traj, _ = _episodes(b, 2, CFG)
+    sig = sigma_schedule(CFG.steps, CFG.shift)
+    fw = _forward(b)
+    with torch.no_grad():
+        v0 = fw.velocities(b.model, pack(traj, [0, 3], sig, b.model.cfg.image_tokens, b.tokenizer.pad_id))
+        traj.episode.latents_RK[:, 0] += 0.5
+        v1 = fw.velocities(b.model, pack(traj, [0, 3], sig, b.model.cfg.image_tokens, b.tokenizer.pad_id))
+    v0, v1 = v0.view(2, 4, -1), v1.view(2, 4, -1)
+    assert torch.equal(v0[:, :2], v1[:, :2])
+    assert (v0[:, 2:] - v1[:, 2:]).abs().max() > 1e-3
+
+
+def test_episodes_rolled_out_in_pieces_pack_like_their_rollout():
+    """rollout_in_batches pads each round's columns on its own: the training path's recomputed log-probs match
+    what the rollout sampled with (float32: 1e-4 as test_trainer's on-policy check)."""
+    b = _model(torch.float32)
+    # no token cap: each piece's round widths are its context's room, so the pieces' columns differ
+    cfg = RolloutConfig(group_size=4, steps=6, window_size=2, window_hi=5, max_new_tokens=0, eta=0.7)
+    traj = rollout_in_batches(b.model, b.tokenizer, PROMPTS, cfg, batch=2, generator=torch.Generator().manual_seed(1),
+                              windows=np.array([[0, 3], [2, 1]]), instructions=[x[:1] for x in INSTRUCTIONS])
+    R = traj.x_RW.shape[0]
+    assert R == 8 and traj.episode.latents_RK.shape[:2] == (8, 2)
+    assert traj.episode.columns == [0, 35, 64]   # each round padded to its widest piece: 34 | 35, 26 | 29
+    batch = pack(traj, list(range(R)), sigma_schedule(6, 3.0), b.model.cfg.image_tokens, b.tokenizer.pad_id)
+    with torch.no_grad():
+        (lp, _), _ = _forward(b)(b.model, batch, with_entropy=True)
+    rs = traj.reasoning
+    lp_RT = scatter_tokens(lp, batch, R, rs.tokens_BT.shape[1])
+    assert int(rs.mask_BT.sum()) == lp.numel()
+    torch.testing.assert_close(lp_RT[rs.mask_BT], rs.logp_BT[rs.mask_BT], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_shapes_edit_records_carry_both_rounds_and_score_against_the_target():
+    src = build_prompt_source("shapes_edit", "train", 0)
+    assert check_rounds(src.records) == 2
+    kinds = {r.tag for r in src.records}
+    assert kinds == {"recolour", "move", "add", "remove"}
+    for rec in src.records[:40]:
+        first, second = episode_rounds(rec)
+        assert first is rec and second.text != rec.text and len(instructions_of(rec)) == 1
+        assert records_to_prompts([second])[0].text == second.text   # the round-2 target is a world prompt
+
+
+def test_episode_records_from_a_file_and_their_errors(tmp_path):
+    path = tmp_path / "p.jsonl"
+    good = {"prompt": "a cat", "rounds": [{"instruction": "make it black", "prompt": "a black cat", "k": 1}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rounds": good["rounds"] * 2}) + "\n")
+    recs = load_prompt_file(str(path))
+    assert episode_rounds(recs[0])[1].metadata == {"k": 1}
+    with pytest.raises(PromptFileError, match=r"p.jsonl:2: 3 rounds, but .*p.jsonl:1 has 2"):
+        check_rounds(recs)
+    path.write_text(json.dumps({"prompt": "a cat", "rounds": [{"prompt": "a dog"}]}) + "\n")
+    with pytest.raises(PromptFileError, match=r"p.jsonl:1: rounds\[0\]: 'instruction' must be a non-empty string"):
+        episode_rounds(load_prompt_file(str(path))[0])
+
+
+@pytest.mark.parametrize("weights, pattern", [([-1.0, 1.0], "weights >= 0"), ([0.0, 0.0], "not all 0")])
+def test_bad_round_weights_are_refused(weights, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        EditConfig(weights)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def _brightness(images, prompts, metadata):
+    """A reward with signal for an untrained model: mean brightness, in [-1, 1]."""
+    return images.float().mean((1, 2, 3))
+
+
+def _round_mark(images, prompts, metadata):
+    """1 when the prompt is a round-2 target (its text starts with "a black"), else 0."""
+    return torch.tensor([float(p.startswith("a black")) for p in prompts])
+
+
+def test_one_episode_iteration_trains_every_round_on_policy(tmp_path):
+    tiny_base(tmp_path / "base")
+    cfg = small_cfg(tmp_path, iterations=1, data=DataConfig(train="shapes_edit", eval="shapes_edit"),
+                    rewards=[RewardSpec("python", function=f"{__name__}:_brightness")])
+    tr = Trainer(cfg, progress=False)
+    assert tr.rounds == 2 and tr.round_weights == [0.0, 1.0]
+    m = tr.iteration()
+    assert m["reasoning/length_round1"] > 0 and m["reasoning/length_round2"] > 0
+    assert "reward/round2/python" in m and "reward/round1/python" not in m
+    assert m["mismatch/text_logp_max"] < 1e-4 and m["mismatch/flow_logp_max"] < 1e-3
+    assert m["grad_norm/text"] > 0 and m["grad_norm/image"] > 0
+
+
+def test_round_weights_score_the_chosen_rounds_against_their_own_targets(tmp_path):
+    tiny_base(tmp_path / "base")
+    path = tmp_path / "ep.jsonl"
+    path.write_text(json.dumps({"prompt": "a cat", "rounds": [{"instruction": "make it black",
+                                                                "prompt": "a black cat"}]}) + "\n")
+    spec = RewardSpec("python", function=f"{__name__}:_round_mark")
+    for weights, want in (([], 1.0), ([1.0, 0.0], 0.0), ([0.25, 2.0], 2.0)):
+        cfg = small_cfg(tmp_path, iterations=1, data=DataConfig(train=str(path), eval=str(path)), rewards=[spec],
+                        edit=EditConfig(weights), out=str(tmp_path / f"run{len(weights)}{weights[:1]}"))
+        tr = Trainer(cfg, progress=False)
+        traj = rollout(tr.policy, tr.bundle.tokenizer, ["a cat"], cfg.rollout, generator=tr.gen,
+                       windows=[[0, 1]], instructions=[["make it black"]])
+        reward, _, _ = tr.episode_rewards(traj, tr.source.records * cfg.rollout.group_size)
+        assert torch.allclose(reward, torch.full_like(reward, want))
+
+
+# ------------------------------------------------------------------------------------------------ pre-training
+def test_pretrain_episodes_teach_the_edited_plan_and_condition_on_the_clean_first_image():
+    """An episode example's targets are round 1's plan and round 2's edited plan (exact for the task), its
+    clean block is round 1's image at σ = 0 (the x0 that round 1's noise blocks were made from), and the
+    loss's noise blocks are every block but that one."""
+    from unigrpo.pretrain import PretrainConfig, make_batch
+    from unigrpo.world import make_edit_tasks, make_prompts, parse_plan, verify_edit_plan
+    b = build_bundle(preset("tiny"))
+    tok, W = b.tokenizer, 2
+    tasks = make_edit_tasks("train", 8, seed=3)
+    prompts = make_prompts("train", 8, seed=3)
+    mixed = [t if i % 2 else None for i, t in enumerate(tasks)]
+    layout, ids, tgt, lat, sig, v_tgt, noise = make_batch(b, prompts, np.random.default_rng(0),
+                                                          PretrainConfig(blocks_per_sample=W, p_uncond=0.0),
+                                                          torch.Generator().manual_seed(0), mixed)
+    assert len(layout.block_kinds) == 4 * W + 4 * (2 * W + 1) and len(noise) == v_tgt.shape[0] == 4 * W + 4 * 2 * W
+    full = [m for m in range(len(layout.block_kinds)) if m not in set(noise.tolist())]
+    assert torch.all(sig[full] == 0)
+    x0 = lat[noise] - sig[noise][:, None, None, None] * v_tgt   # x_σ = (1−σ)·x0 + σ·ε and v = ε − x0
+    for e, m in enumerate(full):   # episode e is example 2e+1: its round-1 blocks come right before its clean one
+        torch.testing.assert_close(x0[list(noise).index(m - W):list(noise).index(m - 1) + 1],
+                                   lat[m][None].expand(W, *lat.shape[1:]), atol=1e-5, rtol=0)
+    for i, task in enumerate(mixed):
+        text = tok.decode(tgt[i][tgt[i] >= 0].tolist())
+        if task is None:
+            assert parse_plan(text) is not None
+            continue
+        eos = [j for j, t in enumerate(tgt[i].tolist()) if t == tok.eos_id]
+        assert len(eos) == 2   # two reasoning targets, each ending in EOS
+        second = tok.decode([t for t in tgt[i, eos[0] + 1:eos[1]].tolist() if t >= 0])
+        assert verify_edit_plan([second], [task]).item() == 1.0, (task.instruction, second)
+
+
+def test_pretrain_from_a_checkpoint_with_episodes_writes_a_base(tmp_path):
+    from unigrpo.pretrain import PretrainConfig, run_pretrain
+    from unigrpo.checkpoint import load_checkpoint
+    b = tiny_base(tmp_path / "init")
+    cfg = PretrainConfig(init=str(tmp_path / "init"), out=str(tmp_path / "base"), steps=2, batch=4,
+                         blocks_per_sample=2, edit_fraction=1.0, warmup=1, eval_samples=0, log_every=1)
+    run_pretrain(cfg, progress=False)
+    ck = load_checkpoint(str(tmp_path / "base"))
+    assert ck.config["model"]["hidden"] == b.model.cfg.hidden   # the init's shape, not the preset's
+    changed = [k for k, v in b.model.state_dict().items() if not torch.equal(v, ck.model_state[k])]
+    assert changed
