@@ -37,27 +37,34 @@ class Reasoning:
         return self.tokens_BT[i][self.mask_BT[i]].tolist()
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list[str], max_len: int, what: str = "prompt") -> list[list[int]]:
     """Token ids of each prompt; a prompt that leaves no room for reasoning is an error naming it."""
     out = []
     for p in prompts:
         ids = tokenizer.encode_prompt(p)
         if len(ids) >= max_len:
-            raise ValueError(f"prompt {p[:60]!r} is {len(ids)} tokens; the model's context holds "
+            raise ValueError(f"{what} {p[:60]!r} is {len(ids)} tokens; the model's context holds "
                              f"max_text_len={max_len} text tokens including the reasoning")
         out.append(ids)
     return out
 
 
-def _prefill(model: UnifiedModel, tokenizer, ids: list[list[int]], capacity_extra: int):
+def left_padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(long [B, P] tokens, bool [B, P] valid): each row's ids at the right end, pad_id before them."""
     B, P = len(ids), max(len(x) for x in ids)
-    dev = model.embed.weight.device
-    tok = torch.full((B, P), tokenizer.pad_id, dtype=torch.long)
+    tok = torch.full((B, P), pad_id, dtype=torch.long)
     valid = torch.zeros(B, P, dtype=torch.bool)
     for i, x in enumerate(ids):
         tok[i, P - len(x):] = torch.tensor(x)
         valid[i, P - len(x):] = True
-    cache = model.new_cache(B, P + capacity_extra)
+    return tok, valid
+
+
+def _prefill(model: UnifiedModel, tokenizer, ids: list[list[int]], capacity_extra: int):
+    B = len(ids)
+    dev = model.embed.weight.device
+    tok, valid = left_padded(ids, tokenizer.pad_id)
+    cache = model.new_cache(B, tok.shape[1] + capacity_extra)
     hidden = model.append_text(cache, tok.to(dev), valid.to(dev))
     return cache, hidden[:, -1]
 
@@ -114,15 +121,8 @@ def _decode(model: UnifiedModel, tokenizer, cache: KVCache, last, ids, T: int, t
 
 def encode_instructions(tokenizer, instructions: list[str], max_len: int) -> list[list[int]]:
     """Token ids of a later round's instructions c^r (ALGORITHM.md §12): encoded like a prompt, [bos] text
-    [sor]; one that leaves no room for reasoning in a round's max_len text tokens is an error naming it."""
-    out = []
-    for t in instructions:
-        ids = tokenizer.encode_prompt(t)
-        if len(ids) >= max_len:
-            raise ValueError(f"instruction {t[:60]!r} is {len(ids)} tokens; a round's text (instruction + "
-                             f"reasoning) holds max_text_len={max_len} tokens")
-        out.append(ids)
-    return out
+    [sor], and each round's text (instruction + reasoning) holds max_len tokens."""
+    return encode_prompts(tokenizer, instructions, max_len, what="instruction")
 
 
 def round_capacity(model: UnifiedModel, instruction_ids: list[list[list[int]]], max_new_tokens: int | None) -> int:
@@ -144,12 +144,7 @@ def next_round(model: UnifiedModel, tokenizer, cache: KVCache, image_latents, id
     B = image_latents.shape[0]
     dev = image_latents.device
     model.append_image(cache, image_latents, torch.zeros(B, device=dev))
-    n = max(len(x) for x in ids)
-    tok = torch.full((B, n), tokenizer.pad_id, dtype=torch.long)
-    valid = torch.zeros(B, n, dtype=torch.bool)
-    for i, x in enumerate(ids):
-        tok[i, n - len(x):] = torch.tensor(x)
-        valid[i, n - len(x):] = True
+    tok, valid = left_padded(ids, tokenizer.pad_id)
     last = model.append_text(cache, tok.to(dev), valid.to(dev))[:, -1]
     T = reasoning_budget(model.cfg.max_text_len, ids, max_new_tokens)
     return _decode(model, tokenizer, cache, last, ids, T, temperature, generator)
