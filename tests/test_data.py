@@ -87,6 +87,15 @@ def test_prompt_longer_than_the_context_names_the_line(tmp_path):
         check_prompt_lengths(load_prompt_file(path), ByteTokenizer(), 160)
 
 
+def test_instruction_longer_than_the_context_names_the_line(tmp_path):
+    lines = [json.dumps({"prompt": "a red circle", "rounds": [{"instruction": ins, "prompt": "a blue circle"}]})
+             for ins in ("make it blue", "y" * 300)]
+    path = _write(tmp_path, "edit.jsonl", "\n".join(lines) + "\n")
+    check_prompt_lengths(load_prompt_file(path)[:1], ByteTokenizer(), 160)
+    with pytest.raises(PromptFileError, match=r"edit.jsonl:2: the instruction is \d+ tokens.*max_text_len=160"):
+        check_prompt_lengths(load_prompt_file(path), ByteTokenizer(), 160)
+
+
 def test_epochs_are_permutations_and_a_function_of_seed_and_step(tmp_path):
     path = _write(tmp_path, "p.txt", "\n".join(f"prompt {i}" for i in range(10)) + "\n")
     src = FilePromptSource(path, seed=5)

@@ -168,13 +168,15 @@ def write_prompt_file(path: str, records: Iterable[PromptRecord]) -> str:
 
 
 def check_prompt_lengths(records: Sequence[PromptRecord], tokenizer, max_len: int) -> None:
-    """Every prompt must leave room for reasoning in the model's text context of `max_len` tokens."""
+    """Every prompt, and every later round's instruction, must leave room for reasoning in the model's text
+    context of `max_len` tokens (each round's text holds max_len tokens, ALGORITHM.md §12)."""
     for r in records:
-        n = len(tokenizer.encode_prompt(r.text))
-        if n >= max_len:
-            raise PromptFileError(f"{r.where}: the prompt is {n} tokens, longer than the model's text context "
-                                  f"allows (max_text_len={max_len}, which includes the reasoning): "
-                                  f"{r.text[:80]!r}{'...' if len(r.text) > 80 else ''}")
+        for what, text in [("prompt", r.text)] + [("instruction", x) for x in instructions_of(r)]:
+            n = len(tokenizer.encode_prompt(text))
+            if n >= max_len:
+                raise PromptFileError(f"{r.where}: the {what} is {n} tokens, longer than the model's text context "
+                                      f"allows (max_text_len={max_len}, which includes the reasoning): "
+                                      f"{text[:80]!r}{'...' if len(text) > 80 else ''}")
 
 
 def tag_order(tags: Sequence[str]) -> list[str]:
