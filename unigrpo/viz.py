@@ -9,13 +9,16 @@ from unigrpo.io import save_png
 
 def save_image_grid(images_BHW3: np.ndarray, captions: list[str], path: str, *, ncol: int = 8,
                     tile: int = 128, ok: list[bool] | None = None) -> str:
-    """uint8 images [B, H, W, 3] → one PNG: tiles upscaled (nearest) to `tile` px, a caption strip under
-    each, and a green/red frame when `ok` is given. Written atomically; returns the path."""
+    """uint8 images [B, H, W, 3] → one PNG: tiles upscaled (nearest) to `tile` px high, keeping their aspect
+    (an episode's x¹ | x² pair is twice as wide), a caption strip under each, and a green/red frame when `ok`
+    is given. Written atomically; returns the path."""
     B = len(images_BHW3)
     ncol = max(1, min(ncol, B))
     nrow = (B + ncol - 1) // ncol
+    H, W = images_BHW3.shape[1:3] if B else (1, 1)
+    tile_w = max(1, round(tile * W / H))
     cap_h, pad = 26, 4
-    cell_w, cell_h = tile + 2 * pad, tile + cap_h + 2 * pad
+    cell_w, cell_h = tile_w + 2 * pad, tile + cap_h + 2 * pad
     grid = Image.new("RGB", (ncol * cell_w, nrow * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i in range(B):
@@ -24,10 +27,10 @@ def save_image_grid(images_BHW3: np.ndarray, captions: list[str], path: str, *, 
         if ok is not None:
             draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + tile + 2 * pad - 1],
                            fill=(40, 170, 60) if ok[i] else (200, 40, 40))
-        im = Image.fromarray(images_BHW3[i]).resize((tile, tile), Image.NEAREST)
+        im = Image.fromarray(images_BHW3[i]).resize((tile_w, tile), Image.NEAREST)
         grid.paste(im, (x0 + pad, y0 + pad))
         text = captions[i] if i < len(captions) else ""
-        chars = max(8, tile // 6)
+        chars = max(8, tile_w // 6)
         lines = [text[:chars], text[chars:2 * chars]]
         draw.text((x0 + pad, y0 + tile + 2 * pad), "\n".join(lines), fill=(0, 0, 0))
     return save_png(grid, path)
