@@ -62,6 +62,10 @@ class EditConfig:
     round_weights: list[float] = field(default_factory=list)
     """w_r: the episode's reward is Σ_r w_r·R(x^r, T^r). Empty: only the final image, (0, …, 0, 1); else one
     weight per round, >= 0, not all 0"""
+    history_grad: bool = False
+    """let the losses train the encoding of the history images x̄^1 … x̄^{R−1} (the clean blocks later rounds
+    condition on). False (default) holds it fixed: round r's text loss, whose gradient through x̄^{r−1} is
+    10-40× the flow loss's own on the image expert, otherwise rewrites the denoiser (ALGORITHM.md §12)"""
 
     def __post_init__(self):
         w = [float(x) for x in self.round_weights]

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from unigrpo.checkpoint import get_rng_state, load_checkpoint, load_state_strict, save_checkpoint, set_rng_state
 from unigrpo.config import config_to_dict
-from unigrpo.data import (PromptFileError, build_prompt_source, check_prompt_lengths, check_rounds, episode_rounds,
+from unigrpo.data import (build_prompt_source, check_prompt_lengths, check_rounds, episode_rounds,
                           instructions_of, tag_order)
 from unigrpo.distributed import (all_gather_objects, full_model_state, full_optimizer_state, init_distributed,
                                  load_full_model_state, load_full_optimizer_state, mean_metrics, optimizer_offloaded,
@@ -96,7 +96,8 @@ class Trainer:
         forward = PackedForward(temperature=cfg.rollout.temperature, cfg_scale=cfg.rollout.cfg_scale,
                                 uncond_ids=tok.encode_prompt("") + tok.encode_reasoning(""),
                                 image_tokens=self.policy.cfg.image_tokens, pad_id=tok.pad_id,
-                                attn_backend=self.attn_backend, text_backend=self.text_backend)
+                                attn_backend=self.attn_backend, text_backend=self.text_backend,
+                                context_grad=cfg.edit.history_grad)
         if cfg.method == "refl":
             self.objective = ReFLObjective(cfg, forward, self.policy, self.ref, self.sigmas, self.bundle.codec)
         else:
@@ -120,11 +121,6 @@ class Trainer:
             if cfg.method != "grpo":
                 raise ValueError(f"data.train={cfg.data.train!r} holds {self.rounds}-round episodes, which train "
                                  f"with method 'grpo' only (got {cfg.method!r})")
-            for r in self.source.records:
-                for ins in instructions_of(r):
-                    if len(tok.encode_prompt(ins)) >= self.policy.cfg.max_text_len:
-                        raise PromptFileError(f"{r.where}: the instruction {ins[:60]!r} leaves no room for "
-                                              f"reasoning in max_text_len={self.policy.cfg.max_text_len} tokens")
         for k, w in enumerate(self.round_weights):   # each scored round's targets, before any work
             if w:
                 self.rewards.check_records([episode_rounds(r)[k] for r in self.source.records])

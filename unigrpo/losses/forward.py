@@ -16,8 +16,9 @@ class PackedForward:
     """Forwards of the policy or the reference on packed batches, with the run's backends and CFG scale."""
 
     def __init__(self, *, temperature: float, cfg_scale: float, uncond_ids: list[int], image_tokens: int,
-                 pad_id: int, attn_backend: str, text_backend: str):
+                 pad_id: int, attn_backend: str, text_backend: str, context_grad: bool = True):
         self.temperature, self.cfg_scale, self.uncond_ids = temperature, cfg_scale, uncond_ids
+        self.context_grad = context_grad   # False: the clean history blocks get no gradient (model.forward_packed)
         self.image_tokens, self.pad_id = image_tokens, pad_id
         self.attn_backend, self.text_backend = attn_backend, text_backend
 
@@ -29,20 +30,23 @@ class PackedForward:
                                   return_entropy=with_entropy, backend=self.text_backend)
 
         text_out, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
-                                           text_head=head, backend=self.attn_backend)
+                                           text_head=head, backend=self.attn_backend,
+                                           context_grad=self.context_grad)
         return text_out, self.guided(model, batch, batch.noise_velocities(v))
 
     def with_head(self, model, batch: PackedBatch, text_head):
         """(text_head's output, conditional velocities of the noise blocks): the training forward,
         `text_head(hidden, lm_head weight)` run inside the model's forward."""
         text_out, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
-                                           backend=self.attn_backend, text_head=text_head)
+                                           backend=self.attn_backend, text_head=text_head,
+                                           context_grad=self.context_grad)
         return text_out, batch.noise_velocities(v)
 
     def velocities(self, model, batch: PackedBatch) -> torch.Tensor:
         """The conditional velocities of the noise blocks only (no text head, no CFG) [R·W, C, h, w]."""
         _, v = model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
-                                    backend=self.attn_backend, text_head=no_text_head)
+                                    backend=self.attn_backend, text_head=no_text_head,
+                                    context_grad=self.context_grad)
         return batch.noise_velocities(v)
 
     def guided(self, model, batch: PackedBatch, v_c: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ P = patch values per token.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from unigrpo.model.attention import attend, packed_attention_inputs, resolve_attention_backend
 from unigrpo.model.config import ModelConfig
-from unigrpo.model.layout import PAD, PackedLayout
+from unigrpo.model.layout import FULL, PAD, PackedLayout
 
 TEXT_EXPERT, IMAGE_EXPERT = 0, 1
 
@@ -108,11 +109,12 @@ class DecoderLayer(nn.Module):
         q = new_qkv(B * S, cfg.heads, hd)
         k = new_qkv(B * S, cfg.kv_heads, hd)
         v = new_qkv(B * S, cfg.kv_heads, hd)
-        for e, idx in routes:
-            qe, ke, ve = self.experts[e].qkv(x[idx], cfg.heads, cfg.kv_heads)
-            q[idx] = apply_rope(qe, cos_f[idx], sin_f[idx])
-            k[idx] = apply_rope(ke, cos_f[idx], sin_f[idx])
-            v[idx] = ve
+        for e, idx, frozen in routes:
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                qe, ke, ve = self.experts[e].qkv(x[idx], cfg.heads, cfg.kv_heads)
+                q[idx] = apply_rope(qe, cos_f[idx], sin_f[idx])
+                k[idx] = apply_rope(ke, cos_f[idx], sin_f[idx])
+                v[idx] = ve
         q = q.view(B, S, cfg.heads, hd).transpose(1, 2)
         k = k.view(B, S, cfg.kv_heads, hd).transpose(1, 2)
         v = v.view(B, S, cfg.kv_heads, hd).transpose(1, 2)
@@ -128,10 +130,11 @@ class DecoderLayer(nn.Module):
         attn = attend(q, k, v, mask=mask, block_mask=block_mask, plan=plan, backend=backend)
         attn = attn.transpose(1, 2).reshape(B * S, cfg.heads * hd)
         out = x.clone() if zero_fill else torch.empty_like(x)
-        for e, idx in routes:
+        for e, idx, frozen in routes:
             ex = self.experts[e]
-            h = x[idx] + ex.o_proj(attn[idx])
-            out[idx] = h + ex.mlp(h)
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                h = x[idx] + ex.o_proj(attn[idx])
+                out[idx] = h + ex.mlp(h)
         return out
 
 
@@ -292,22 +295,29 @@ class UnifiedModel(nn.Module):
 
     # ------------------------------------------------------------------ core
     def _layers(self, x_BSH, image_BS, cos, sin, *, mask=None, block_mask=None, plan=None,
-                cache: KVCache | None = None, append: bool = False, backend: str = "sdpa", pad_BS=None):
+                cache: KVCache | None = None, append: bool = False, backend: str = "sdpa", pad_BS=None,
+                frozen_BS=None):
         """Run every decoder layer. Text and image tokens go through their own expert; one attention over
         the sequence (plus the cache's columns when given). Padding tokens (pad_BS True) skip both experts
-        (zero q/k/v, hidden left as is): in a packed batch they are a quarter of the tokens.
+        (zero q/k/v, hidden left as is): in a packed batch they are a quarter of the tokens. Image tokens with
+        frozen_BS True are computed without grad: fixed context that no gradient flows into.
         Returns hidden [B, S, H] (before final norms)."""
         cfg = self.cfg
         B, S, H = x_BSH.shape
         x = x_BSH.reshape(B * S, H)
         flat_img = image_BS.reshape(-1)
         keep = None if pad_BS is None else ~pad_BS.reshape(-1)
-        routes = []
+        frozen = None if frozen_BS is None else frozen_BS.reshape(-1)
+        routes = []   # (expert, token indices, computed without grad)
         for e in (TEXT_EXPERT, IMAGE_EXPERT):
             sel = flat_img if e == IMAGE_EXPERT else ~flat_img
-            idx = torch.nonzero(sel if keep is None else sel & keep).squeeze(1)
-            if idx.numel() > 0:
-                routes.append((e, idx))
+            sel = sel if keep is None else sel & keep
+            parts = [(sel, False)] if frozen is None or e == TEXT_EXPERT else \
+                [(sel & ~frozen, False), (sel & frozen, True)]
+            for part, no_grad in parts:
+                idx = torch.nonzero(part).squeeze(1)
+                if idx.numel() > 0:
+                    routes.append((e, idx, no_grad))
         zero_fill = not (keep is None or bool(keep.all()))
         hd = cfg.head_dim
         cos_f, sin_f = cos.reshape(B * S, hd), sin.reshape(B * S, hd)
@@ -325,7 +335,7 @@ class UnifiedModel(nn.Module):
         x_BNH [B, N, H] → hidden [B, N, H] (before the final norm)."""
         B, N, H = x_BNH.shape
         hd = self.cfg.head_dim
-        routes = [(IMAGE_EXPERT, slice(None))]
+        routes = [(IMAGE_EXPERT, slice(None), False)]
         x = x_BNH.reshape(B * N, H)
         cos_f, sin_f = cos.reshape(B * N, hd), sin.reshape(B * N, hd)
         for li, layer in enumerate(self.layers):
@@ -337,7 +347,7 @@ class UnifiedModel(nn.Module):
 
     # ------------------------------------------------------------------ packed (training) path
     def forward_packed(self, layout: PackedLayout, text_ids_BS, latents_MChw=None, sigma_M=None,
-                       backend: str = "sdpa", text_head=None):
+                       backend: str = "sdpa", text_head=None, context_grad: bool = True):
         """One forward over a packed batch.
 
         text_ids_BS: long [B, S] (values at image/pad positions are ignored);
@@ -346,6 +356,8 @@ class UnifiedModel(nn.Module):
         unigrpo.model.attention); its mask / block mask / plan is built once per layout and reused.
         text_head: optional fn(text_hidden [B, S, H], lm_head weight [V, H]) applied inside this forward (under
         FSDP the weight is only gathered during a forward), e.g. the fused token log-probs.
+        context_grad: False computes the clean image blocks (Segment "full": the history images x̄ of an
+        episode) without grad, so no loss trains their encoding (ALGORITHM.md §12); the values are unchanged.
         Returns (text_hidden [B, S, H] after the final text norm — meaningful at text positions — or
                  text_head's result, velocity [M, C, h, w] or None)."""
         B, S = layout.shape
@@ -371,7 +383,9 @@ class UnifiedModel(nn.Module):
         if backend == "auto":
             backend = resolve_attention_backend(backend, x.device)
         attn_inputs = packed_attention_inputs(layout, backend)
-        hidden = self._layers(x, image_BS, cos, sin, backend=backend, pad_BS=layout.kind_BS == PAD, **attn_inputs)
+        frozen = None if context_grad or FULL not in layout.block_kinds else layout.kind_BS == FULL
+        hidden = self._layers(x, image_BS, cos, sin, backend=backend, pad_BS=layout.kind_BS == PAD,
+                              frozen_BS=frozen, **attn_inputs)
         velocity = None
         if M:
             img_hidden = torch.stack([hidden[b, s:s + n] for b, s, n in layout.block_starts])
