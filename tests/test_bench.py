@@ -52,12 +52,15 @@ def test_flow_and_step_quick_write_results(tmp_path):
                 assert r["speedup_vs_torch"] > 0 and r["speedup_vs_compile"] > 0
                 assert r["check_ratio"] <= 1.0
                 assert r["kernel_ms"] is None          # no device timeline on CPU
-    step = {r["mode"]: r for r in rows if r["suite"] == "step" and r["provider"] == "torch"}
-    assert set(step) == {"iteration", "rollout_text", "rollout_image", "reward", "train"}
-    assert all(r["ms_p50"] > 0 for r in step.values())
-    it = step["iteration"]
-    assert it["unit"] == "TFLOP/s" and it["value"] > 0 and it["extra"]["samples/s"] > 0
-    assert it["extra"]["tokens/s"] > 0 and it["peak_mem_mib"] > 0
+    shapes = sorted({r["shape"] for r in rows if r["suite"] == "step"})
+    assert len(shapes) == 2 and sum(" R=2 " in x for x in shapes) == 1, shapes   # one round and two
+    for shape in shapes:
+        step = {r["mode"]: r for r in rows if r["suite"] == "step" and r["provider"] == "torch" and r["shape"] == shape}
+        assert set(step) == {"iteration", "rollout_text", "rollout_image", "reward", "train"}
+        assert all(r["ms_p50"] > 0 for r in step.values())
+        it = step["iteration"]
+        assert it["unit"] == "TFLOP/s" and it["value"] > 0 and it["extra"]["samples/s"] > 0
+        assert it["extra"]["tokens/s"] > 0 and it["peak_mem_mib"] > 0
     assert "| sde_step | torch.compile | fwd |" in md and "CPU figures" in md
     assert any(f.endswith("-flow.png") for f in files) and any(f.endswith("-step.png") for f in files)
 
@@ -181,3 +184,20 @@ def test_kernel_time_counts_only_the_timed_calls_device_events():
     ctx = context.Context(device=torch.device("cpu"))
     assert timing.kernel_ms(ctx, lambda _: torch.ones(3).sum()) is None
     assert "| kernel ms |" in reporting.MD_HEADER and "kernel_ms" in context.ROW_FIELDS
+
+
+@pytest.mark.parametrize("prompts, reasonings", [([9], [14]), ([9, 5], [14, 11]), ([3, 4, 6], [7, 2, 5])])
+def test_step_flops_count_the_attention_pairs_of_the_packed_episode(prompts, reasonings):
+    """The step suite's per-round attention pairs, summed as the training forward holds them (each round's text,
+    W noise blocks, and a clean block for every round but the last), equal the visible pairs of the packed
+    layout that `episode_document` builds, counted from its segment table by the attention suite."""
+    from unigrpo.model.layout import PackedLayout, Segment, episode_document
+    from unigrpo_bench.suites.attention import useful_pairs
+    from unigrpo_bench.suites.step import round_pairs
+
+    I, W = 16, 3
+    per = round_pairs(prompts, reasonings, I)
+    ours = sum(pt + W * pi + (pi if r < len(per) - 1 else 0) for r, (_, _, pt, pi) in enumerate(per))
+    texts = [p + n for p, n in zip(prompts, reasonings)]
+    doc = episode_document(texts, W, I) if len(texts) > 1 else [Segment("text", texts[0])] + [Segment("noise", I)] * W
+    assert ours == useful_pairs(PackedLayout.build([[doc]], device="cpu"))

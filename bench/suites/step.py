@@ -19,10 +19,14 @@ norms, biases, RoPE, softmax, embeddings and the VAE/verifier are not counted:
 - train: one packed forward F = text part + W image blocks per trajectory, run without grad for the
   recomputed old log-probs and for the reference (when the config uses them), then K epochs of
   forward + backward = 3F (the usual 6·N·tokens).
+- multi-round episodes (the "R=2" case, `data.train=shapes_edit`): round r's text (instruction + reasoning)
+  also attends to the context c before it (earlier rounds' text and clean images: t·c more pairs), its image
+  blocks to c + t + I; each round but the last adds one clean-block forward x̄^r (in rollout_image, and once
+  in F), and F holds W noise blocks per round.
 Token counts are read exactly from each iteration's trajectories (the suite wraps the `rollout` name inside
 unigrpo.trainer for the duration of a run and restores it; no library code changes).
 samples/s = trajectories (B·G) / iteration time; tokens/s = packed training tokens (Σ over trajectories of
-prompt + reasoning + W·I) / iteration time.
+prompt + reasoning + W·I, per round, + I per clean block) / iteration time.
 
 Model and settings:
 - GPU: the `small` preset's transformer (hidden 1024, 16 layers, vocab 32768). `small` itself is 256 px
@@ -82,6 +86,8 @@ class StepCase:
     """OptimConfig fields"""
     warmup: int = 1
     iters: int = 3
+    train: str = "shapes"
+    """DataConfig.train: "shapes_edit" makes every trajectory a two-round editing episode (ALGORITHM.md §12)"""
 
     @property
     def name(self) -> str:
@@ -90,7 +96,8 @@ class StepCase:
     @property
     def shape(self) -> str:
         r = self.rollout
-        return (f"{self.label} B={self.prompts} G={r['group_size']} N={r['steps']} W={r['window_size']} "
+        rounds = " R=2" if self.train == "shapes_edit" else ""
+        return (f"{self.label} B={self.prompts} G={r['group_size']} N={r['steps']} W={r['window_size']}{rounds} "
                 f"K={self.optim['epochs']}")
 
 
@@ -99,18 +106,24 @@ SMALL_4096_TOKENS = dict(codec="pixel", image_size=256, latent_size=64, latent_c
 
 
 def cases(ctx: Context) -> list[StepCase]:
+    """One single-round case and its two-round editing counterpart (the same settings per round; GPU --quick:
+    the single round only)."""
     if ctx.is_cuda:
         G, N, iters = (8, 10, 2) if ctx.quick else (24, 25, 3)
-        return [StepCase("small-4096tok", "small", SMALL_4096_TOKENS, prompts=1,
-                         rollout=dict(group_size=G, steps=N, window_size=3, window_hi=5, max_new_tokens=128),
-                         optim=dict(epochs=2, minibatch=2), warmup=1, iters=iters)]
-    if ctx.quick:
-        return [StepCase("tiny", "tiny", {}, prompts=1,
-                         rollout=dict(group_size=4, steps=8, window_size=3, window_hi=5, max_new_tokens=24),
-                         optim=dict(epochs=2, minibatch=4), warmup=1, iters=2)]
-    return [StepCase("tiny", "tiny", {}, prompts=2,
-                     rollout=dict(group_size=8, steps=25, window_size=3, window_hi=5, max_new_tokens=48),
-                     optim=dict(epochs=2, minibatch=16), warmup=1, iters=3)]
+        one = StepCase("small-4096tok", "small", SMALL_4096_TOKENS, prompts=1,
+                       rollout=dict(group_size=G, steps=N, window_size=3, window_hi=5, max_new_tokens=128),
+                       optim=dict(epochs=2, minibatch=2), warmup=1, iters=iters)
+    elif ctx.quick:
+        one = StepCase("tiny", "tiny", {}, prompts=1,
+                       rollout=dict(group_size=4, steps=8, window_size=3, window_hi=5, max_new_tokens=24),
+                       optim=dict(epochs=2, minibatch=4), warmup=1, iters=2)
+    else:
+        one = StepCase("tiny", "tiny", {}, prompts=2,
+                       rollout=dict(group_size=8, steps=25, window_size=3, window_hi=5, max_new_tokens=48),
+                       optim=dict(epochs=2, minibatch=16), warmup=1, iters=3)
+    if ctx.is_cuda and ctx.quick:   # the device check's 15 s for this suite hold the single round only
+        return [one]
+    return [one, dataclasses.replace(one, train="shapes_edit")]
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -118,23 +131,37 @@ def cases(ctx: Context) -> list[StepCase]:
 def model_flops(mcfg, counts: dict, *, steps: int, window: int, epochs: int, cfg_scale: float,
                 nograd_forwards: int) -> dict[str, float]:
     """Model FLOPs of one iteration by phase (the module docstring's counting). counts: "prompt" and
-    "reasoning" token counts per trajectory (lists of R ints)."""
+    "reasoning" token counts, per trajectory a list of one int per round (the prompt, then each later round's
+    instruction)."""
     H, L, V, I = mcfg.hidden, mcfg.layers, mcfg.vocab_size, mcfg.image_tokens
     kv_dim = mcfg.kv_heads * mcfg.head_dim
     P = 2 * H * H + 2 * H * kv_dim + 3 * H * mcfg.intermediate
     n_text, n_img = L * P, L * P + 2 * mcfg.patch_dim * H
     attn = 4 * H * L
     rt = ri = fwd = 0.0
-    for p, n in zip(counts["prompt"], counts["reasoning"]):
-        t = p + n
-        text = 2 * n_text * t + 2 * V * H * n + attn * t * (t + 1) / 2
-        image = 2 * n_img * I + attn * I * (t + I)
-        rt += text
-        ri += steps * image * (2 if cfg_scale != 1.0 else 1)
-        fwd += text + window * image
+    for prompts, reasonings in zip(counts["prompt"], counts["reasoning"]):
+        for r, (t, n, pairs_t, pairs_i) in enumerate(round_pairs(prompts, reasonings, I)):
+            text = 2 * n_text * t + 2 * V * H * n + attn * pairs_t
+            image = 2 * n_img * I + attn * pairs_i
+            clean = image if r < len(prompts) - 1 else 0.0  # x̄^r as a clean block for the later rounds
+            rt += text
+            ri += steps * image * (2 if cfg_scale != 1.0 else 1) + clean
+            fwd += text + window * image + clean
     train = (nograd_forwards + 3 * epochs) * fwd
     return {"rollout_text": rt, "rollout_image": ri, "reward": None, "train": train,
             "iteration": rt + ri + train}
+
+
+def round_pairs(prompts: list[int], reasonings: list[int], image_tokens: int) -> list[tuple[int, int, int, int]]:
+    """Per round of one trajectory: (text tokens t, reasoning tokens n, attention pairs of the round's text,
+    attention pairs of one image block of the round). Round r's text (causal) sees the context c before it
+    (earlier rounds' text and clean images); its image blocks see c + t and themselves."""
+    out, c, I = [], 0, image_tokens
+    for p, n in zip(prompts, reasonings):
+        t = p + n
+        out.append((t, n, t * c + t * (t + 1) // 2, I * (c + t + I)))
+        c += t + I
+    return out
 
 
 @contextlib.contextmanager
@@ -151,8 +178,14 @@ def capture_rollout_counts(sink: list):
 
     def wrapped(*args, **kwargs):
         traj = orig(*args, **kwargs)
-        sink.append({"prompt": [len(x) for x in traj.reasoning.prompt_ids],
-                     "reasoning": traj.reasoning.mask_BT.sum(1).tolist()})
+        ep, mask = traj.episode, traj.reasoning.mask_BT
+        if ep is None:
+            sink.append({"prompt": [[len(x)] for x in traj.reasoning.prompt_ids],
+                         "reasoning": [[n] for n in mask.sum(1).tolist()]})
+        else:
+            sink.append({"prompt": [[len(x)] + [len(c) for c in later]
+                                    for x, later in zip(traj.reasoning.prompt_ids, ep.instruction_ids)],
+                         "reasoning": ep.reasoning_lengths(mask).tolist()})
         return traj
 
     setattr(tr, name, wrapped)
@@ -242,7 +275,10 @@ def _run_provider(case: StepCase, ctx: Context, name: str, backend_kw: dict, not
     if "dist" in info["fields"]:
         from unigrpo.distributed import DistConfig
         extra_cfg["dist"] = DistConfig(device="cuda" if ctx.is_cuda else "cpu")
+    from unigrpo.data import DataConfig
+
     cfg = TrainConfig(base=info["base"], out=os.path.join(info["tmp"], f"run-{name}"), iterations=10**9,
+                      data=DataConfig(train=case.train, eval=case.train),
                       prompts_per_iter=case.prompts, rollout=RolloutConfig(**case.rollout),
                       optim=OptimConfig(**case.optim), skip_zero_std=False, resume=False,
                       checkpoint_every=10**9, seed=0, **extra_cfg)
@@ -291,7 +327,9 @@ def _run_provider(case: StepCase, ctx: Context, name: str, backend_kw: dict, not
     R = case.prompts * case.rollout["group_size"]
     I, W = trainer.policy.cfg.image_tokens, case.rollout["window_size"]
     it_ms = _quantiles(times["iteration"])
-    packed = (sum(counts[-1]["prompt"]) + sum(counts[-1]["reasoning"]) + R * W * I) if counts else None
+    rounds = len(counts[-1]["prompt"][0]) if counts else 1
+    packed = (sum(map(sum, counts[-1]["prompt"])) + sum(map(sum, counts[-1]["reasoning"]))
+              + R * (rounds * W + rounds - 1) * I) if counts else None
     rows = []
     for p in PHASES:
         ms = _quantiles(times[p])
