@@ -22,7 +22,9 @@ norms, biases, RoPE, softmax, embeddings and the VAE/verifier are not counted:
 - multi-round episodes (the "R=2" case, `data.train=shapes_edit`): round r's text (instruction + reasoning)
   also attends to the context c before it (earlier rounds' text and clean images: t·c more pairs), its image
   blocks to c + t + I; each round but the last adds one clean-block forward x̄^r (in rollout_image, and once
-  in F), and F holds W noise blocks per round.
+  in F), and F holds W noise blocks per round. The 3F of an epoch still counts the clean blocks' backward,
+  which `edit.history_grad: false` skips (2·epochs·(R − 1) clean-block forwards too many, about
+  (R − 1)/(R·W + R − 1) of the image part).
 Token counts are read exactly from each iteration's trajectories (the suite wraps the `rollout` name inside
 unigrpo.trainer for the duration of a run and restores it; no library code changes).
 samples/s = trajectories (B·G) / iteration time; tokens/s = packed training tokens (Σ over trajectories of

@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
                 v = torch.cat([cache.v[li][:, :, :L], v], dim=2)
         attn = attend(q, k, v, mask=mask, block_mask=block_mask, plan=plan, backend=backend)
         attn = attn.transpose(1, 2).reshape(B * S, cfg.heads * hd)
-        out = x.clone() if zero_fill else torch.empty_like(x)
+        out = x.detach().clone() if zero_fill else torch.empty_like(x)   # every real row is written below
         for e, idx, frozen in routes:
             ex = self.experts[e]
             with torch.no_grad() if frozen else contextlib.nullcontext():
