@@ -3,8 +3,11 @@
     unigrpo compare [--config FILE] [key=value ...]        e.g. `unigrpo compare jobs=2 iterations=30`
 
 Stages (every one resumable: rerunning the command skips finished runs and resumes unfinished ones):
-1. The base: the shipped tiny base (unigrpo/assets/tiny_base), or with `pretrain=true` one pre-trained now
-   (`unigrpo pretrain --config tiny_pretrain`, ≈ 8 min).
+1. The base: a copy of the training config's `base` (for `tiny`, the shipped tiny base in
+   unigrpo/assets/tiny_base; for `tiny_edit`, the shipped editing base), or with `pretrain=true` one
+   pre-trained now (`unigrpo pretrain --config tiny_pretrain`, ≈ 8 min; `tiny_edit_pretrain` for editing).
+   Every run is evaluated on the training config's `data.eval`: `train_config=tiny_edit` makes the edit table
+   (two-round episodes scored per edit kind, ALGORITHM.md §12).
 2. Runs: each method of METHODS × each seed, trained from the base with the same budget (the `tiny` config,
    `iterations` iterations of prompts_per_iter × group_size samples; only the method's own overrides differ),
    in `jobs` parallel processes of cores/jobs threads. Each run then evaluates its final policy on the
@@ -32,13 +35,14 @@ import time
 import torch
 
 from unigrpo.config import load_config, resolve_config_path
+from unigrpo.data import DataConfig
 from unigrpo.evaluate import EvalConfig, evaluate, velocity_drift, write_eval
 from unigrpo.io import write_text_atomic
 from unigrpo.model.build import load_bundle
 from unigrpo.pretrain import ensure_base
 from unigrpo.trainer import TrainConfig, Trainer
 
-from .config import BASE, CompareConfig, method_spec, run_dir
+from .config import BASE, CompareConfig, episode_rounds_of, method_spec, run_dir, shared_train_config
 from .report import write_results
 
 
@@ -50,11 +54,12 @@ def train_overrides(cfg: CompareConfig, method: str, seed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ one run
-def _evaluations(cfg: CompareConfig, bundle, ref_model, out: str, with_cfg: bool) -> dict:
-
+def _evaluations(cfg: CompareConfig, bundle, ref_model, out: str, with_cfg: bool, data: DataConfig) -> dict:
+    """Held-out evaluations on data.eval (without CFG, and with it when with_cfg) and the velocity drift."""
     res = {}
     for tag, scale in [("nocfg", 1.0)] + ([("cfg", cfg.cfg_scale)] if with_cfg else []):
-        ecfg = EvalConfig(samples=cfg.eval_samples, steps=cfg.eval_steps, seed=cfg.eval_seed, cfg_scale=scale)
+        ecfg = EvalConfig(samples=cfg.eval_samples, steps=cfg.eval_steps, seed=cfg.eval_seed, cfg_scale=scale,
+                          data=data)
         r = evaluate(bundle, ecfg, progress=False)
         write_eval(r, os.path.join(out, f"eval_{tag}"))
         res[tag] = {"summary": r.summary, "categories": r.categories, "ta": r.ta.tolist(),
@@ -82,9 +87,12 @@ def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0)
         bundle = trainer.bundle          # its model is the trained policy
     t_train = time.time() - t0
     ref = load_bundle(cfg.base).model.to(next(bundle.model.parameters()).device)
+    shared = shared_train_config(cfg)
     result = {"method": method, "seed": seed, "train_s": t_train,
-              "train_config": None if train_cfg is None else dataclasses.asdict(train_cfg)}
-    result.update(_evaluations(cfg, bundle, ref, out, with_cfg=method == BASE or method_spec(method).eval_cfg))
+              "train_config": None if train_cfg is None else dataclasses.asdict(train_cfg),
+              "eval_data": shared.data.eval, "rounds": episode_rounds_of(shared)}
+    result.update(_evaluations(cfg, bundle, ref, out, with_cfg=method == BASE or method_spec(method).eval_cfg,
+                               data=DataConfig(train=shared.data.train, eval=shared.data.eval)))
     result["total_s"] = time.time() - t0
     write_text_atomic(os.path.join(out, "result.json"), json.dumps(result, indent=1))
     return result
@@ -92,9 +100,10 @@ def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0)
 
 # ------------------------------------------------------------------------------------------------ all runs
 def prepare_base(cfg: CompareConfig) -> None:
-    """The comparison's base: kept when it exists, else pre-trained now (compare.pretrain) or the shipped one."""
+    """The comparison's base: kept when it exists, else a copy of the training config's `base` (for the bundled
+    configs' defaults the shipped plain or editing base), or pre-trained now (compare.pretrain)."""
     if not os.path.exists(os.path.join(cfg.base, "model.safetensors")):
-        ensure_base(cfg.base, pretrain=cfg.pretrain)
+        ensure_base(cfg.base, pretrain=cfg.pretrain, source=shared_train_config(cfg).base)
 
 
 def pending_runs(cfg: CompareConfig) -> list[tuple[str, int | None]]:

@@ -12,14 +12,14 @@ import os
 
 import numpy as np
 
+from unigrpo.data import DataConfig, tag_order
 from unigrpo.evaluate import EvalConfig, evaluate, mean_ci, wilson
 from unigrpo.io import save_figure, write_text_atomic
 from unigrpo.model.build import load_bundle
 from unigrpo.report import read_metrics
 from unigrpo.viz import save_image_grid
-from unigrpo.world import CATEGORIES
 
-from .config import BASE, METHODS, CompareConfig, method_spec, run_dir, sweep_beta
+from .config import BASE, METHODS, CompareConfig, episode_rounds_of, method_spec, run_dir, shared_train_config, sweep_beta
 
 DISCUSSION = ("<!-- discussion -->", "<!-- /discussion -->")
 SCORES = ("ta", "geneval", "strict")
@@ -30,6 +30,8 @@ SCORE_NAMES = {"ta": "TA-style", "geneval": "GenEval-style", "strict": "strict"}
 def load_results(cfg: CompareConfig) -> dict[str, list[dict]]:
     """{method: [result per finished seed]} for the base and every configured method (missing runs left out)."""
     out: dict[str, list[dict]] = {}
+    tc = shared_train_config(cfg)
+    data = (tc.data.eval, episode_rounds_of(tc))
     for m, seeds in [(BASE, [None])] + [(m, cfg.seeds) for m in cfg.all_methods]:
         rs = []
         for s in seeds:
@@ -37,15 +39,20 @@ def load_results(cfg: CompareConfig) -> dict[str, list[dict]]:
             if os.path.exists(path):
                 with open(path) as f:
                     r = json.load(f)
-                _check_same_setup(cfg, r, path)
+                _check_same_setup(cfg, r, path, data)
                 rs.append(r)
         if rs:
             out[m] = rs
     return out
 
 
-def _check_same_setup(cfg: CompareConfig, r: dict, path: str) -> None:
-    """A finished run from another budget or evaluation must not enter the table."""
+def _check_same_setup(cfg: CompareConfig, r: dict, path: str, data: tuple[str, int]) -> None:
+    """A finished run from another budget or evaluation (data.eval, rounds) must not enter the table."""
+    got = (r.get("eval_data", "shapes"), r.get("rounds", 1))   # files from before episodes: the shapes world
+    if got != data:
+        raise ValueError(f"{path} was evaluated on {got[0]!r} ({got[1]} round(s)), this comparison's train_config "
+                         f"{cfg.train_config!r} evaluates on {data[0]!r} ({data[1]}); give it another out= (e.g. "
+                         "out=runs/compare_edit for tiny_edit) or delete the run")
     n = len(r["nocfg"]["ta"])
     if n != cfg.eval_samples:
         raise ValueError(f"{path} holds {n} held-out samples, this comparison evaluates {cfg.eval_samples}; "
@@ -131,11 +138,41 @@ def main_table(res: dict[str, list[dict]]) -> str:
     return "\n".join(rows)
 
 
+def categories(res: dict[str, list[dict]]) -> list[str]:
+    """The held-out prompts' categories (the shapes world's, or the edit kinds for episodes), in table order."""
+    return tag_order(res[BASE][0]["nocfg"]["categories"])
+
+
 def category_table(res: dict[str, list[dict]], score: str) -> str:
-    rows = ["| method | " + " | ".join(CATEGORIES) + " |", "|---|" + "---|" * len(CATEGORIES)]
+    cats = categories(res)
+    rows = ["| method | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
     for m, rs in res.items():
-        rows.append(f"| {label(m)} | " + " | ".join(_ci(*pooled(rs, score, category=c)) for c in CATEGORIES) + " |")
+        rows.append(f"| {label(m)} | " + " | ".join(_ci(*pooled(rs, score, category=c)) for c in cats) + " |")
     return "\n".join(rows)
+
+
+def model_evaluations(train_config: dict, rounds: int) -> int:
+    """Image-expert evaluations per training episode: N per round, twice with CFG (its unconditional branch);
+    the R − 1 clean-block forwards and the text are the same for both and not counted (ALGORITHM.md §12)."""
+    ro = train_config["rollout"]
+    return rounds * ro["steps"] * (2 if ro.get("cfg_scale", 1.0) != 1.0 else 1)
+
+
+def cost_table(res: dict[str, list[dict]]) -> str:
+    """Model evaluations per episode and measured training time of the CFG-free and the CFG-rollout runs."""
+    rows = ["| method | rounds R | steps N | model evaluations per episode | training time per run, median (s) | "
+            "time ratio |", "|---|---|---|---|---|---|"]
+    ref = None
+    for m in ("unigrpo", "cfg_rollouts"):
+        if m not in res:
+            continue
+        rs = res[m]
+        R = rs[0].get("rounds", 1)
+        t = float(np.median([r["train_s"] for r in rs]))
+        ref = t if ref is None else ref
+        rows.append(f"| {label(m)} | {R} | {rs[0]['train_config']['rollout']['steps']} | "
+                    f"{model_evaluations(rs[0]['train_config'], R)} | {t:.0f} | {t / ref:.2f}× |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def cfg_table(res: dict[str, list[dict]]) -> str:
@@ -241,16 +278,16 @@ def plot_curves(cfg: CompareConfig, methods: list[str], path: str, reward: str =
 def plot_categories(res: dict[str, list[dict]], path: str) -> str:
     plt = _plt()
     fig, axes = plt.subplots(2, 1, figsize=(13, 8))
-    methods = list(res)
+    methods, cats = list(res), categories(res)
     w = 0.8 / len(methods)
     for ax, score in zip(axes, ("geneval", "ta")):
         for i, m in enumerate(methods):
-            vals = [pooled(res[m], score, category=c) for c in CATEGORIES]
+            vals = [pooled(res[m], score, category=c) for c in cats]
             mean = np.array([v[0] for v in vals])
             err = np.array([[v[0] - v[1][0], v[1][1] - v[0]] for v in vals]).T
-            ax.bar(np.arange(len(CATEGORIES)) + (i - (len(methods) - 1) / 2) * w, mean, w, yerr=err, capsize=2,
+            ax.bar(np.arange(len(cats)) + (i - (len(methods) - 1) / 2) * w, mean, w, yerr=err, capsize=2,
                    color="0.5" if m == BASE else f"C{i}", label=label(m))
-        ax.set_xticks(np.arange(len(CATEGORIES)), CATEGORIES)
+        ax.set_xticks(np.arange(len(cats)), cats)
         ax.set_ylabel(f"{SCORE_NAMES[score]} (95% CI)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3, axis="y")
@@ -344,9 +381,12 @@ def plot_beta_sweep(res: dict[str, list[dict]], path: str) -> str:
     return save_figure(fig, path)
 
 
-def sample_grid(cfg: CompareConfig, methods: list[str], path: str, per_category: int = 2) -> str:
-    """Rows = methods (seed-0 runs or the first seed present), columns = the same held-out prompts and noise."""
-    n = per_category * len(CATEGORIES)
+def sample_grid(cfg: CompareConfig, res: dict[str, list[dict]], path: str, per_category: int = 2) -> str:
+    """Rows = methods (seed-0 runs or the first seed present), columns = the same held-out prompts and noise
+    (for episodes each image is the x¹ | x² pair)."""
+    cats = categories(res)
+    methods, n = list(res), per_category * len(cats)
+    data = DataConfig(eval=res[BASE][0].get("eval_data", "shapes"))
     images, captions, ok = [], [], []
     for m in methods:
         ckpt = cfg.base if m == BASE else next(
@@ -354,8 +394,9 @@ def sample_grid(cfg: CompareConfig, methods: list[str], path: str, per_category:
              if os.path.exists(os.path.join(run_dir(cfg, m, s), "result.json"))), None)
         if ckpt is None:
             continue
-        r = evaluate(load_bundle(ckpt), EvalConfig(samples=n, steps=cfg.eval_steps, seed=cfg.eval_seed), progress=False)
-        order = sorted(range(n), key=lambda i: (CATEGORIES.index(r.categories[i]), i))
+        r = evaluate(load_bundle(ckpt), EvalConfig(samples=n, steps=cfg.eval_steps, seed=cfg.eval_seed, data=data),
+                     progress=False)
+        order = sorted(range(n), key=lambda i: (cats.index(r.categories[i]), i))
         images += [r.images[i] for i in order]
         captions += [(f"[{label(m)}] " if j == 0 else "") + r.prompts[i] for j, i in enumerate(order)]
         ok += [bool(r.geneval[i]) for i in order]
@@ -404,7 +445,7 @@ near 1× the base's.
 
 """
     if grid:
-        figs["samples"] = sample_grid(cfg, list(res), os.path.join(fig_dir, "samples.png"))
+        figs["samples"] = sample_grid(cfg, res, os.path.join(fig_dir, "samples.png"))
     any_run = next(r for m, rs in res.items() if m != BASE for r in rs) if len(res) > 1 else None
     tc = any_run["train_config"] if any_run else None
     budget = (f"{cfg.iterations} iterations × {tc['prompts_per_iter']} prompts × {tc['rollout']['group_size']} "
@@ -412,6 +453,9 @@ near 1× the base's.
               f"{tc['optim']['epochs']} PPO epochs of mini-batches of {tc['optim']['minibatch']}"
               if tc else "no training runs yet")
     hours = sum(r.get("total_s", 0.0) for rs in res.values() for r in rs) / 3600
+    rounds = res[BASE][0].get("rounds", 1)
+    episodes = (f", on {rounds}-round editing episodes (`{res[BASE][0].get('eval_data')}`: each held-out score is "
+                f"the final image against the edited target, per edit kind; ALGORITHM.md §12)" if rounds > 1 else "")
     old = ""
     if os.path.exists(path):
         with open(path) as f:
@@ -426,7 +470,7 @@ Generated by `unigrpo compare {command_line(cfg, path)}`
 
 **Setup.** Every method starts from the same base checkpoint and gets the same budget: {budget};
 config `{cfg.train_config}`{(' with ' + ', '.join(cfg.overrides)) if cfg.overrides else ''}, training reward
-`{reward_name(res)}`; only each method's own
+`{reward_name(res)}`{episodes}; only each method's own
 overrides differ (listed below). Seeds: {list(cfg.seeds)}. Held-out evaluation: {cfg.eval_samples} prompts (seed
 {cfg.eval_seed}: the same prompts and sampling seed for every run; the latent noise stays shared only until
 reasoning lengths differ, since one generator draws both), {cfg.eval_steps} ODE steps, no CFG unless stated;
@@ -463,6 +507,8 @@ Strict:
 ## CFG in training rollouts vs none, evaluated with and without CFG
 
 {cfg_table(res)}
+
+{cost_table(res)}
 
 ## The paper's claims, tested
 

@@ -1,5 +1,6 @@
 """`unigrpo compare`: its config, the same budget for every method, the claim statistics, the report, and one
 miniature end-to-end run through the worker processes."""
+import dataclasses
 import json
 import os
 import shlex
@@ -89,7 +90,9 @@ def _fake(rng, n, p_geneval, seeds):
               "summary": {"overall": {"plan_valid": 1.0, "images": {"saturation": 0.1, "edge_energy": 0.05,
                                                                      "lit_fraction": 0.3}}}}
         out.append({"method": "m", "seed": s, "nocfg": ev, "cfg": ev, "velocity_drift": 0.01, "total_s": 1.0,
-                    "train_config": {"iterations": 30, "prompts_per_iter": 8, "rollout": {"group_size": 8},
+                    "train_s": 10.0 + s if s is not None else 0.0,
+                    "train_config": {"iterations": 30, "prompts_per_iter": 8,
+                                     "rollout": {"group_size": 8, "steps": 25, "cfg_scale": 1.0},
                                      "optim": {"epochs": 2, "minibatch": 32}}})
     return out
 
@@ -138,6 +141,34 @@ def test_report_from_runs_keeps_the_discussion(tmp_path):
     with open(path, "w") as f:
         f.write(text.replace(text[text.index(DISCUSSION[0]):text.index(DISCUSSION[1]) + len(DISCUSSION[1])], mine))
     assert mine in open(write_results(cfg, grid=False)).read()
+
+
+def test_edit_comparison_tables_the_edit_kinds_and_counts_model_evaluations(tmp_path):
+    """Episodes: the category tables are per edit kind, and the cost table counts R·N image evaluations per
+    episode CFG-free and 2·R·N with CFG rollouts, beside the measured time ratio."""
+    rng = np.random.default_rng(4)
+    kinds = ["recolour", "move", "add", "remove"]
+    cfg = CompareConfig(out=str(tmp_path), seeds=[0, 1], methods=["unigrpo", "cfg_rollouts"], eval_samples=40,
+                        train_config="tiny_edit")
+    runs = {BASE: _fake(rng, 40, 0.2, [None]), "unigrpo": _fake(rng, 40, 0.4, [0, 1]),
+            "cfg_rollouts": _fake(rng, 40, 0.4, [0, 1])}
+    for m, rs in runs.items():
+        for r in rs:
+            r.update(rounds=2, eval_data="shapes_edit")
+            r["nocfg"]["categories"] = [kinds[i % 4] for i in range(40)]
+            if m == "cfg_rollouts":
+                r["train_config"]["rollout"]["cfg_scale"] = 3.0
+                r["train_s"] *= 1.5
+            os.makedirs(run_dir(cfg, m, r["seed"]))
+            with open(os.path.join(run_dir(cfg, m, r["seed"]), "result.json"), "w") as f:
+                json.dump(r, f)
+    text = open(write_results(cfg, grid=False)).read()
+    assert "| method | recolour | move | add | remove |" in text and "2-round editing episodes" in text
+    assert "| UniGRPO | 2 | 25 | 50 | 10 | 1.00× |" in text
+    assert "| UniGRPO, CFG rollouts | 2 | 25 | 100 | 16 | 1.50× |" in text
+    # the same runs in a single-round comparison's folder: refused, naming what they were evaluated on
+    with pytest.raises(ValueError, match=r"evaluated on 'shapes_edit' \(2 round\(s\)\).*evaluates on 'shapes' \(1\)"):
+        load_results(dataclasses.replace(cfg, train_config="tiny"))
 
 
 def test_runs_from_another_budget_are_refused(tmp_path):

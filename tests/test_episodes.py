@@ -2,6 +2,7 @@
 real rollout trajectories against the round-by-round cached forwards, the data that carries rounds, and one
 trainer iteration that scores the chosen rounds."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -20,6 +21,30 @@ from unigrpo.rollout.rollout import RolloutConfig, rollout, rollout_in_batches
 from unigrpo.train_config import EditConfig
 from unigrpo.trainer import Trainer
 from unigrpo_kernels import sigma_schedule
+
+@pytest.mark.parametrize("backend", ["sdpa", "split"])
+def test_history_blocks_held_fixed_get_no_gradient_and_keep_their_values(backend):
+    """context_grad=False (edit.history_grad false): the forward's values are bit-identical, the text loss no
+    longer reaches the image expert through x̄¹, and the round-2 velocities' gradient on the image expert is
+    what remains once the clean block's own path is cut (it differs from the full gradient)."""
+    b = _model()
+    traj, _ = _episodes(b, 2, CFG)
+    batch = pack(traj, [0, 3], sigma_schedule(CFG.steps, CFG.shift), b.model.cfg.image_tokens, b.tokenizer.pad_id)
+    image = [p for n, p in b.model.named_parameters() if "experts.1." in n]
+    assert image
+    out = {}
+    for grad in (True, False):
+        hidden, v = b.model.forward_packed(batch.layout, batch.ids_BS, batch.latents_M, batch.sigma_M,
+                                           backend=backend, context_grad=grad)
+        text = hidden.reshape(-1, hidden.shape[-1])[batch.text_pos].square().sum()
+        g_text = torch.autograd.grad(text, image, allow_unused=True, retain_graph=True)
+        g_v = torch.autograd.grad(batch.noise_velocities(v).square().sum(), image, allow_unused=True)
+        out[grad] = (hidden.detach(), v.detach(), g_text, g_v)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    norm = lambda gs: sum(0.0 if g is None else g.norm().item() for g in gs)   # noqa: E731
+    assert norm(out[True][2]) > 1e-6 and norm(out[False][2]) == 0.0
+    assert norm(out[False][3]) > 1e-6 and abs(norm(out[True][3]) - norm(out[False][3])) > 1e-9
+
 
 PROMPTS = ["a red circle", "two squares"]
 INSTRUCTIONS = [["make the circle blue", "add a triangle"], ["remove the square", "move it"]]
@@ -237,3 +262,38 @@ def test_pretrain_from_a_checkpoint_with_episodes_writes_a_base(tmp_path):
     assert ck.config["model"]["hidden"] == b.model.cfg.hidden   # the init's shape, not the preset's
     changed = [k for k, v in b.model.state_dict().items() if not torch.equal(v, ck.model_state[k])]
     assert changed
+
+
+def test_grid_keeps_an_episode_pair_side_by_side(tmp_path):
+    """An x¹ | x² pair (twice as wide as high) is scaled as one, not squeezed into a square tile: the tile's
+    left half is x¹ and its right half x²."""
+    from PIL import Image
+
+    from unigrpo.viz import save_image_grid
+
+    pair = np.zeros((1, 8, 16, 3), np.uint8)
+    pair[0, :, :8, 0] = 255   # x¹ red
+    pair[0, :, 8:, 2] = 255   # x² blue
+    path = save_image_grid(pair, ["p"], str(tmp_path / "g.png"), ncol=1, tile=32)
+    im = np.asarray(Image.open(path).convert("RGB"))
+    pad = 4
+    assert im.shape[1] == 64 + 2 * pad
+    left, right = im[pad:pad + 32, pad:pad + 32], im[pad:pad + 32, pad + 32:pad + 64]
+    assert (left == [255, 0, 0]).all() and (right == [0, 0, 255]).all()
+
+
+def test_the_editing_base_is_shipped_and_found_where_the_edit_configs_look(tmp_path, monkeypatch):
+    """`ensure_base` copies what `source` stands for: the source checkpoint itself, else for the bundled
+    editing config's default path the shipped editing base; an unknown empty source is an error naming it."""
+    from unigrpo.model.build import load_bundle
+    from unigrpo.pretrain import SHIPPED_EDIT_BASE, ensure_base
+
+    monkeypatch.chdir(tmp_path)
+    assert ensure_base("cmp/base", source="runs/tiny/edit_base") == "copied"
+    shipped = open(os.path.join(SHIPPED_EDIT_BASE, "model.safetensors"), "rb").read()
+    assert open("cmp/base/model.safetensors", "rb").read() == shipped
+    assert load_bundle("cmp/base").model.cfg.image_tokens > 0
+    assert ensure_base("cmp/base", source="runs/tiny/edit_base") == "existing"
+    assert ensure_base("cmp/other", source="cmp/base") == "copied"
+    with pytest.raises(FileNotFoundError, match="no base checkpoint at mine/ckpt"):
+        ensure_base("cmp/third", source="mine/ckpt")

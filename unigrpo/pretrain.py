@@ -209,6 +209,8 @@ SHIPPED_EDIT_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_edit
 SHIPPED_BASES = {os.path.normpath("runs/tiny/base"): SHIPPED_BASE,
                  os.path.normpath("runs/tiny/edit_base"): SHIPPED_EDIT_BASE}
 """the bundled configs' default base paths → the shipped checkpoint `unigrpo train` copies there when absent"""
+PRETRAIN_CONFIGS = {SHIPPED_BASE: "tiny_pretrain", SHIPPED_EDIT_BASE: "tiny_edit_pretrain"}
+"""each shipped checkpoint → the bundled pre-training config that makes it"""
 
 
 def copy_shipped_base(base: str) -> bool:
@@ -224,19 +226,27 @@ def copy_shipped_base(base: str) -> bool:
     return True
 
 
-def ensure_base(base: str, *, pretrain: bool = False) -> str:
-    """Make sure a tiny base checkpoint exists at `base`: kept when it is there (unless `pretrain`), else
-    the shipped one copied there (unless `pretrain`), else pre-trained now with configs/tiny_pretrain.yaml.
-    Returns what was done: "existing", "copied" or "pretrained"."""
+def ensure_base(base: str, *, pretrain: bool = False, source: str = "runs/tiny/base") -> str:
+    """Make sure a tiny base checkpoint exists at `base`: kept when it is there (unless `pretrain`), else the
+    checkpoint `source` stands for copied there: `source` itself when it holds one, else for a bundled
+    config's default path (SHIPPED_BASES: the plain or the editing base) the shipped one, else (or with
+    `pretrain`) pre-trained now with that base's bundled config (tiny_pretrain for any other source). Returns "existing", "copied" or "pretrained"."""
     if os.path.exists(os.path.join(base, "model.safetensors")) and not pretrain:
         print(f"using the base checkpoint at {base}", flush=True)
         return "existing"
-    if os.path.exists(os.path.join(SHIPPED_BASE, "model.safetensors")) and not pretrain:
-        print(f"copying the shipped base checkpoint ({SHIPPED_BASE}) to {base}", flush=True)
+    shipped = SHIPPED_BASES.get(os.path.normpath(source))
+    found = [d for d in ([] if pretrain else [source, shipped])
+             if d and os.path.exists(os.path.join(d, "model.safetensors"))]
+    if found and os.path.abspath(found[0]) != os.path.abspath(base):
+        print(f"copying the base checkpoint {found[0]} to {base}", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
-        shutil.copytree(SHIPPED_BASE, base, dirs_exist_ok=True)
+        shutil.copytree(found[0], base, dirs_exist_ok=True)
         return "copied"
-    pcfg = load_config(PretrainConfig, resolve_config_path("tiny_pretrain"), [f"out={base}", "eval_samples=0"])
-    print(f"pre-training a base checkpoint at {base} ({pcfg.steps} steps)", flush=True)
+    if shipped is None and not pretrain:
+        raise FileNotFoundError(f"no base checkpoint at {source} (model.safetensors) to start from; train or "
+                                "pre-train one there, or point `base` at one")
+    name = PRETRAIN_CONFIGS.get(shipped, "tiny_pretrain")
+    pcfg = load_config(PretrainConfig, resolve_config_path(name), [f"out={base}", "eval_samples=0"])
+    print(f"pre-training a base checkpoint at {base} ({name}, {pcfg.steps} steps)", flush=True)
     run_pretrain(pcfg)
     return "pretrained"
