@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 
 from unigrpo.config import load_config, require_in, require_min, resolve_config_path
+from unigrpo.data import build_prompt_source, check_rounds
+from unigrpo.trainer import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -114,18 +116,14 @@ class CompareConfig:
         return self.report or os.path.join(self.out, "results.md")
 
 
-def shared_train_config(cfg: CompareConfig):
+def shared_train_config(cfg: CompareConfig) -> TrainConfig:
     """The TrainConfig every method starts from (its `base` is where the comparison's base comes from, its
     `data.eval` what every run is evaluated on)."""
-    from unigrpo.trainer import TrainConfig
-
     return load_config(TrainConfig, resolve_config_path(cfg.train_config), list(cfg.overrides))
 
 
-def episode_rounds_of(tc) -> int:
+def episode_rounds_of(tc: TrainConfig) -> int:
     """R: rounds per episode of a TrainConfig's training prompts (1 unless multi-round, ALGORITHM.md §12)."""
-    from unigrpo.data import build_prompt_source, check_rounds
-
     return check_rounds(build_prompt_source(tc.data.train, "train", tc.seed).records)
 
 

@@ -8,15 +8,20 @@ would take for the Hugging Face kernels-hub package). The dispatching ops are re
 reference functions stay importable from `unigrpo_kernels.reference`; `resolve_backend` (dispatch.py) is the
 one place a backend is chosen.
 """
-from .dispatch import available_backends, resolve_backend
-from .flow import flow_grpo_loss, sde_step
-from .reference import (StepCoeffs, flow_log_ratio, gaussian_logprob, ode_step, sigma_schedule, step_coeffs,
-                        step_coeffs_batch)
-from .text import linear_text_grpo_loss, text_grpo_loss, token_logprobs
+if __name__ == "kernels":   # imported by its folder name from a checkout's root: not ours to answer (_bare_name.py)
+    from ._bare_name import hand_over
 
-__all__ = [
-    "sigma_schedule", "StepCoeffs", "step_coeffs", "step_coeffs_batch", "sde_step", "ode_step",
-    "gaussian_logprob", "flow_log_ratio", "flow_grpo_loss", "token_logprobs", "text_grpo_loss",
-    "linear_text_grpo_loss",
-    "resolve_backend", "available_backends",
-]
+    hand_over(__file__)
+else:
+    from .dispatch import available_backends, resolve_backend
+    from .flow import flow_grpo_loss, sde_step
+    from .reference import (StepCoeffs, flow_log_ratio, gaussian_logprob, ode_step, sigma_schedule, step_coeffs,
+                            step_coeffs_batch)
+    from .text import linear_text_grpo_loss, text_grpo_loss, token_logprobs
+
+    __all__ = [
+        "sigma_schedule", "StepCoeffs", "step_coeffs", "step_coeffs_batch", "sde_step", "ode_step",
+        "gaussian_logprob", "flow_log_ratio", "flow_grpo_loss", "token_logprobs", "text_grpo_loss",
+        "linear_text_grpo_loss",
+        "resolve_backend", "available_backends",
+    ]

@@ -14,20 +14,34 @@ def run_python(code: str, cwd: str) -> str:
     return res.stdout
 
 
+# The module `kernels`, if one is importable, and whether it is this repository's folder. The Hugging Face
+# kernels-hub package itself may be installed (newer transformers depend on it); only ours must never be it.
+WHICH_KERNELS = (
+    "import importlib.util, os\n"
+    "spec = importlib.util.find_spec('kernels')\n"
+    "places = [] if spec is None else [spec.origin or ''] + list(spec.submodule_search_locations or [])\n"
+    "root = os.path.realpath(%r)\n"
+    "ours = any(p and os.path.realpath(p).startswith(root + os.sep) for p in places)\n"
+)
+
+
 def test_kernels_installed_under_namespaced_name_only(tmp_path):
-    out = run_python("import importlib.util, unigrpo_kernels\n"
-                     "print(importlib.util.find_spec('kernels') is None)\n"
+    out = run_python(WHICH_KERNELS % ROOT + "import unigrpo_kernels\n"
+                     "print(ours)\n"
                      "print(unigrpo_kernels.__file__)\n", cwd=str(tmp_path))
-    bare_missing, path = out.split()
-    assert bare_missing == "True"
+    ours, path = out.split()
+    assert ours == "False"
     assert os.path.samefile(os.path.dirname(path), os.path.join(ROOT, "kernels"))
 
 
 def test_transformers_builds_a_model_with_unigrpo_installed():
     code = (
-        "import unigrpo, unigrpo_kernels, unigrpo.model, transformers, torch\n"
+        WHICH_KERNELS % ROOT
+        + "import unigrpo, unigrpo_kernels, unigrpo.model, transformers, torch\n"
         "from transformers.utils.import_utils import is_kernels_available\n"
-        "assert not is_kernels_available(), 'transformers mistook a folder for the kernels-hub package'\n"
+        "if is_kernels_available():   # the hub package is installed: `kernels` from the root must be it\n"
+        "    import kernels\n"
+        "    assert not os.path.realpath(kernels.__file__).startswith(root + os.sep), kernels.__file__\n"
         "cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,"
         " num_attention_heads=4, num_key_value_heads=2)\n"
         "m = transformers.LlamaForCausalLM(cfg)\n"
