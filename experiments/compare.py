@@ -92,7 +92,7 @@ def run_one(cfg: CompareConfig, method: str, seed: int | None, threads: int = 0)
               "train_config": None if train_cfg is None else dataclasses.asdict(train_cfg),
               "eval_data": shared.data.eval, "rounds": episode_rounds_of(shared)}
     result.update(_evaluations(cfg, bundle, ref, out, with_cfg=method == BASE or method_spec(method).eval_cfg,
-                               data=DataConfig(train=shared.data.train, eval=shared.data.eval)))
+                               data=shared.data))
     result["total_s"] = time.time() - t0
     write_text_atomic(os.path.join(out, "result.json"), json.dumps(result, indent=1))
     return result
