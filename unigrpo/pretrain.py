@@ -203,14 +203,16 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
 
 
 SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
-"""the tiny base checkpoint shipped with the package (made by `unigrpo pretrain --config tiny_pretrain`)"""
+"""the tiny base checkpoint shipped with the package (made by `unigrpo pretrain --config tiny_pretrain`, then
+`unigrpo pretrain --config tiny_pretrain_stage2`: PRETRAIN_CONFIGS)"""
 SHIPPED_EDIT_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_edit_base")
 """the editing base shipped with the package (`unigrpo pretrain --config tiny_edit_pretrain`)"""
 SHIPPED_BASES = {os.path.normpath("runs/tiny/base"): SHIPPED_BASE,
                  os.path.normpath("runs/tiny/edit_base"): SHIPPED_EDIT_BASE}
 """the bundled configs' default base paths → the shipped checkpoint `unigrpo train` copies there when absent"""
-PRETRAIN_CONFIGS = {SHIPPED_BASE: "tiny_pretrain", SHIPPED_EDIT_BASE: "tiny_edit_pretrain"}
-"""each shipped checkpoint → the bundled pre-training config that makes it"""
+PRETRAIN_CONFIGS = {SHIPPED_BASE: ("tiny_pretrain", "tiny_pretrain_stage2"), SHIPPED_EDIT_BASE: ("tiny_edit_pretrain",)}
+"""each shipped checkpoint → the bundled pre-training configs that make it, run in order (each stage after
+the first continues from the previous stage's checkpoint)"""
 
 
 def copy_shipped_base(base: str) -> bool:
@@ -230,7 +232,8 @@ def ensure_base(base: str, *, pretrain: bool = False, source: str = "runs/tiny/b
     """Make sure a tiny base checkpoint exists at `base`: kept when it is there (unless `pretrain`), else the
     checkpoint `source` stands for copied there: `source` itself when it holds one, else for a bundled
     config's default path (SHIPPED_BASES: the plain or the editing base) the shipped one, else (or with
-    `pretrain`) pre-trained now with that base's bundled config (tiny_pretrain for any other source). Returns "existing", "copied" or "pretrained"."""
+    `pretrain`) pre-trained now with that base's bundled configs (PRETRAIN_CONFIGS; the plain base's for any other
+    source). Returns "existing", "copied" or "pretrained"."""
     if os.path.exists(os.path.join(base, "model.safetensors")) and not pretrain:
         print(f"using the base checkpoint at {base}", flush=True)
         return "existing"
@@ -245,8 +248,9 @@ def ensure_base(base: str, *, pretrain: bool = False, source: str = "runs/tiny/b
     if shipped is None and not pretrain:
         raise FileNotFoundError(f"no base checkpoint at {source} (model.safetensors) to start from; train or "
                                 "pre-train one there, or point `base` at one")
-    name = PRETRAIN_CONFIGS.get(shipped, "tiny_pretrain")
-    pcfg = load_config(PretrainConfig, resolve_config_path(name), [f"out={base}", "eval_samples=0"])
-    print(f"pre-training a base checkpoint at {base} ({name}, {pcfg.steps} steps)", flush=True)
-    run_pretrain(pcfg)
+    for i, name in enumerate(PRETRAIN_CONFIGS.get(shipped, PRETRAIN_CONFIGS[SHIPPED_BASE])):
+        pcfg = load_config(PretrainConfig, resolve_config_path(name),
+                           [f"out={base}", "eval_samples=0"] + ([f"init={base}"] if i else []))
+        print(f"pre-training a base checkpoint at {base} ({name}, {pcfg.steps} steps)", flush=True)
+        run_pretrain(pcfg)
     return "pretrained"
