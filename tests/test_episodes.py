@@ -282,6 +282,50 @@ def test_grid_keeps_an_episode_pair_side_by_side(tmp_path):
     assert (left == [255, 0, 0]).all() and (right == [0, 0, 255]).all()
 
 
+def test_eval_grid_frames_tell_strict_from_geneval_only(tmp_path):
+    """The eval grid's frames: green where strict passes, amber where only GenEval-style passes (an extra
+    object), red where both fail; each colour is read back from its tile's top-left frame pixel."""
+    from PIL import Image
+
+    from unigrpo.evaluate import EvalResult, write_eval
+    from unigrpo.viz import FRAME_COLORS
+
+    n = 3
+    res = EvalResult(categories=["single_object"] * n, ta=np.array([1.0, 0.5, 0.0]),
+                     geneval=np.array([1.0, 1.0, 0.0]), prompts=["a circle"] * n, reasoning=["r"] * n,
+                     images=np.zeros((n, 8, 8, 3), np.uint8), summary={}, strict=np.array([1.0, 0.0, 0.0]))
+    paths = write_eval(res, str(tmp_path), grid=n)
+    im = np.asarray(Image.open(paths["grid"]).convert("RGB"))
+    cell_h = im.shape[0] // n   # one tag, so one column: a row per sample
+    assert [tuple(int(v) for v in im[r * cell_h, 0]) for r in range(n)] == [FRAME_COLORS[k] for k in (2, 1, 0)]
+
+
+def test_the_plain_base_is_pretrained_in_its_recorded_stages(tmp_path, monkeypatch):
+    """With no base to copy, `ensure_base(pretrain=True)` runs the shipped base's bundled stages in order, the
+    second continuing from the first's checkpoint; and those configs are the recipe recorded in the shipped
+    base's config.json (all but the paths). Each stage really runs, cut to 2 steps of 2 examples."""
+    import unigrpo.pretrain as pt
+    from unigrpo.config import config_to_dict
+
+    monkeypatch.chdir(tmp_path)
+    ran, real = [], pt.run_pretrain
+
+    def short(cfg, progress=True):
+        ran.append(config_to_dict(cfg))
+        cfg.steps, cfg.batch = 2, 2
+        return real(cfg, progress=False)
+
+    monkeypatch.setattr(pt, "run_pretrain", short)
+    assert pt.ensure_base("b", pretrain=True) == "pretrained"
+    assert [(r["init"], r["out"]) for r in ran] == [("", "b"), ("b", "b")]
+    assert os.path.exists("b/model.safetensors")
+    recorded = json.load(open(os.path.join(pt.SHIPPED_BASE, "config.json")))["pretrain_stages"]
+    paths = ("init", "out", "eval_samples")
+    assert len(recorded) == len(ran)
+    for stage, r in zip(recorded, ran):
+        assert not {k: (v, r[k]) for k, v in stage.items() if k not in paths and r[k] != v}
+
+
 def test_the_editing_base_is_shipped_and_found_where_the_edit_configs_look(tmp_path, monkeypatch):
     """`ensure_base` copies what `source` stands for: the source checkpoint itself, else for the bundled
     editing config's default path the shipped editing base; an unknown empty source is an error naming it."""
@@ -297,3 +341,19 @@ def test_the_editing_base_is_shipped_and_found_where_the_edit_configs_look(tmp_p
     assert ensure_base("cmp/other", source="cmp/base") == "copied"
     with pytest.raises(FileNotFoundError, match="no base checkpoint at mine/ckpt"):
         ensure_base("cmp/third", source="mine/ckpt")
+
+
+def test_the_run_report_shows_both_grids_with_their_legend(tmp_path):
+    """report.md embeds the before and after grids that the run's evaluations wrote, with the frame legend,
+    and names no grid that is not there."""
+    from unigrpo.evaluate import EvalResult, write_eval
+    from unigrpo.report import GRID_LEGEND, write_report
+
+    n = 2
+    res = EvalResult(categories=["single_object"] * n, ta=np.ones(n), geneval=np.ones(n), prompts=["a circle"] * n,
+                     reasoning=["r"] * n, images=np.zeros((n, 8, 8, 3), np.uint8),
+                     summary={"overall": {"n": n}}, strict=np.ones(n))
+    write_eval(res, str(tmp_path / "eval_base"), grid=n)
+    text = open(write_report(str(tmp_path), before=res.summary, after=None, history=[], config={})).read()
+    assert "](eval_base/grid.png)" in text and GRID_LEGEND in text
+    assert "eval_final/grid.png" not in text

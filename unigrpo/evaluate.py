@@ -327,7 +327,8 @@ def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:
         strict = result.strict if result.strict is not None else [None] * n
         extra = [{"ta": float(t), "geneval": float(g), "strict": None if x is None else float(x)}
                  for t, g, x in zip(result.ta, result.geneval, strict)]
-        ok = [bool(g) for g in result.geneval]
+        # frame: green passes strict, amber passes GenEval-style only, red fails
+        ok = [int(bool(g)) + int(bool(g) and x is not None and bool(x)) for g, x in zip(result.geneval, strict)]
     rows = [{"prompt": p, "category": c, "reasoning": r, **e}
             for p, c, r, e in zip(result.prompts, result.categories, result.reasoning, extra)]
     path = write_text_atomic(os.path.join(out_dir, "eval.json"),

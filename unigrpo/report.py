@@ -46,6 +46,10 @@ def plot_reward_curve(history: list[dict], path: str, evals: list[tuple[int, flo
     return save_figure(fig, path)
 
 
+GRID_LEGEND = ("Frames: green passes strict, amber passes GenEval-style only (extra objects), red fails; each "
+               "caption is the prompt | the reasoning.")
+
+
 def write_report(out_dir: str, *, before: dict | None, after: dict | None, history: list[dict],
                  config: dict, extra: str = "") -> str:
     """report.md in out_dir; `before`/`after` are evaluate.summarize() or summarize_rewards() dicts."""
@@ -67,9 +71,12 @@ def write_report(out_dir: str, *, before: dict | None, after: dict | None, histo
             lines += [f"| {k.replace('_', ' ')} | {bi[k]:.4f} | {ai[k]:.4f} | {ai[k] / bi[k] if bi[k] else float('nan'):.2f} |"
                       for k in bi if k in ai]
             lines += [""]
-    for title, summ in (("Before (base)", before), ("After (UniGRPO)", after)):
+    for title, summ, sub in (("Before (base)", before, "eval_base"), ("After (UniGRPO)", after, "eval_final")):
         if summ:
             lines += [f"## {title}", "", "```", format_summary(summ), "```", ""]
+            if os.path.exists(os.path.join(out_dir, sub, "grid.png")):
+                legend = "Captions: prompt | reasoning." if is_reward_summary(summ) else GRID_LEGEND
+                lines += [f"![{title}: held-out samples]({sub}/grid.png)", "", legend, ""]
     if history:
         keys = ("time/rollout_text", "time/rollout_image", "time/reward", "time/train")
         tot = {k: sum(m.get(k, 0.0) for m in history) for k in keys}
