@@ -58,6 +58,10 @@ def test_oracle_reasoning_conditions_on_the_correct_plan(small_checkpoint, tmp_p
     r = evaluate(bundle, EvalConfig(samples=12, steps=2, batch=5, reasoning="oracle"), progress=False)
     layouts = [parse_plan(t) for t in r.reasoning]
     assert all(lay is not None for lay in layouts)
+    # the oracle's plans are exact by construction, a random model's sampled reasoning almost never
+    assert r.summary["overall"]["plan_exact"] == 1.0
+    sampled = evaluate(bundle, EvalConfig(samples=12, steps=1, batch=12), progress=False)
+    assert sampled.summary["overall"]["plan_exact"] == 0.0
     truth = verify(render_batch(layouts), make_prompts("heldout", 12, seed=1234))
     assert [p.text for p in make_prompts("heldout", 12, seed=1234)] == r.prompts
     assert truth.strict.tolist() == [1.0] * 12

@@ -141,3 +141,19 @@ def test_bad_inputs_name_the_bad_value():
         EditTask(t.source, t.instruction, "rotate", t.target)
     with pytest.raises(ValueError, match=r"layout 'empty' is not an exact layout of the source 'a circle'"):
         edit_layout(t, (), np.random.default_rng(0))
+
+
+def test_verify_plans_accepts_an_exact_layout_and_rejects_each_flaw():
+    """A plan checker for single prompts (what eval's "exactly a correct plan" counts): the world's correct
+    layout scores 1, every flawed layout of it 0, an unparsable text 0; the edit-plan check agrees with it."""
+    from unigrpo.world import corrupt_layout, plan_text, make_prompts, sample_layout, verify_plans
+
+    rng = np.random.default_rng(7)
+    prompts = make_prompts("heldout", 60, seed=3)
+    good = [plan_text(sample_layout(p, rng)) for p in prompts]
+    assert verify_plans(good, prompts).tolist() == [1.0] * len(prompts)
+    bad = [plan_text(corrupt_layout(p, sample_layout(p, rng), rng)) for p in prompts]
+    assert verify_plans(bad, prompts).sum() == 0
+    assert verify_plans(["not a plan"], prompts[:1]).tolist() == [0.0]
+    with pytest.raises(ValueError, match="2 plans but 1 prompts"):
+        verify_plans(good[:2], prompts[:1])

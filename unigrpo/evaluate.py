@@ -32,7 +32,7 @@ from unigrpo.rewards.registry import RewardSet, RewardSpec
 from unigrpo.rewards.verifier import records_to_prompts
 from unigrpo.rollout.generate import sample, sample_episode
 from unigrpo.viz import save_image_grid
-from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify
+from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify, verify_plans
 from unigrpo.world.geneval import is_shapes_metadata
 from unigrpo.world.render import to_uint8
 from unigrpo.model import no_text_head, text_then_blocks
@@ -159,7 +159,8 @@ def format_table(summary: dict, title: str = "") -> str:
     if "strict" in overall:
         rows.append("strict: GenEval-style and exactly the asked-for objects (extra objects and blobs fail it)")
     if "plan_valid" in overall:
-        rows.append(f"reasoning that parses as a layout plan: {overall['plan_valid']:.1%}")
+        exact = f"; exactly a correct plan: {overall['plan_exact']:.1%}" if "plan_exact" in overall else ""
+        rows.append(f"reasoning that parses as a layout plan: {overall['plan_valid']:.1%}{exact}")
     if "images" in overall:
         st = overall["images"]
         rows.append(f"images: saturation {st['saturation']:.3f}, edge energy {st['edge_energy']:.4f}, "
@@ -311,6 +312,8 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     # reward-hacking indicators: reasoning that no longer parses as a layout plan, the strict check above,
     # and image statistics to compare with the base model's
     summary["overall"]["plan_valid"] = float(np.mean([parse_plan(t) is not None for t in texts]))
+    # and what explains a strict gain: how often the (final round's) reasoning is exactly a correct plan
+    summary["overall"]["plan_exact"] = float(verify_plans(texts, records_to_prompts(targets)).mean())
     summary["overall"]["images"] = image_statistics(np.concatenate(finals))
     return EvalResult(tags, ta_a, ge_a, shown_prompts, texts, images, summary, st_a)
 

@@ -7,7 +7,7 @@ edit: round-2 tasks (instruction + composed target prompt) for multi-round episo
 from unigrpo.world.checks import Found, check_objects
 from unigrpo.world.data import pretrain_example
 from unigrpo.world.edit import (EDIT_KINDS, EditTask, all_edits, edit_layout, edit_pretrain_example, make_edit_tasks,
-                                split_edits, verify_edit, verify_edit_plan)
+                                split_edits, verify_edit, verify_edit_plan, verify_plans)
 from unigrpo.world.layout import (CANVAS, CELL, GAP, OBJ, Layout, PlacedObject, corrupt_layout, grid_range,
                                   layout_checks, sample_layout)
 from unigrpo.world.plan import parse_plan, plan_text
@@ -22,5 +22,5 @@ __all__ = [
     "all_edits", "all_prompts", "check_objects", "corrupt_layout", "detect", "edit_layout",
     "edit_pretrain_example", "grid_range",
     "layout_checks", "make_edit_tasks", "make_prompts", "parse_plan", "plan_text", "pretrain_example", "render",
-    "sample_layout", "split_edits", "split_prompts", "to_uint8", "verify", "verify_edit", "verify_edit_plan",
+    "sample_layout", "split_edits", "split_prompts", "to_uint8", "verify", "verify_edit", "verify_edit_plan", "verify_plans",
 ]

@@ -160,14 +160,23 @@ def _exact(prompt: Prompt, layout: Layout, canvas: int, obj: int) -> bool:
             and len(layout) == expected_objects(prompt) and all(layout_checks(prompt, layout, obj).values()))
 
 
+def verify_plans(plans: list[str], prompts: list[Prompt], canvas: int = CANVAS, obj: int = OBJ) -> torch.Tensor:
+    """float32 [B]: 1 where the plan text is an exact layout of the prompt (it parses, every object in the grid,
+    none touching, exactly the asked-for objects, every check passing), else 0 (unparsable plans included).
+    Judged on cell centres, as layout_checks judges them."""
+    if len(plans) != len(prompts):
+        raise ValueError(f"{len(plans)} plans but {len(prompts)} prompts")
+    layouts = [parse_plan(p) for p in plans]
+    return torch.tensor([float(lay is not None and _exact(p, lay, canvas, obj))
+                         for lay, p in zip(layouts, prompts)], dtype=torch.float32)
+
+
 def verify_edit_plan(plans: list[str], tasks: list[EditTask], canvas: int = CANVAS, obj: int = OBJ) -> torch.Tensor:
-    """float32 [B]: 1 where the round-2 plan text is an exact layout of the task's target (see the module
-    docstring), else 0 (unparsable plans included). Judged on cell centres, as layout_checks judges them."""
+    """float32 [B]: 1 where the round-2 plan text is an exact layout of the task's target (verify_plans; see the
+    module docstring), else 0."""
     if len(plans) != len(tasks):
         raise ValueError(f"{len(plans)} plans but {len(tasks)} tasks")
-    layouts = [parse_plan(p) for p in plans]
-    return torch.tensor([float(lay is not None and _exact(t.target, lay, canvas, obj))
-                         for lay, t in zip(layouts, tasks)], dtype=torch.float32)
+    return verify_plans(plans, [t.target for t in tasks], canvas, obj)
 
 
 def edit_layout(task: EditTask, layout: Layout, rng: np.random.Generator, canvas: int = CANVAS,
