@@ -47,7 +47,7 @@ def test_eval_writes_scores_and_grid(small_checkpoint, tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "grid.png")) > 0
 
 
-def test_oracle_reasoning_conditions_on_the_correct_plan(small_checkpoint, tmp_path):
+def test_oracle_reasoning_conditions_on_the_correct_plan(small_checkpoint, tmp_path, monkeypatch):
     """eval.reasoning=oracle: every reasoning is a plan whose own render passes the prompt's checks."""
     from _images import render_batch
     from unigrpo.evaluate import EvalConfig, evaluate
@@ -74,6 +74,12 @@ def test_oracle_reasoning_conditions_on_the_correct_plan(small_checkpoint, tmp_p
     with pytest.raises(ValueError, match="p.txt"):
         evaluate(bundle, EvalConfig(samples=1, steps=1, reasoning="oracle",
                                                            data=DataConfig(eval=str(prompts))), progress=False)
+    # plans that parse but are flawed (every oracle plan corrupted) count as valid, never as exact
+    import unigrpo.evaluate as ev
+    real = ev.pretrain_example
+    monkeypatch.setattr(ev, "pretrain_example", lambda p, rng, flaw_prob: real(p, rng, flaw_prob=1.0))
+    flawed = evaluate(bundle, EvalConfig(samples=12, steps=1, batch=12, reasoning="oracle"), progress=False)
+    assert flawed.summary["overall"]["plan_valid"] == 1.0 and flawed.summary["overall"]["plan_exact"] == 0.0
 
 
 def test_sample_writes_png(small_checkpoint, tmp_path, capsys):

@@ -354,6 +354,6 @@ def test_the_run_report_shows_both_grids_with_their_legend(tmp_path):
                      reasoning=["r"] * n, images=np.zeros((n, 8, 8, 3), np.uint8),
                      summary={"overall": {"n": n}}, strict=np.ones(n))
     write_eval(res, str(tmp_path / "eval_base"), grid=n)
-    text = open(write_report(str(tmp_path), before=res.summary, after=None, history=[], config={})).read()
+    text = open(write_report(str(tmp_path), before=res.summary, after=res.summary, history=[], config={})).read()
     assert "](eval_base/grid.png)" in text and GRID_LEGEND in text
     assert "eval_final/grid.png" not in text
