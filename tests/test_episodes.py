@@ -357,3 +357,66 @@ def test_the_run_report_shows_both_grids_with_their_legend(tmp_path):
     text = open(write_report(str(tmp_path), before=res.summary, after=res.summary, history=[], config={})).read()
     assert "](eval_base/grid.png)" in text and GRID_LEGEND in text
     assert "eval_final/grid.png" not in text
+
+
+def test_episode_eval_scores_each_rounds_plan_against_that_rounds_target(tmp_path, monkeypatch):
+    """`plan_exact_rounds[k]` judges round k's reasoning against round k's target: with the world's exact plan
+    for the source prompt written in round 1 and copied unchanged into round 2 (an edit never made), round 1
+    is exact and round 2 never is. Every round's reasoning is kept per sample, in eval.json too."""
+    import unigrpo.evaluate as ev
+    from unigrpo.evaluate import EvalConfig, evaluate, write_eval
+    from unigrpo.model.build import load_bundle
+    from unigrpo.world import pretrain_example
+    from unigrpo.world.prompts import CATEGORIES, all_prompts
+
+    tiny_base(tmp_path / "base")
+    by_text = {p.text: p for c in CATEGORIES for p in all_prompts(c)}
+    real, rng = ev.sample_episode, np.random.default_rng(0)
+
+    def unedited(model, tok, codec, prompts, instructions, **kw):
+        texts, images = real(model, tok, codec, prompts, instructions, **kw)
+        plans = [pretrain_example(by_text[p], rng, flaw_prob=0.0)[0] for p in prompts]
+        return [plans, plans], images
+
+    monkeypatch.setattr(ev, "sample_episode", unedited)
+    res = evaluate(load_bundle(str(tmp_path / "base")), EvalConfig(samples=8, steps=1, batch=4,
+                                                                    data=DataConfig(eval="shapes_edit")),
+                   progress=False)
+    overall = res.summary["overall"]
+    assert overall["plan_exact_rounds"] == [1.0, 0.0] and overall["plan_exact"] == 0.0
+    assert all(len(r) == 2 and r[1] == t for r, t in zip(res.round_reasoning, res.reasoning))
+    assert "(per round: 1: 100.0%, 2: 0.0%)" in ev.format_table(res.summary)
+    rows = json.load(open(write_eval(res, str(tmp_path / "ev"), grid=4)["json"]))["samples"]
+    assert [r["round_reasoning"] for r in rows] == res.round_reasoning
+
+
+def test_text_rounds_leaves_the_other_rounds_tokens_out_of_the_text_loss(tmp_path):
+    """edit.text_rounds=[2]: round 1's reasoning stays in the packed context but out of L_text, so changing its
+    old log-probs does not change the loss, while by default (every round, §12) it does; the normaliser counts
+    round 2's tokens only. A round the episodes do not have is refused when the trainer starts."""
+    tiny_base(tmp_path / "base")
+    data = DataConfig(train="shapes_edit", eval="shapes_edit")
+    losses = {}
+    for rounds in ([], [2]):
+        cfg = small_cfg(tmp_path, iterations=1, data=data, edit=EditConfig(text_rounds=rounds),
+                        rewards=[RewardSpec("python", function=f"{__name__}:_brightness")],
+                        out=str(tmp_path / f"run{rounds}"))
+        cfg.loss.aggregation = "global"
+        tr = Trainer(cfg, progress=False)
+        traj = rollout(tr.policy, tr.bundle.tokenizer, ["a red circle", "a blue square"], cfg.rollout,
+                       generator=torch.Generator().manual_seed(0), windows=[[0, 1], [1, 0]],
+                       instructions=[["make the circle green"], ["make the square red"]])
+        rows = list(range(traj.x_RW.shape[0]))
+        adv = torch.linspace(-1.0, 1.0, len(rows))
+        old = tr.objective.prepare(traj, rows, adv, None, tr._balanced_chunks)
+        c = traj.episode.columns
+        n2 = int(traj.reasoning.mask_BT[:, c[1]:c[2]].sum())
+        assert old.text_tokens == (n2 if rounds else int(traj.reasoning.mask_BT.sum()))
+        before = tr.objective.loss(old, rows)[0].item()
+        old.old_logp[:, c[0]:c[1]] += 0.3   # round 1's ratios move off 1
+        losses[tuple(rounds)] = (before, tr.objective.loss(old, rows)[0].item())
+    assert losses[(2,)][0] == losses[(2,)][1] and abs(losses[()][0] - losses[()][1]) > 1e-6
+    with pytest.raises(ValueError, match=r"edit.text_rounds=\[3\] names round 3; the episodes have 2 rounds"):
+        Trainer(small_cfg(tmp_path, data=data, edit=EditConfig(text_rounds=[3])), progress=False)
+    with pytest.raises(ValueError, match=r"edit.text_rounds=\[0\]: expected distinct round numbers >= 1"):
+        EditConfig(text_rounds=[0])

@@ -93,6 +93,7 @@ class EvalResult:
     summary: dict = field(default_factory=dict)
     strict: np.ndarray | None = None  # [n] float (0/1): GenEval-style and exactly the asked-for objects
     scores: dict[str, np.ndarray] | None = None  # reward path: {label or "total": [n] float}
+    round_reasoning: list[list[str]] | None = None  # episodes: [n][R] every round's reasoning (the last = reasoning)
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -160,6 +161,9 @@ def format_table(summary: dict, title: str = "") -> str:
         rows.append("strict: GenEval-style and exactly the asked-for objects (extra objects and blobs fail it)")
     if "plan_valid" in overall:
         exact = f"; exactly a correct plan: {overall['plan_exact']:.1%}" if "plan_exact" in overall else ""
+        if "plan_exact_rounds" in overall:
+            exact += " (per round: " + ", ".join(f"{k}: {x:.1%}" for k, x in
+                                                 enumerate(overall["plan_exact_rounds"], 1)) + ")"
         rows.append(f"reasoning that parses as a layout plan: {overall['plan_valid']:.1%}{exact}")
     if "images" in overall:
         st = overall["images"]
@@ -270,7 +274,7 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     weighted = [] if rewards is None else [sp for sp in rewards.specs if sp.weight != 0]
     show_total = not (len(weighted) == 1 and weighted[0].weight == 1.0)   # else it equals that reward
     per: dict[str, list] = {}
-    texts, imgs, finals = [], [], []
+    texts, imgs, finals, all_rounds = [], [], [], []
     for i in tqdm(range(0, len(records), cfg.batch), desc="eval", disable=not progress, leave=False):
         chunk = records[i:i + cfg.batch]
         if episodes:
@@ -279,6 +283,7 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
                                                num_steps=cfg.steps, shift=cfg.shift, cfg_scale=cfg.cfg_scale,
                                                generator=gen)
             reasoning, images = rounds[-1], per_round[-1].float().cpu()
+            all_rounds += [list(x) for x in zip(*rounds)]
             shown = to_uint8(torch.cat([x.float().cpu() for x in per_round], dim=-1))   # x¹ | … | x^R side by side
             chunk = targets[i:i + cfg.batch]
         else:
@@ -314,8 +319,14 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     summary["overall"]["plan_valid"] = float(np.mean([parse_plan(t) is not None for t in texts]))
     # and what explains a strict gain: how often the (final round's) reasoning is exactly a correct plan
     summary["overall"]["plan_exact"] = float(verify_plans(texts, records_to_prompts(targets)).mean())
+    if episodes:   # round k's plan against round k's target: which round's reasoning a change comes from
+        summary["overall"]["plan_exact_rounds"] = [
+            float(verify_plans([r[k] for r in all_rounds],
+                               records_to_prompts([episode_rounds(rec)[k] for rec in records])).mean())
+            for k in range(len(all_rounds[0]))]
     summary["overall"]["images"] = image_statistics(np.concatenate(finals))
-    return EvalResult(tags, ta_a, ge_a, shown_prompts, texts, images, summary, st_a)
+    return EvalResult(tags, ta_a, ge_a, shown_prompts, texts, images, summary, st_a,
+                      round_reasoning=all_rounds if episodes else None)
 
 
 def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:
@@ -334,6 +345,9 @@ def write_eval(result: EvalResult, out_dir: str, grid: int = 48) -> dict:
         ok = [int(bool(g)) + int(bool(g) and x is not None and bool(x)) for g, x in zip(result.geneval, strict)]
     rows = [{"prompt": p, "category": c, "reasoning": r, **e}
             for p, c, r, e in zip(result.prompts, result.categories, result.reasoning, extra)]
+    if result.round_reasoning is not None:
+        for row, rr in zip(rows, result.round_reasoning):
+            row["round_reasoning"] = rr
     path = write_text_atomic(os.path.join(out_dir, "eval.json"),
                              json.dumps({"summary": result.summary, "samples": rows}, indent=1))
     k = min(grid, n)

@@ -62,6 +62,9 @@ class EditConfig:
     round_weights: list[float] = field(default_factory=list)
     """w_r: the episode's reward is Σ_r w_r·R(x^r, T^r). Empty: only the final image, (0, …, 0, 1); else one
     weight per round, >= 0, not all 0"""
+    text_rounds: list[int] = field(default_factory=list)
+    """rounds (1-based) whose reasoning tokens enter L_text. Empty (default): every round, as §12 specifies;
+    e.g. [2] trains only the final round's reasoning (an ablation of the credit round 1 gets for x²'s reward)"""
     history_grad: bool = False
     """let the losses train the encoding of the history images x̄^1 … x̄^{R−1} (the clean blocks later rounds
     condition on). False (default) holds it fixed: round r's text loss, whose gradient through x̄^{r−1} is
@@ -73,6 +76,10 @@ class EditConfig:
             raise ValueError(f"edit.round_weights={self.round_weights!r}: expected weights >= 0, not all 0 "
                              "(or [] for the final round only)")
         self.round_weights = w
+        if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in self.text_rounds) or (
+                len(set(self.text_rounds)) != len(self.text_rounds)):
+            raise ValueError(f"edit.text_rounds={self.text_rounds!r}: expected distinct round numbers >= 1 "
+                             "(or [] for every round)")
 
     def weights(self, rounds: int) -> list[float]:
         """The weights of an R-round episode (ValueError when the list has another length)."""
@@ -82,6 +89,15 @@ class EditConfig:
             raise ValueError(f"edit.round_weights has {len(self.round_weights)} entries; the episodes have "
                              f"{rounds} rounds")
         return list(self.round_weights)
+
+    def trained_rounds(self, rounds: int) -> list[int]:
+        """0-based rounds whose reasoning L_text trains (ValueError for a round the episodes do not have)."""
+        if not self.text_rounds:
+            return list(range(rounds))
+        if max(self.text_rounds) > rounds:
+            raise ValueError(f"edit.text_rounds={self.text_rounds!r} names round {max(self.text_rounds)}; the "
+                             f"episodes have {rounds} rounds")
+        return sorted(k - 1 for k in self.text_rounds)
 
 
 @dataclass

@@ -117,6 +117,7 @@ class Trainer:
         check_prompt_lengths(self.source.records, tok, self.policy.cfg.max_text_len)
         self.rounds = check_rounds(self.source.records)   # R (ALGORITHM.md §12): 1 unless the records have rounds
         self.round_weights = cfg.edit.weights(self.rounds)
+        cfg.edit.trained_rounds(self.rounds)   # edit.text_rounds names rounds the episodes have
         if self.rounds > 1:
             if cfg.method != "grpo":
                 raise ValueError(f"data.train={cfg.data.train!r} holds {self.rounds}-round episodes, which train "

@@ -47,6 +47,11 @@ class OldPolicy:
     h_RW: torch.Tensor
     metrics: dict            # mismatch and entropy of the old policy
     text_tokens: float = 0.0  # reasoning tokens of the trained rows, summed over ranks (aggregation "global")
+    text_mask: torch.Tensor | None = None  # bool [R, T]: the tokens L_text trains (default: traj's reasoning mask)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        return self.traj.reasoning.mask_BT if self.text_mask is None else self.text_mask
 
 
 class UniGRPOObjective:
@@ -73,6 +78,16 @@ class UniGRPOObjective:
 
     def check_records(self, records) -> None:
         """Any prompt: the rewards check theirs."""
+
+    def _text_mask(self, traj: Trajectories) -> torch.Tensor | None:
+        """bool [R, T]: the reasoning tokens of the rounds `edit.text_rounds` names (None: every token)."""
+        if traj.episode is None or not self.cfg.edit.text_rounds:
+            return None
+        cols = traj.episode.columns
+        keep = torch.zeros(cols[-1], dtype=torch.bool, device=traj.reasoning.mask_BT.device)
+        for k in self.cfg.edit.trained_rounds(traj.episode.rounds):
+            keep[cols[k]:cols[k + 1]] = True
+        return traj.reasoning.mask_BT & keep
 
     def _pack(self, traj: Trajectories, mb: list[int]):
         return pack(traj, mb, self.sigmas, self.forward.image_tokens, self.forward.pad_id)
@@ -128,19 +143,21 @@ class UniGRPOObjective:
                                     and mask_RT[sel].any() else float("nan"))}
         # DAPO's normaliser: completion tokens of the whole generation batch (every trained row, every rank), fixed
         # once per step so mini- and micro-batch losses add up; one all_reduce under torch.distributed
-        n_tok = mask_RT[sel].sum().to(torch.float64) if rows else torch.zeros((), dtype=torch.float64, device=dev)
+        text_mask = self._text_mask(traj)
+        trained = mask_RT if text_mask is None else text_mask
+        n_tok = trained[sel].sum().to(torch.float64) if rows else torch.zeros((), dtype=torch.float64, device=dev)
         if cfg.loss.aggregation == "global" and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(n_tok)
             # FSDP averages gradients over ranks, so each rank divides by N / world (TRL: num_items / processes)
             n_tok = n_tok / torch.distributed.get_world_size()
         return OldPolicy(traj, rows, adv_R, old_logp, ref_logp, v_old, v_ref_t if self.ref is not None else v_old,
-                         xi, b_RW, s_RW, h_RW, metrics, float(n_tok))
+                         xi, b_RW, s_RW, h_RW, metrics, float(n_tok), text_mask)
 
     def shares(self, old: OldPolicy, mb: list[int], within: list[int]) -> tuple[float, float]:
         """(text, flow) shares of the micro-batch `mb` in the mini-batch `within`: the mini-batch's loss is
         Σ over its micro-batches of share·loss(micro-batch), term by term, because each term is a ratio whose
         denominator splits this way (the aggregation's: sequences with tokens, tokens or rows; flow: rows)."""
-        mask = old.traj.reasoning.mask_BT
+        mask = old.loss_mask
 
         def count(rows):
             m = mask[torch.tensor(rows, device=mask.device)]
@@ -156,7 +173,7 @@ class UniGRPOObjective:
         """(0-dim loss with grad, detached metrics) of the mini-batch `mb` (rows of old.traj); with `within`,
         mb is a micro-batch of that mini-batch and the loss is its share of the mini-batch's (see `shares`)."""
         lc, rc = self.cfg.loss, self.cfg.rollout
-        traj, adv_R, mask_RT = old.traj, old.adv_R, old.traj.reasoning.mask_BT
+        traj, adv_R, mask_RT = old.traj, old.adv_R, old.loss_mask
         W = traj.x_RW.shape[1]
         D = traj.x_RW[0, 0].numel()
         dev = self.device
