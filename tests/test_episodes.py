@@ -50,9 +50,10 @@ PROMPTS = ["a red circle", "two squares"]
 INSTRUCTIONS = [["make the circle blue", "add a triangle"], ["remove the square", "move it"]]
 
 
-def _model(dtype=torch.float64):
+def _model(dtype=torch.float64, max_text_len=48):
     torch.manual_seed(0)
-    b = build_bundle(preset("tiny", hidden=32, heads=2, kv_heads=1, intermediate=64, layers=2, max_text_len=48))
+    b = build_bundle(preset("tiny", hidden=32, heads=2, kv_heads=1, intermediate=64, layers=2,
+                            max_text_len=max_text_len))
     torch.nn.init.normal_(b.model.image_out.weight, std=0.05)   # velocities that depend on the context
     b.model.to(dtype).eval()
     return b
@@ -110,6 +111,51 @@ def test_packed_forward_of_rollout_episodes_equals_the_cached_rounds_float64(rou
                     s = sig[traj.window_steps[r, slot]].float().reshape(1)   # σ enters as float32, as in the rollout
                     v_c = m.image_velocity(cache, traj.x_RW[r, slot][None].double(), s)
                     torch.testing.assert_close(v.view(R, W, *v.shape[1:])[r, slot], v_c[0], atol=1e-10, rtol=0)
+
+
+def test_given_reasoning_rebuilds_the_cache_that_sampling_built():
+    """sample_episode(reasoning=...) conditions each round on given text exactly as on sampled text: greedy
+    reasoning kept to printable ASCII (so decode → encode gives the sampled ids back; greedy draws nothing from
+    the generator, so the noise is the same) forced back in gives every round's image again. Float64, 1e-9:
+    one prefill against token-by-token appends differ only by rounding; a wrong position or mask moves the
+    image by > 1e-3 with this model's 0.05-scale output layer. Other round-2 text moves x² only. (Every text
+    must have ended with [eos]: text cut at the budget has none, and given text always gets one.)"""
+    from unigrpo.rollout.generate import encode_prompts, sample_episode
+
+    b = _model(max_text_len=64)
+    m, tok = b.model, b.tokenizer
+    allowed = torch.full((m.cfg.vocab_size,), float("-inf"), dtype=torch.float64)
+    allowed[32:127] = 0.0
+    logits = m.logits
+
+    def ascii_until_digit(h):   # [eos] exactly where greedy decoding would write a digit
+        lg = logits(h) + allowed
+        digit = lg[..., 48:58].amax(-1) >= lg.amax(-1)
+        lg[..., tok.eos_id] = torch.where(digit, 1e9, float("-inf"))
+        return lg
+
+    m.logits = ascii_until_digit
+    ins = [x[:1] for x in INSTRUCTIONS]
+
+    def run(reasoning=None):
+        return sample_episode(m, tok, b.codec, PROMPTS, ins, temperature=0.0, num_steps=3,
+                              generator=torch.Generator().manual_seed(0), reasoning=reasoning)
+
+    texts, images = run()
+    assert len({len(t) for r in texts for t in r}) > 1 and all(t for r in texts for t in r)
+    for ids, r in zip([encode_prompts(tok, PROMPTS, 64), [tok.encode_prompt(x[0]) for x in ins]], texts):
+        assert max(len(t) for t in r) < 64 - max(len(x) for x in ids)   # each stopped at [eos] inside its budget
+    again, forced = run(texts)
+    assert again == texts
+    for x, y in zip(images, forced):
+        torch.testing.assert_close(y, x, atol=1e-9, rtol=0)
+    _, other = run([texts[0], ["a blue circle at (8, 8)", texts[1][1]]])
+    assert torch.equal(other[0], images[0])
+    assert (other[1][0] - images[1][0]).abs().max() > 1e-3 and torch.equal(other[1][1], images[1][1])
+    with pytest.raises(ValueError, match="reasoning for 1 rounds, but these episodes have R=2"):
+        run(texts[:1])
+    with pytest.raises(ValueError, match="makes the context longer than max_text_len=64"):
+        run([texts[0], ["x" * 50, texts[1][1]]])
 
 
 def test_round_two_sees_round_one_image_and_round_one_does_not_see_round_two():
@@ -388,6 +434,36 @@ def test_episode_eval_scores_each_rounds_plan_against_that_rounds_target(tmp_pat
     assert "(per round: 1: 100.0%, 2: 0.0%)" in ev.format_table(res.summary)
     rows = json.load(open(write_eval(res, str(tmp_path / "ev"), grid=4)["json"]))["samples"]
     assert [r["round_reasoning"] for r in rows] == res.round_reasoning
+
+
+def test_oracle_episode_eval_gives_each_round_the_worlds_plan_for_its_target(tmp_path):
+    """eval.reasoning=oracle on the world's edits: round 1 gets an exact plan of the source and round 2 that
+    same layout with the edit applied, so both rounds' plans are exact against their own targets (a random
+    model's sampled reasoning is not), and the render of every round-2 plan passes its target strictly."""
+    from _images import render_batch
+    from unigrpo.evaluate import EvalConfig, evaluate
+    from unigrpo.world import parse_plan, verify
+
+    b = _model(torch.float32, max_text_len=96)
+    edit = DataConfig(eval="shapes_edit")
+    res = evaluate(b, EvalConfig(samples=8, steps=1, batch=4, reasoning="oracle", data=edit), progress=False)
+    assert res.summary["overall"]["plan_exact_rounds"] == [1.0, 1.0] and res.summary["overall"]["plan_exact"] == 1.0
+    sampled = evaluate(b, EvalConfig(samples=8, steps=1, batch=8, data=edit), progress=False)
+    assert sampled.summary["overall"]["plan_exact_rounds"] == [0.0, 0.0]
+    records = build_prompt_source("shapes_edit", "eval", 1234).eval_records(8, 1234)
+    first, second = ([parse_plan(r[k]) for r in res.round_reasoning] for k in range(2))
+    targets = records_to_prompts([episode_rounds(r)[1] for r in records])
+    assert verify(render_batch(second), targets).strict.tolist() == [1.0] * 8
+    for rec, a, z in zip(records, first, second):   # the edit of round 1's layout, not a fresh layout
+        if rec.tag in ("recolour", "remove"):
+            assert len({(o.x, o.y) for o in z} - {(o.x, o.y) for o in a}) == 0, (rec.tag, a, z)
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a cat", "rounds": [{"instruction": "make it black",
+                                                                "prompt": "a black cat"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: eval.reasoning='oracle' knows the correct plans of the "
+                                         r"shapes world's two-round edits"):
+        evaluate(b, EvalConfig(samples=1, steps=1, reasoning="oracle", rewards=["shapes_geneval"],
+                               data=DataConfig(eval=str(path))), progress=False)
 
 
 def test_text_rounds_leaves_the_other_rounds_tokens_out_of_the_text_loss(tmp_path):

@@ -32,7 +32,8 @@ from unigrpo.rewards.registry import RewardSet, RewardSpec
 from unigrpo.rewards.verifier import records_to_prompts
 from unigrpo.rollout.generate import sample, sample_episode
 from unigrpo.viz import save_image_grid
-from unigrpo.world import CATEGORIES, make_prompts, parse_plan, verify, verify_plans
+from unigrpo.world import (CATEGORIES, EDIT_KINDS, EditTask, edit_pretrain_example, make_prompts, parse_plan,
+                           verify, verify_plans)
 from unigrpo.world.geneval import is_shapes_metadata
 from unigrpo.world.render import to_uint8
 from unigrpo.model import no_text_head, text_then_blocks
@@ -61,8 +62,9 @@ class EvalConfig:
     batch: int = 128
     """prompts per sampling batch"""
     reasoning: str = "sampled"
-    """"sampled" (the policy's own reasoning) or "oracle": the shapes world's correct plan for each prompt, so
-    the image expert alone is scored (the most that training only the text expert could reach)"""
+    """"sampled" (the policy's own reasoning) or "oracle": the shapes world's correct plan for each prompt (for
+    its two-round edits, the plans of both rounds), so the image expert alone is scored (the most that training
+    only the text expert could reach)"""
     out: str = ""
     """where to write eval.json and the grid (default: <checkpoint>/eval)"""
     grid: int = 48
@@ -251,6 +253,23 @@ def eval_reward_set(cfg: EvalConfig, records: list[PromptRecord]) -> RewardSet |
                      "give the rewards to score with, e.g. rewards=[{name: clip, path: /models/clip}]")
 
 
+def oracle_episode_plans(records: list[PromptRecord], rng: np.random.Generator) -> list[list[str]]:
+    """The world's correct plans [2][B] for two-round shapes-world editing episodes: an exact layout of the
+    source, then that layout with the edit applied (edit_layout). ValueError for other episodes."""
+    plans: list[list[str]] = [[], []]
+    for rec in records:
+        rounds = episode_rounds(rec)
+        if len(rounds) != 2 or rec.tag not in EDIT_KINDS:
+            raise ValueError(f"{rec.where}: eval.reasoning='oracle' knows the correct plans of the shapes world's "
+                             f"two-round edits (tags {EDIT_KINDS}) only; got {len(rounds)} rounds, tag {rec.tag!r}")
+        source, target = records_to_prompts(rounds)
+        task = EditTask(source=source, instruction=instructions_of(rec)[0], kind=rec.tag, target=target)
+        first, _, second, _ = edit_pretrain_example(task, rng)
+        plans[0].append(first)
+        plans[1].append(second)
+    return plans
+
+
 @torch.no_grad()
 def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     """Sample one image per held-out prompt and score it (the module docstring's two paths)."""
@@ -259,8 +278,6 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     check_prompt_lengths(records, bundle.tokenizer, bundle.model.cfg.max_text_len)
     episodes = check_rounds(records) > 1   # multi-round: score the final image against the final target (§12)
     targets = [episode_rounds(r)[-1] for r in records] if episodes else records
-    if episodes and cfg.reasoning == "oracle":
-        raise ValueError("eval.reasoning='oracle' scores single-round prompts only; these prompts have rounds")
     rewards = eval_reward_set(cfg, targets)
     model = bundle.model
     was_training = model.training
@@ -269,7 +286,8 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     oracle = None
     if cfg.reasoning == "oracle":   # the world's correct plans, seeded by the evaluation seed
         rng = np.random.default_rng(cfg.seed)
-        oracle = [pretrain_example(p, rng, flaw_prob=0.0)[0] for p in records_to_prompts(records)]
+        oracle = (oracle_episode_plans(records, rng) if episodes else
+                  [[pretrain_example(p, rng, flaw_prob=0.0)[0] for p in records_to_prompts(records)]])
     shapes = [] if rewards is None else None
     weighted = [] if rewards is None else [sp for sp in rewards.specs if sp.weight != 0]
     show_total = not (len(weighted) == 1 and weighted[0].weight == 1.0)   # else it equals that reward
@@ -281,7 +299,8 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
             rounds, per_round = sample_episode(model, bundle.tokenizer, bundle.codec, [r.text for r in chunk],
                                                [instructions_of(r) for r in chunk], temperature=cfg.temperature,
                                                num_steps=cfg.steps, shift=cfg.shift, cfg_scale=cfg.cfg_scale,
-                                               generator=gen)
+                                               generator=gen, reasoning=None if oracle is None else
+                                               [x[i:i + cfg.batch] for x in oracle])
             reasoning, images = rounds[-1], per_round[-1].float().cpu()
             all_rounds += [list(x) for x in zip(*rounds)]
             shown = to_uint8(torch.cat([x.float().cpu() for x in per_round], dim=-1))   # x¹ | … | x^R side by side
@@ -290,7 +309,7 @@ def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
             reasoning, images = sample(model, bundle.tokenizer, bundle.codec, [r.text for r in chunk],
                                        temperature=cfg.temperature, num_steps=cfg.steps, shift=cfg.shift,
                                        cfg_scale=cfg.cfg_scale, generator=gen,
-                                       reasoning=None if oracle is None else oracle[i:i + cfg.batch])
+                                       reasoning=None if oracle is None else oracle[0][i:i + cfg.batch])
             images = images.float().cpu()
             shown = to_uint8(images)
         if rewards is None:

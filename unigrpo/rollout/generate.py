@@ -141,13 +141,31 @@ def next_round(model: UnifiedModel, tokenizer, cache: KVCache, image_latents, id
     """Round r ≥ 2 after round r−1 (ALGORITHM.md §12): append x̄^{r−1} as a clean block (σ = 0), then the
     instructions `ids` (one per row, left-padded inside the appended chunk so every row's last column is
     real), then sample the round's reasoning. The returned Reasoning's prompt_ids are the instructions."""
-    B = image_latents.shape[0]
-    dev = image_latents.device
-    model.append_image(cache, image_latents, torch.zeros(B, device=dev))
-    tok, valid = left_padded(ids, tokenizer.pad_id)
-    last = model.append_text(cache, tok.to(dev), valid.to(dev))[:, -1]
+    last = append_round(model, tokenizer, cache, image_latents, ids)
     T = reasoning_budget(model.cfg.max_text_len, ids, max_new_tokens)
     return _decode(model, tokenizer, cache, last, ids, T, temperature, generator)
+
+
+def append_round(model: UnifiedModel, tokenizer, cache: KVCache, image_latents, ids: list[list[int]]):
+    """Append x̄^{r−1} (float [B, C, h, w]) as a clean block, then the round's text `ids` left-padded inside the
+    chunk; returns the hidden state [B, d] of each row's last column."""
+    dev = image_latents.device
+    model.append_image(cache, image_latents, torch.zeros(image_latents.shape[0], device=dev))
+    tok, valid = left_padded(ids, tokenizer.pad_id)
+    return model.append_text(cache, tok.to(dev), valid.to(dev))[:, -1]
+
+
+def with_reasoning(tokenizer, ids: list[list[int]], reasoning: list[str], max_len: int) -> list[list[int]]:
+    """Each row's context ids followed by given (not sampled) reasoning + [eos]; an error names a text that
+    makes the round's text longer than max_len tokens, or a count that differs from the rows'."""
+    if len(reasoning) != len(ids):
+        raise ValueError(f"{len(reasoning)} reasoning texts for {len(ids)} prompts")
+    out = [x + tokenizer.encode_reasoning(t) for x, t in zip(ids, reasoning)]
+    too_long = [t for t, x in zip(reasoning, out) if len(x) > max_len]
+    if too_long:
+        raise ValueError(f"reasoning {too_long[0][:60]!r} makes the context longer than "
+                         f"max_text_len={max_len} tokens")
+    return out
 
 
 @torch.no_grad()
@@ -184,14 +202,8 @@ def sample(model: UnifiedModel, tokenizer, codec, prompts: list[str], *, tempera
         r = generate_reasoning(model, tokenizer, prompts, temperature=temperature, generator=generator)
         texts, cache = r.texts, r.cache
     else:
-        if len(reasoning) != len(prompts):
-            raise ValueError(f"{len(reasoning)} reasoning texts for {len(prompts)} prompts")
-        ids = [p + tokenizer.encode_reasoning(t) for p, t in
-               zip(encode_prompts(tokenizer, prompts, model.cfg.max_text_len), reasoning)]
-        too_long = [t for t, x in zip(reasoning, ids) if len(x) > model.cfg.max_text_len]
-        if too_long:
-            raise ValueError(f"reasoning {too_long[0][:60]!r} makes the context longer than "
-                             f"max_text_len={model.cfg.max_text_len} tokens")
+        ids = with_reasoning(tokenizer, encode_prompts(tokenizer, prompts, model.cfg.max_text_len), reasoning,
+                             model.cfg.max_text_len)
         texts, (cache, _) = list(reasoning), _prefill(model, tokenizer, ids, 0)
     uncond = unconditional_cache(model, tokenizer, len(prompts)) if cfg_scale != 1.0 else None
     latents = denoise(model, cache, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
@@ -213,25 +225,39 @@ def check_instructions(instructions: list[list[str]], prompts: int) -> int:
 @torch.no_grad()
 def sample_episode(model: UnifiedModel, tokenizer, codec, prompts: list[str], instructions: list[list[str]], *,
                    temperature: float = 1.0, num_steps: int = 50, shift: float = 3.0, cfg_scale: float = 1.0,
-                   generator=None, cuda_graph: bool = True):
+                   generator=None, cuda_graph: bool = True, reasoning: list[list[str]] | None = None):
     """Multi-round sampling on the evaluation (ODE) path (ALGORITHM.md §12): prompt → reasoning¹ → x¹, then per
     later round its instruction → reasoning^r → x^r conditioned on the whole history, x̄^{r−1} as a clean
     block. instructions[i]: the R − 1 instructions of prompt i. With cfg_scale ≠ 1 the unconditional branch is
-    the empty context (text guidance). Returns (texts [R][B], images [R] × [B, 3, H, W] in [-1, 1])."""
+    the empty context (text guidance). With `reasoning` ([R][B] texts) every round's image is conditioned on
+    the given text instead of sampled reasoning. Returns (texts [R][B], images [R] × [B, 3, H, W] in [-1, 1])."""
     R = check_instructions(instructions, len(prompts))
-    later = [encode_instructions(tokenizer, [x[r] for x in instructions], model.cfg.max_text_len)
-             for r in range(R - 1)]
-    rs = generate_reasoning(model, tokenizer, prompts, temperature=temperature, generator=generator,
-                            extra_capacity=round_capacity(model, later, None))
-    cache = rs.cache
+    if reasoning is not None and len(reasoning) != R:
+        raise ValueError(f"reasoning for {len(reasoning)} rounds, but these episodes have R={R}")
+    L = model.cfg.max_text_len
+    later = [encode_instructions(tokenizer, [x[r] for x in instructions], L) for r in range(R - 1)]
+    extra = round_capacity(model, later, None)
+    if reasoning is None:
+        rs = generate_reasoning(model, tokenizer, prompts, temperature=temperature, generator=generator,
+                                extra_capacity=extra)
+        cache, texts = rs.cache, [rs.texts]
+    else:   # given text fits each round's budget, so round_capacity's room holds it
+        cache, _ = _prefill(model, tokenizer, with_reasoning(tokenizer, encode_prompts(tokenizer, prompts, L),
+                                                             reasoning[0], L), extra)
+        texts = [list(reasoning[0])]
     uncond = unconditional_cache(model, tokenizer, len(prompts)) if cfg_scale != 1.0 else None
-    texts, images = [rs.texts], []
+    images = []
     for r in range(R):
         latents = denoise(model, cache, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
                           uncond_cache=uncond, generator=generator, cuda_graph=cuda_graph)
         images.append(codec.decode(latents))
-        if r < R - 1:
+        if r == R - 1:
+            break
+        if reasoning is None:
             rs = next_round(model, tokenizer, cache, latents, later[r], temperature=temperature,
                             max_new_tokens=None, generator=generator)
             texts.append(rs.texts)
+        else:
+            append_round(model, tokenizer, cache, latents, with_reasoning(tokenizer, later[r], reasoning[r + 1], L))
+            texts.append(list(reasoning[r + 1]))
     return texts, images
