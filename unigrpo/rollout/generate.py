@@ -169,6 +169,16 @@ def with_reasoning(tokenizer, ids: list[list[int]], reasoning: list[str], max_le
 
 
 @torch.no_grad()
+def prefill_given(model: UnifiedModel, tokenizer, prompts: list[str], reasoning: list[str],
+                  extra_capacity: int = 0) -> KVCache:
+    """The cache of each prompt followed by given reasoning (round 1 without sampling), with `extra_capacity`
+    columns left for what is appended after it."""
+    L = model.cfg.max_text_len
+    ids = with_reasoning(tokenizer, encode_prompts(tokenizer, prompts, L), reasoning, L)
+    return _prefill(model, tokenizer, ids, extra_capacity)[0]
+
+
+@torch.no_grad()
 def unconditional_cache(model: UnifiedModel, tokenizer, batch: int) -> KVCache:
     """The context classifier-free guidance contrasts with: an empty prompt and empty reasoning."""
     ids = tokenizer.encode_prompt("") + tokenizer.encode_reasoning("")
@@ -202,9 +212,7 @@ def sample(model: UnifiedModel, tokenizer, codec, prompts: list[str], *, tempera
         r = generate_reasoning(model, tokenizer, prompts, temperature=temperature, generator=generator)
         texts, cache = r.texts, r.cache
     else:
-        ids = with_reasoning(tokenizer, encode_prompts(tokenizer, prompts, model.cfg.max_text_len), reasoning,
-                             model.cfg.max_text_len)
-        texts, (cache, _) = list(reasoning), _prefill(model, tokenizer, ids, 0)
+        texts, cache = list(reasoning), prefill_given(model, tokenizer, prompts, reasoning)
     uncond = unconditional_cache(model, tokenizer, len(prompts)) if cfg_scale != 1.0 else None
     latents = denoise(model, cache, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
                       uncond_cache=uncond, generator=generator, cuda_graph=cuda_graph)
@@ -242,9 +250,7 @@ def sample_episode(model: UnifiedModel, tokenizer, codec, prompts: list[str], in
                                 extra_capacity=extra)
         cache, texts = rs.cache, [rs.texts]
     else:   # given text fits each round's budget, so round_capacity's room holds it
-        cache, _ = _prefill(model, tokenizer, with_reasoning(tokenizer, encode_prompts(tokenizer, prompts, L),
-                                                             reasoning[0], L), extra)
-        texts = [list(reasoning[0])]
+        cache, texts = prefill_given(model, tokenizer, prompts, reasoning[0], extra), [list(reasoning[0])]
     uncond = unconditional_cache(model, tokenizer, len(prompts)) if cfg_scale != 1.0 else None
     images = []
     for r in range(R):
