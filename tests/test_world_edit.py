@@ -15,6 +15,7 @@ from unigrpo.world import CATEGORIES, grid_range, sample_layout, split_prompts
 from unigrpo.world.edit import (EDIT_KINDS, OPPOSITE, EditTask, all_edits, edit_layout, edit_pretrain_example,
                                 make_edit_tasks, split_edits, verify_edit, verify_edit_plan)
 from unigrpo.world.plan import parse_plan, plan_text
+from unigrpo.world.render import render
 
 
 def test_every_kind_has_tasks_on_both_sides_of_a_disjoint_fixed_split():
@@ -157,3 +158,47 @@ def test_verify_plans_accepts_an_exact_layout_and_rejects_each_flaw():
     assert verify_plans(["not a plan"], prompts[:1]).tolist() == [0.0]
     with pytest.raises(ValueError, match="2 plans but 1 prompts"):
         verify_plans(good[:2], prompts[:1])
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(EDIT_KINDS))
+def test_a_flawed_edit_is_drawn_as_planned_and_never_exact_while_round_1_stays_exact(seed, kind):
+    rng = np.random.default_rng(seed)
+    t = make_edit_tasks("train", 1, seed, kinds=[kind])[0]
+    plans = [edit_pretrain_example(t, rng, flaw_prob=1.0) for _ in range(8)]
+    src = replace(t, target=t.source)   # round 1 judged against the source prompt
+    assert verify_edit_plan([p[0] for p in plans], [src] * 8).tolist() == [1.0] * 8
+    assert verify_edit_plan([p[2] for p in plans], [t] * 8).tolist() == [0.0] * 8, [p[2] for p in plans]
+    for plan1, img1, plan2, img2 in plans:
+        layout = parse_plan(plan2)
+        assert layout is not None and all(lo <= v <= hi for o in layout for v in (o.x, o.y)
+                                          for lo, hi in [grid_range()])
+        assert np.array_equal(img2, render(layout)), plan2   # the image follows the (flawed) plan
+
+
+def test_flawed_edits_come_at_the_asked_rate_in_both_kinds():
+    seed = np.random.SeedSequence().entropy
+    rng, n, p = np.random.default_rng(seed), 1200, 0.3
+    tasks = make_edit_tasks("train", n, seed % 2**31)
+    out = [edit_pretrain_example(t, rng, flaw_prob=p) for t in tasks]
+    flawed = 1 - verify_edit_plan([o[2] for o in out], tasks).numpy()
+    ignored = np.array([o[2] == o[0] for o in out])
+    sd = (p * (1 - p) / n) ** 0.5   # binomial sd of the flawed fraction; 4 sd: a false alarm 1 run in ~16 000
+    assert abs(flawed.mean() - p) < 4 * sd, (seed, flawed.mean())
+    assert ignored.sum() > 0 and (flawed.astype(bool) & ~ignored).sum() > 0, seed   # both kinds of flaw occur
+    assert not (ignored & ~flawed.astype(bool)).any(), seed   # an unchanged plan is always a flaw
+
+
+def test_no_flaws_draws_nothing_extra_so_earlier_examples_are_unchanged():
+    t = make_edit_tasks("train", 1, 3)[0]
+    a, b = np.random.default_rng(11), np.random.default_rng(11)
+    plan1, _, plan2, _ = edit_pretrain_example(t, a, flaw_prob=0.0)
+    first = sample_layout(t.source, b)
+    assert (plan1, plan2) == (plan_text(first), plan_text(edit_layout(t, first, b)))
+    assert a.random() == b.random()
+
+
+def test_pretrain_refuses_an_edit_flaw_probability_outside_0_1():
+    from unigrpo.pretrain import PretrainConfig
+    with pytest.raises(ValueError, match="edit_flaw_prob"):
+        PretrainConfig(edit_flaw_prob=1.5)

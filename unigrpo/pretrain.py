@@ -67,6 +67,9 @@ class PretrainConfig:
     """weight of the flow-matching loss against the text loss"""
     edit_fraction: float = 0.0
     """fraction of two-round editing episodes in the data (the round-2 format, ALGORITHM.md §12)"""
+    edit_flaw_prob: float = 0.0
+    """fraction of the episodes whose round-2 plan is flawed (world/edit.py: the edit ignored, or a flaw of
+    corrupt_layout); round 1 of an episode is never flawed"""
     init: str = ""
     """checkpoint to start from: "" = a fresh `model` preset, "shipped" = the shipped tiny base, or a path"""
     seed: int = 0
@@ -82,7 +85,7 @@ class PretrainConfig:
         for name in ("steps", "batch", "blocks_per_sample"):
             require_min(f"pretrain.{name}", getattr(self, name), 1)
         require_positive("pretrain.lr", self.lr)
-        for name in ("flaw_prob", "p_uncond", "edit_fraction"):
+        for name in ("flaw_prob", "p_uncond", "edit_fraction", "edit_flaw_prob"):
             require_range(f"pretrain.{name}", getattr(self, name), 0, 1)
         preset(self.model)  # unknown preset names fail here, before any work
 
@@ -106,7 +109,8 @@ def make_batch(bundle, prompts, rng: np.random.Generator, cfg: PretrainConfig, g
     for i, p in enumerate(prompts):
         task = tasks[i] if i < len(tasks) else None
         if task is not None:
-            plan1, img1, plan2, img2 = edit_pretrain_example(task, rng, canvas=mcfg.image_size)
+            plan1, img1, plan2, img2 = edit_pretrain_example(task, rng, canvas=mcfg.image_size,
+                                                               flaw_prob=cfg.edit_flaw_prob)
             rounds = [(tok.encode_prompt(task.source.text), tok.encode_reasoning(plan1)),
                       (tok.encode_prompt(task.instruction), tok.encode_reasoning(plan2))]
             imgs = [img1, img2]

@@ -25,6 +25,10 @@ Decisions:
   object's cell keeps sample_layout's relation margin (min_sep cells along, no more across than along): a
   cell that only just passes layout_checks can fail on the render, whose triangle centroid sits below its
   cell centre. If no cell satisfies the target, the edited layout is sampled afresh for the target.
+- Flawed round-2 plans (`edit_pretrain_example(flaw_prob=...)`), as flawed plans make the single-round base
+  imperfect (data.py): half of them ignore the edit (the round-1 layout unchanged, the failure editing models
+  are known for), half are the edited layout with one of corrupt_layout's flaws. Either is rendered as planned,
+  so the image follows the plan and only the text is wrong; a flawed plan is never an exact layout of the target.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from unigrpo.world.layout import (CANVAS, OBJ, Layout, PlacedObject, _free, free_cells, grid_range, layout_checks,
+from unigrpo.world.layout import (CANVAS, OBJ, Layout, PlacedObject, _free, corrupt_layout, free_cells, grid_range, layout_checks,
                                   min_sep, relation_is_clear, sample_layout)
 from unigrpo.world.plan import parse_plan, plan_text
 from unigrpo.world.prompts import (CATEGORIES, COLORS, HELDOUT_FRACTION, SHAPES, SPLITS, ObjectSpec, Prompt,
@@ -214,9 +218,22 @@ def edit_layout(task: EditTask, layout: Layout, rng: np.random.Generator, canvas
     return edited
 
 
-def edit_pretrain_example(task: EditTask, rng: np.random.Generator, canvas: int = CANVAS, obj: int = OBJ
-                          ) -> tuple[str, np.ndarray, str, np.ndarray]:
-    """(round-1 plan, uint8 [canvas, canvas, 3] round-1 render, edited plan, edited render)."""
+def flawed_edit(task: EditTask, first: Layout, edited: Layout, rng: np.random.Generator, canvas: int = CANVAS,
+                obj: int = OBJ) -> Layout:
+    """A drawable round-2 layout that is not an exact layout of the target: with probability 1/2 the round-1
+    layout `first` (the edit ignored), else `edited` with one of corrupt_layout's flaws."""
+    if rng.random() < 0.5 and not _exact(task.target, first, canvas, obj):
+        return first
+    return corrupt_layout(task.target, edited, rng, canvas, obj)
+
+
+def edit_pretrain_example(task: EditTask, rng: np.random.Generator, canvas: int = CANVAS, obj: int = OBJ,
+                          flaw_prob: float = 0.0) -> tuple[str, np.ndarray, str, np.ndarray]:
+    """(round-1 plan, uint8 [canvas, canvas, 3] round-1 render, edited plan, edited render); with probability
+    flaw_prob the edited plan (and its render) is flawed (`flawed_edit`). flaw_prob 0 draws nothing extra from
+    rng, so examples are those of earlier versions."""
     first = sample_layout(task.source, rng, canvas, obj)
     second = edit_layout(task, first, rng, canvas, obj)
+    if flaw_prob > 0 and rng.random() < flaw_prob:
+        second = flawed_edit(task, first, second, rng, canvas, obj)
     return plan_text(first), render(first, canvas, obj), plan_text(second), render(second, canvas, obj)
