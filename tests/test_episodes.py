@@ -496,3 +496,31 @@ def test_text_rounds_leaves_the_other_rounds_tokens_out_of_the_text_loss(tmp_pat
         Trainer(small_cfg(tmp_path, data=data, edit=EditConfig(text_rounds=[3])), progress=False)
     with pytest.raises(ValueError, match=r"edit.text_rounds=\[0\]: expected distinct round numbers >= 1"):
         EditConfig(text_rounds=[0])
+
+
+def test_eval_split_train_scores_the_training_tasks_and_prompts_and_files_refuse_it(tmp_path):
+    """eval.split=train draws from what training draws from (the world's training edit tasks / prompt texts); the
+    default draws only held-out ones; a prompt file has no splits, so split=train on one is refused."""
+    from unigrpo.evaluate import EvalConfig, evaluate
+    from unigrpo.world.edit import EDIT_KINDS, split_edits
+    from unigrpo.world.prompts import CATEGORIES, split_prompts
+
+    b = _model(torch.float32, max_text_len=96)
+    tasks = {s: {f"{t.source.text} > {t.instruction}" for k in EDIT_KINDS for t in split_edits(k, s)}
+             for s in ("train", "heldout")}
+    for split in ("train", "heldout"):
+        res = evaluate(b, EvalConfig(samples=8, steps=1, batch=8, split=split, data=DataConfig(eval="shapes_edit")),
+                       progress=False)
+        assert set(res.prompts) <= tasks[split] and not set(res.prompts) & tasks[
+            "heldout" if split == "train" else "train"], (split, res.prompts)
+    train_only = {p.text for c in CATEGORIES for p in split_prompts(c, "train")} - {
+        p.text for c in CATEGORIES for p in split_prompts(c, "heldout")}
+    res = evaluate(b, EvalConfig(samples=64, steps=1, batch=64, split="train"), progress=False)
+    assert set(res.prompts) <= {p.text for c in CATEGORIES for p in split_prompts(c, "train")}
+    assert set(res.prompts) & train_only   # not only texts the held-out split shares
+    path = tmp_path / "p.txt"
+    path.write_text("a cat\n")
+    with pytest.raises(ValueError, match=r"eval.split='train' .* data.eval=.*p.txt.* has no splits"):
+        EvalConfig(split="train", data=DataConfig(eval=str(path)))
+    with pytest.raises(ValueError, match="eval.split"):
+        EvalConfig(split="test")

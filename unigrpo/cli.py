@@ -53,11 +53,12 @@ def _eval(cfg, title: str) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Held-out scores per category with 95% intervals and an image grid."""
+    """Held-out (or, with split=train, training-split) scores per category with 95% intervals and an image
+    grid."""
     from unigrpo.evaluate import EvalConfig
 
     cfg = load_config(EvalConfig, resolve_config_path(args.config), args.overrides)
-    return _eval(cfg, f"{cfg.checkpoint}, held-out")
+    return _eval(cfg, f"{cfg.checkpoint}, {'held-out' if cfg.split == 'heldout' else 'training split'}")
 
 
 def cmd_sample(args) -> int:

@@ -34,7 +34,9 @@ from unigrpo.rollout.generate import sample, sample_episode
 from unigrpo.viz import save_image_grid
 from unigrpo.world import (CATEGORIES, EDIT_KINDS, EditTask, edit_pretrain_example, make_prompts, parse_plan,
                            verify, verify_plans)
+from unigrpo.data.prompts import BUILTIN
 from unigrpo.world.geneval import is_shapes_metadata
+from unigrpo.world.prompts import SPLITS
 from unigrpo.world.render import to_uint8
 from unigrpo.model import no_text_head, text_then_blocks
 from unigrpo.world.data import pretrain_example
@@ -61,6 +63,9 @@ class EvalConfig:
     """classifier-free guidance scale (1 = none)"""
     batch: int = 128
     """prompts per sampling batch"""
+    split: str = "heldout"
+    """which split of the world's prompts (data.eval "shapes" / "shapes_edit") to score: "heldout", or "train"
+    (the prompts and edit tasks training draws from, to tell a gain that does not transfer from none at all)"""
     reasoning: str = "sampled"
     """"sampled" (the policy's own reasoning) or "oracle": the shapes world's correct plan for each prompt (for
     its two-round edits, the plans of both rounds), so the image expert alone is scored (the most that training
@@ -80,6 +85,10 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         require_in("eval.reasoning", self.reasoning, REASONING)
+        require_in("eval.split", self.split, SPLITS)
+        if self.split != "heldout" and self.data.eval not in BUILTIN:
+            raise ValueError(f"eval.split={self.split!r} picks a split of the shapes world's prompts; data.eval="
+                             f"{self.data.eval!r} is a prompt file, which has no splits (leave split 'heldout')")
         if self.temperature < 0:
             raise ValueError(f"eval.temperature must be >= 0, got {self.temperature}")
 
@@ -273,7 +282,7 @@ def oracle_episode_plans(records: list[PromptRecord], rng: np.random.Generator) 
 @torch.no_grad()
 def evaluate(bundle, cfg: EvalConfig, progress: bool = True) -> EvalResult:
     """Sample one image per held-out prompt and score it (the module docstring's two paths)."""
-    source = build_prompt_source(cfg.data.eval, "eval", cfg.seed)
+    source = build_prompt_source(cfg.data.eval, "train" if cfg.split == "train" else "eval", cfg.seed)
     records = source.eval_records(cfg.samples, cfg.seed)
     check_prompt_lengths(records, bundle.tokenizer, bundle.model.cfg.max_text_len)
     episodes = check_rounds(records) > 1   # multi-round: score the final image against the final target (§12)
