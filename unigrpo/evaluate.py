@@ -27,6 +27,7 @@ from tqdm import tqdm
 from unigrpo.config import require_in
 from unigrpo.data import (DataConfig, PromptRecord, build_prompt_source, check_prompt_lengths, check_rounds,
                           episode_rounds, instructions_of, tag_order)
+from unigrpo.data.prompts import BUILTIN
 from unigrpo.io import write_text_atomic
 from unigrpo.rewards.registry import RewardSet, RewardSpec
 from unigrpo.rewards.verifier import records_to_prompts
@@ -34,7 +35,6 @@ from unigrpo.rollout.generate import sample, sample_episode
 from unigrpo.viz import save_image_grid
 from unigrpo.world import (CATEGORIES, EDIT_KINDS, EditTask, edit_pretrain_example, make_prompts, parse_plan,
                            verify, verify_plans)
-from unigrpo.data.prompts import BUILTIN
 from unigrpo.world.geneval import is_shapes_metadata
 from unigrpo.world.prompts import SPLITS
 from unigrpo.world.render import to_uint8

@@ -38,8 +38,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from unigrpo.world.layout import (CANVAS, OBJ, Layout, PlacedObject, _free, corrupt_layout, free_cells, grid_range, layout_checks,
-                                  min_sep, relation_is_clear, sample_layout)
+from unigrpo.world.layout import (CANVAS, OBJ, Layout, PlacedObject, _free, corrupt_layout, free_cells, grid_range,
+                                  layout_checks, min_sep, relation_is_clear, sample_layout)
 from unigrpo.world.plan import parse_plan, plan_text
 from unigrpo.world.prompts import (CATEGORIES, COLORS, HELDOUT_FRACTION, SHAPES, SPLITS, ObjectSpec, Prompt,
                                    _stable_hash, all_prompts, split_prompts)
