@@ -346,10 +346,12 @@ def test_eval_grid_frames_tell_strict_from_geneval_only(tmp_path):
     assert [tuple(int(v) for v in im[r * cell_h, 0]) for r in range(n)] == [FRAME_COLORS[k] for k in (2, 1, 0)]
 
 
-def test_the_plain_base_is_pretrained_in_its_recorded_stages(tmp_path, monkeypatch):
-    """With no base to copy, `ensure_base(pretrain=True)` runs the shipped base's bundled stages in order, the
-    second continuing from the first's checkpoint; and those configs are the recipe recorded in the shipped
-    base's config.json (all but the paths). Each stage really runs, cut to 2 steps of 2 examples."""
+@pytest.mark.parametrize("source, first_init", [("runs/tiny/base", ""), ("runs/tiny/edit_base", "shipped")])
+def test_a_shipped_base_is_pretrained_in_its_recorded_stages(tmp_path, monkeypatch, source, first_init):
+    """With no base to copy, `ensure_base(pretrain=True)` runs the shipped base's bundled stages in order (the
+    plain base's, or the editing base's), the second continuing from the first's checkpoint; and those configs
+    are the recipe recorded in the shipped base's config.json (all but the paths and the CPU thread count).
+    Each stage really runs, cut to 2 steps of 2 examples."""
     import unigrpo.pretrain as pt
     from unigrpo.config import config_to_dict
 
@@ -362,14 +364,14 @@ def test_the_plain_base_is_pretrained_in_its_recorded_stages(tmp_path, monkeypat
         return real(cfg, progress=False)
 
     monkeypatch.setattr(pt, "run_pretrain", short)
-    assert pt.ensure_base("b", pretrain=True) == "pretrained"
-    assert [(r["init"], r["out"]) for r in ran] == [("", "b"), ("b", "b")]
+    assert pt.ensure_base("b", pretrain=True, source=source) == "pretrained"
+    assert [(r["init"], r["out"]) for r in ran] == [(first_init, "b"), ("b", "b")]
     assert os.path.exists("b/model.safetensors")
-    recorded = json.load(open(os.path.join(pt.SHIPPED_BASE, "config.json")))["pretrain_stages"]
-    paths = ("init", "out", "eval_samples")
+    recorded = json.load(open(os.path.join(pt.SHIPPED_BASES[source], "config.json")))["pretrain_stages"]
+    paths = ("init", "out", "eval_samples", "threads")
     assert len(recorded) == len(ran)
     for stage, r in zip(recorded, ran):
-        assert not {k: (v, r[k]) for k, v in stage.items() if k not in paths and r[k] != v}
+        assert not {k: (v, r.get(k)) for k, v in stage.items() if k not in paths and r.get(k) != v}
 
 
 def test_the_editing_base_is_shipped_and_found_where_the_edit_configs_look(tmp_path, monkeypatch):

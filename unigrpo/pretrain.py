@@ -210,11 +210,13 @@ SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_base")
 """the tiny base checkpoint shipped with the package (made by `unigrpo pretrain --config tiny_pretrain`, then
 `unigrpo pretrain --config tiny_pretrain_stage2`: PRETRAIN_CONFIGS)"""
 SHIPPED_EDIT_BASE = os.path.join(os.path.dirname(__file__), "assets", "tiny_edit_base")
-"""the editing base shipped with the package (`unigrpo pretrain --config tiny_edit_pretrain`)"""
+"""the editing base shipped with the package (`unigrpo pretrain --config tiny_edit_pretrain`, then
+`unigrpo pretrain --config tiny_edit_pretrain_stage2`: PRETRAIN_CONFIGS)"""
 SHIPPED_BASES = {os.path.normpath("runs/tiny/base"): SHIPPED_BASE,
                  os.path.normpath("runs/tiny/edit_base"): SHIPPED_EDIT_BASE}
 """the bundled configs' default base paths → the shipped checkpoint `unigrpo train` copies there when absent"""
-PRETRAIN_CONFIGS = {SHIPPED_BASE: ("tiny_pretrain", "tiny_pretrain_stage2"), SHIPPED_EDIT_BASE: ("tiny_edit_pretrain",)}
+PRETRAIN_CONFIGS = {SHIPPED_BASE: ("tiny_pretrain", "tiny_pretrain_stage2"),
+                    SHIPPED_EDIT_BASE: ("tiny_edit_pretrain", "tiny_edit_pretrain_stage2")}
 """each shipped checkpoint → the bundled pre-training configs that make it, run in order (each stage after
 the first continues from the previous stage's checkpoint)"""
 
