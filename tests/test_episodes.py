@@ -371,7 +371,7 @@ def test_a_shipped_base_is_pretrained_in_its_recorded_stages(tmp_path, monkeypat
     paths = ("init", "out", "eval_samples", "threads")
     assert len(recorded) == len(ran)
     for stage, r in zip(recorded, ran):
-        assert not {k: (v, r.get(k)) for k, v in stage.items() if k not in paths and r.get(k) != v}
+        assert not {k: (v, r[k]) for k, v in stage.items() if k not in paths and r[k] != v}
 
 
 def test_the_editing_base_is_shipped_and_found_where_the_edit_configs_look(tmp_path, monkeypatch):
